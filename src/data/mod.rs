@@ -1,0 +1,42 @@
+//! The data pipeline: records -> template -> token ids + labels -> packed sequences -> cache,
+//! and the samplers that hand packed sequences to ranks.
+
+/// Label of a token that is not trained (PyTorch's CrossEntropyLoss ignore_index).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// One conversation turn after format parsing (XTuner's `conversation` item).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Turn {
+    pub system: Option<String>,
+    pub input: String,
+    pub output: String,
+    /// false masks this turn's output too (OpenAI format `"loss": false`).
+    pub loss: bool,
+}
+
+/// A parsed record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// Chat turns (messages, conversation, alpaca, and LLaVA with its image path).
+    Chat {
+        turns: Vec<Turn>,
+        image: Option<String>,
+    },
+    /// Raw text for pretraining: no template, every token trained, no EOS added.
+    Text(String),
+}
+
+/// A tokenized sample: `labels[i]` is the target for position i (IGNORE_INDEX = not trained);
+/// the shift to next-token prediction happens in the loss, as in transformers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Encoded {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+}
+
+impl Encoded {
+    /// Number of trained tokens.
+    pub fn trained(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}

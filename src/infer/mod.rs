@@ -1,0 +1,17 @@
+//! Inference: sampling, generation with a KV cache, terminal chat.
+
+use anyhow::Result;
+
+/// What generation needs from a model: feed tokens, get the next-token logits.
+/// The decoder implements it; tests implement it with toy models.
+pub trait CausalLm {
+    /// Per-conversation key/value cache.
+    type Cache;
+    fn new_cache(&self) -> Self::Cache;
+    /// Append `ids` at the cache's current position and return the logits (f32, length
+    /// vocab_size) of the last of them.
+    fn forward_infer(&self, ids: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>>;
+    /// Number of tokens the cache already holds.
+    fn cache_len(cache: &Self::Cache) -> usize;
+    fn vocab_size(&self) -> usize;
+}

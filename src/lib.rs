@@ -1,0 +1,8 @@
+//! ftrun: a fine-tuning trainer for LLMs and multimodal LLMs in one binary.
+//! docs/ARCHITECTURE.md maps the modules.
+
+pub mod config;
+pub mod data;
+pub mod infer;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,6 @@
+//! Llama-family decoders (Llama 2/3, Qwen2, InternLM2): config, weights, and the per-module
+//! forward/backward pairs the engine trains with.
+
+pub mod config;
+
+pub use config::{Arch, ModelConfig};
