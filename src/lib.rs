@@ -1,6 +1,7 @@
 //! ftrun: a fine-tuning trainer for LLMs and multimodal LLMs in one binary.
 //! docs/ARCHITECTURE.md maps the modules.
 
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod infer;

@@ -1,5 +1,8 @@
-fn main() -> anyhow::Result<()> {
-    let cfg = ftrun::config::load(std::path::Path::new(&std::env::args().nth(1).unwrap()), &[])?;
-    println!("{cfg:#?}");
-    Ok(())
+//! The `ftrun` binary: everything lives in the library; this prints errors plainly.
+
+fn main() {
+    if let Err(e) = ftrun::cli::main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

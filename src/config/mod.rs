@@ -7,7 +7,7 @@
 pub mod builtin;
 mod load;
 
-pub use load::{load, load_str, ConfigError};
+pub use load::{did_you_mean, load, load_str, ConfigError};
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -1,0 +1,210 @@
+//! The `ftrun` command line: clap definitions and one function per subcommand.
+
+mod assistant;
+
+use crate::config::{self, builtin};
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ftrun",
+    version,
+    about = "Fine-tune LLMs: LoRA, QLoRA and full, on one GPU, many GPUs or a CPU"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train with a config file (or the name of a built-in config).
+    Train(TrainArgs),
+    /// List the built-in configs.
+    ListCfg {
+        /// Only names containing this text (case-insensitive).
+        #[arg(short, long)]
+        pattern: Option<String>,
+    },
+    /// Copy a built-in config into DIR as NAME_copy.toml, to edit.
+    CopyCfg { name: String, dir: PathBuf },
+    /// Load, template, tokenize and pack the dataset exactly as training will; print samples and a summary.
+    CheckData(CheckDataArgs),
+    /// Dataset generators.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Print the version.
+    Version,
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Config file, or a built-in config name (see `ftrun list-cfg`).
+    pub config: String,
+    /// Override a config key: `--set optim.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Where checkpoints, logs and the dataset cache go (default: train.work_dir or work_dirs/<config name>).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// `auto` resumes from the latest complete checkpoint in the work dir; or a checkpoint path.
+    #[arg(long)]
+    pub resume: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckDataArgs {
+    pub config: String,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// What to print for each shown sample.
+    #[arg(long, value_enum, default_value = "masked")]
+    pub show: Show,
+    /// How many packed sequences to print.
+    #[arg(short = 'n', long, default_value_t = 2)]
+    pub n: usize,
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Show {
+    /// The decoded text.
+    Text,
+    /// The decoded text with untrained spans shown as [MASKED ...].
+    Masked,
+    /// Token ids.
+    Ids,
+    /// Labels (-100 = not trained).
+    Labels,
+    All,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Write the self-cognition dataset users start with (XTuner's personal-assistant tutorial).
+    Assistant {
+        /// The assistant's owner, as in "我是<NAME>的小助手".
+        #[arg(long)]
+        name: String,
+        /// Number of records.
+        #[arg(long, default_value_t = 10000)]
+        n: usize,
+        /// Output file (.jsonl for JSON lines, anything else for a JSON array).
+        #[arg(short, long, default_value = "assistant.json")]
+        output: PathBuf,
+    },
+}
+
+/// Parse the command line and run it.
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    run(cli)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => train(a),
+        Command::ListCfg { pattern } => list_cfg(pattern.as_deref()),
+        Command::CopyCfg { name, dir } => copy_cfg(&name, &dir),
+        Command::CheckData(a) => check_data(a),
+        Command::Data(DataCommand::Assistant { name, n, output }) => {
+            assistant::write(&name, n, &output)
+        }
+        Command::Version => {
+            println!("ftrun {} ({})", env!("CARGO_PKG_VERSION"), build_flavour());
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ftrun", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+fn build_flavour() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// A config argument is a file path, or the name of a built-in config.
+pub fn load_config(arg: &str, set: &[String]) -> Result<(config::Config, String)> {
+    let path = Path::new(arg);
+    if path.exists() {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("run")
+            .to_string();
+        return Ok((config::load(path, set)?, name));
+    }
+    if let Some(text) = builtin::get(arg) {
+        return Ok((
+            config::load_str(text, &format!("<built-in {arg}>"), set)?,
+            arg.to_string(),
+        ));
+    }
+    let names: Vec<&str> = builtin::BUILTIN.iter().map(|(n, _)| *n).collect();
+    let hint = config::did_you_mean(arg, &names)
+        .map(|n| format!(" (did you mean the built-in `{n}`?)"))
+        .unwrap_or_default();
+    bail!("config `{arg}` is neither a file nor a built-in config{hint}; `ftrun list-cfg` lists the built-in ones")
+}
+
+fn list_cfg(pattern: Option<&str>) -> Result<()> {
+    let pat = pattern.map(|p| p.to_lowercase());
+    let rows: Vec<_> = builtin::BUILTIN
+        .iter()
+        .filter(|(n, _)| pat.as_ref().is_none_or(|p| n.to_lowercase().contains(p)))
+        .collect();
+    if rows.is_empty() {
+        bail!("no built-in config matches `{}`", pattern.unwrap_or(""));
+    }
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    for (name, text) in rows {
+        println!("{name:width$}  {}", builtin::description(text));
+    }
+    Ok(())
+}
+
+fn copy_cfg(name: &str, dir: &Path) -> Result<()> {
+    let text = builtin::get(name).with_context(|| {
+        let names: Vec<&str> = builtin::BUILTIN.iter().map(|(n, _)| *n).collect();
+        match config::did_you_mean(name, &names) {
+            Some(n) => format!("no built-in config `{name}` (did you mean `{n}`?)"),
+            None => format!("no built-in config `{name}`; `ftrun list-cfg` lists them"),
+        }
+    })?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join(format!("{name}_copy.toml"));
+    if out.exists() {
+        bail!("{} already exists; not overwriting it", out.display());
+    }
+    std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+    println!("Copied to {}", out.display());
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let (cfg, name) = load_config(&a.config, &a.set)?;
+    let work_dir = a
+        .work_dir
+        .or_else(|| cfg.train.work_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("work_dirs").join(&name));
+    crate::model::ModelConfig::from_dir(&cfg.model.path)?;
+    let _ = (work_dir, a.resume);
+    bail!("training is not available in this build yet")
+}
+
+fn check_data(a: CheckDataArgs) -> Result<()> {
+    let (_cfg, _name) = load_config(&a.config, &a.set)?;
+    let _ = (a.show, a.n, a.work_dir);
+    bail!("check-data is not available in this build yet")
+}
