@@ -11,8 +11,15 @@ fn greedy_follows_the_argmax_of_each_step() {
     let model = BigramLm::pseudo_random(32, 1);
     let mut cache = model.new_cache();
     let cfg = GenConfig::greedy(12);
-    let gen = generate(&model, &mut cache, &[3, 5], &cfg, &StopCriteria::ids([]), |_| Ok(true))
-        .unwrap();
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[3, 5],
+        &cfg,
+        &StopCriteria::ids([]),
+        |_| Ok(true),
+    )
+    .unwrap();
     // Walk the table by hand.
     let mut expected = Vec::new();
     let mut last = 5usize;
@@ -33,9 +40,16 @@ fn a_seed_reproduces_a_sampled_generation_and_top_k_one_is_greedy() {
     let model = BigramLm::pseudo_random(64, 2);
     let run = |cfg: &GenConfig| {
         let mut cache = model.new_cache();
-        generate(&model, &mut cache, &[1], cfg, &StopCriteria::ids([]), |_| Ok(true))
-            .unwrap()
-            .ids
+        generate(
+            &model,
+            &mut cache,
+            &[1],
+            cfg,
+            &StopCriteria::ids([]),
+            |_| Ok(true),
+        )
+        .unwrap()
+        .ids
     };
     let sampled = |seed, top_k| GenConfig {
         max_new_tokens: 30,
@@ -55,7 +69,15 @@ fn a_seed_reproduces_a_sampled_generation_and_top_k_one_is_greedy() {
 fn the_cache_is_fed_the_prompt_once_then_one_token_per_step() {
     let model = BigramLm::pseudo_random(16, 3);
     let mut cache = model.new_cache();
-    let gen = generate(&model, &mut cache, &[1, 2, 3], &GenConfig::greedy(4), &StopCriteria::ids([]), |_| Ok(true)).unwrap();
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1, 2, 3],
+        &GenConfig::greedy(4),
+        &StopCriteria::ids([]),
+        |_| Ok(true),
+    )
+    .unwrap();
     let calls = model.calls.borrow().clone();
     assert_eq!(calls.len(), 4);
     assert_eq!(calls[0], vec![1, 2, 3]);
@@ -71,10 +93,17 @@ fn a_stop_token_ends_generation_and_is_not_emitted() {
     let model = ScriptLm::new(300, &[7, 8, EOS, 9]);
     let mut cache = model.new_cache();
     let mut emitted = Vec::new();
-    let gen = generate(&model, &mut cache, &[1], &GenConfig::greedy(10), &StopCriteria::ids([EOS]), |id| {
-        emitted.push(id);
-        Ok(true)
-    })
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1],
+        &GenConfig::greedy(10),
+        &StopCriteria::ids([EOS]),
+        |id| {
+            emitted.push(id);
+            Ok(true)
+        },
+    )
     .unwrap();
     assert_eq!(gen.ids, vec![7, 8, EOS]);
     assert_eq!(emitted, vec![7, 8]);
@@ -93,10 +122,17 @@ fn a_stop_string_spanning_tokens_stops_and_is_held_back() {
     let mut cache = model.new_cache();
     let stop = StopCriteria::with_strings([EOS], ["<|im_end|>".to_string()], &codec);
     let mut emitted = Vec::new();
-    let gen = generate(&model, &mut cache, &[1], &GenConfig::greedy(50), &stop, |id| {
-        emitted.push(id);
-        Ok(true)
-    })
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1],
+        &GenConfig::greedy(50),
+        &stop,
+        |id| {
+            emitted.push(id);
+            Ok(true)
+        },
+    )
     .unwrap();
     assert_eq!(gen.finish_reason, FinishReason::Stop);
     assert_eq!(emitted, ByteCodec::bytes("ok"));
@@ -118,10 +154,17 @@ fn text_in_the_same_token_as_a_stop_string_start_stays_in_the_answer() {
     let mut cache = model.new_cache();
     let stop = StopCriteria::with_strings([], ["<|im_end|>".to_string()], &codec);
     let mut emitted = Vec::new();
-    let gen = generate(&model, &mut cache, &[1], &GenConfig::greedy(50), &stop, |id| {
-        emitted.push(id);
-        Ok(true)
-    })
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1],
+        &GenConfig::greedy(50),
+        &stop,
+        |id| {
+            emitted.push(id);
+            Ok(true)
+        },
+    )
     .unwrap();
     assert_eq!(emitted, ByteCodec::bytes("ok"));
     assert_eq!(gen.text.as_deref(), Some("ok!"));
@@ -135,10 +178,17 @@ fn a_held_prefix_that_never_completes_is_emitted_at_the_end() {
     let mut cache = model.new_cache();
     let stop = StopCriteria::with_strings([EOS], ["<|im_end|>".to_string()], &codec);
     let mut emitted_during = Vec::new();
-    let gen = generate(&model, &mut cache, &[1], &GenConfig::greedy(5), &stop, |id| {
-        emitted_during.push(id);
-        Ok(true)
-    })
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1],
+        &GenConfig::greedy(5),
+        &stop,
+        |id| {
+            emitted_during.push(id);
+            Ok(true)
+        },
+    )
     .unwrap();
     assert_eq!(gen.finish_reason, FinishReason::Length);
     assert_eq!(emitted_during, ByteCodec::bytes("a<|im"));
@@ -150,10 +200,21 @@ fn stop_ids_from_chat_stop_words_catch_single_token_stop_words() {
     let codec = ByteCodec::new();
     let stop = StopCriteria::for_chat(&codec, &["<|im_end|>".to_string(), "###".to_string()]);
     assert_eq!(stop.stop_ids(), &[EOS, IM_END]);
-    assert_eq!(stop.stop_strings(), &["<|im_end|>".to_string(), "###".to_string()]);
+    assert_eq!(
+        stop.stop_strings(),
+        &["<|im_end|>".to_string(), "###".to_string()]
+    );
     let model = ScriptLm::new(codec.vocab_size(), &[b'h' as u32, IM_END, b'x' as u32]);
     let mut cache = model.new_cache();
-    let gen = generate(&model, &mut cache, &[1], &GenConfig::greedy(10), &stop, |_| Ok(true)).unwrap();
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1],
+        &GenConfig::greedy(10),
+        &stop,
+        |_| Ok(true),
+    )
+    .unwrap();
     assert_eq!(gen.ids, vec![b'h' as u32, IM_END]);
     assert_eq!(gen.text.as_deref(), Some("h"));
     assert_eq!(gen.finish_reason, FinishReason::Stop);
@@ -163,16 +224,31 @@ fn stop_ids_from_chat_stop_words_catch_single_token_stop_words() {
 fn max_new_tokens_ends_with_length_and_cancel_with_cancelled() {
     let model = ScriptLm::new(300, &[5; 20]);
     let mut cache = model.new_cache();
-    let gen = generate(&model, &mut cache, &[1], &GenConfig::greedy(6), &StopCriteria::ids([EOS]), |_| Ok(true)).unwrap();
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1],
+        &GenConfig::greedy(6),
+        &StopCriteria::ids([EOS]),
+        |_| Ok(true),
+    )
+    .unwrap();
     assert_eq!(gen.ids, vec![5; 6]);
     assert_eq!(gen.finish_reason, FinishReason::Length);
 
     let mut cache = model.new_cache();
     let mut seen = Vec::new();
-    let gen = generate(&model, &mut cache, &[1], &GenConfig::greedy(10), &StopCriteria::ids([EOS]), |id| {
-        seen.push(id);
-        Ok(seen.len() < 3)
-    })
+    let gen = generate(
+        &model,
+        &mut cache,
+        &[1],
+        &GenConfig::greedy(10),
+        &StopCriteria::ids([EOS]),
+        |id| {
+            seen.push(id);
+            Ok(seen.len() < 3)
+        },
+    )
     .unwrap();
     assert_eq!(gen.finish_reason, FinishReason::Cancelled);
     assert_eq!(gen.ids.len(), 3);
@@ -183,6 +259,14 @@ fn max_new_tokens_ends_with_length_and_cancel_with_cancelled() {
 fn an_empty_prompt_is_an_error() {
     let model = ScriptLm::new(300, &[]);
     let mut cache = model.new_cache();
-    let err = generate(&model, &mut cache, &[], &GenConfig::greedy(3), &StopCriteria::ids([]), |_| Ok(true)).unwrap_err();
+    let err = generate(
+        &model,
+        &mut cache,
+        &[],
+        &GenConfig::greedy(3),
+        &StopCriteria::ids([]),
+        |_| Ok(true),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("prompt is empty"), "{err}");
 }

@@ -115,7 +115,10 @@ fn samples_follow_the_distribution_and_stay_in_the_nucleus() {
     }
     for (c, p) in counts.iter().zip(probs) {
         let freq = *c as f32 / n as f32;
-        assert!((freq - p).abs() < 0.015, "frequency {freq} for probability {p}");
+        assert!(
+            (freq - p).abs() < 0.015,
+            "frequency {freq} for probability {p}"
+        );
     }
     // top_p 0.8 keeps {0.6, 0.25}: tokens 2 and 3 never appear.
     let mut nucleus = Sampler::new(&sampling(1.0, 0, 0.8, 5)).unwrap();

@@ -273,13 +273,20 @@ pub fn run_repl<M: CausalLm>(
     if let Some(w) = session.warning() {
         writeln!(log, "{w}")?;
     }
-    writeln!(log, "Type a message and press Enter (EXIT: quit, RESET: forget the conversation).")?;
+    writeln!(
+        log,
+        "Type a message and press Enter (EXIT: quit, RESET: forget the conversation)."
+    )?;
     let mut line = String::new();
     loop {
         write!(log, "\n>>> ")?;
         log.flush()?;
         line.clear();
-        if input.read_line(&mut line).context("reading the chat input")? == 0 {
+        if input
+            .read_line(&mut line)
+            .context("reading the chat input")?
+            == 0
+        {
             return Ok(());
         }
         let message = line.trim_end_matches(['\n', '\r']);

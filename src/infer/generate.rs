@@ -199,6 +199,10 @@ pub fn generate_with_sampler<M: CausalLm>(
         if !emit(&ids, &mut emitted, releasable, &mut on_token)? {
             break FinishReason::Cancelled;
         }
+        // The last token is never fed: nothing would read its logits.
+        if ids.len() == max_new_tokens {
+            break FinishReason::Length;
+        }
         logits = model.forward_infer(&[id], cache)?;
     };
 

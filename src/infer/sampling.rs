@@ -209,10 +209,7 @@ pub fn apply_top_p(scores: &mut [f32], top_p: f32) {
 
 /// Softmax in f64 (removed `-inf` scores get probability 0).
 pub fn softmax(scores: &[f32]) -> Vec<f64> {
-    let max = scores
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     if max == f64::NEG_INFINITY {
         return vec![0.0; scores.len()];
     }

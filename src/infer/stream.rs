@@ -64,8 +64,7 @@ impl<'a> TextStream<'a> {
     /// Add one id; returns the text that became complete (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let window_before =
-            self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let window_before = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let window_now = self.decode(&self.ids[self.prefix_offset..])?;
         // A decode that ends in U+FFFD is waiting for the rest of a multi-byte character.
         if window_now.len() <= window_before.len() || window_now.ends_with(REPLACEMENT) {
@@ -89,8 +88,7 @@ impl<'a> TextStream<'a> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let window_before =
-            self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let window_before = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let window_now = self.decode(&self.ids[self.prefix_offset..])?;
         let delta = common_suffix_after_prefix(&window_before, &window_now);
         self.prefix_offset = self.ids.len();

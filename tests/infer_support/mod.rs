@@ -36,7 +36,12 @@ impl ByteCodec {
         FIRST_PIECE as usize + self.pieces.len()
     }
     pub fn piece(&self, text: &str) -> u32 {
-        FIRST_PIECE + self.pieces.iter().position(|p| p == text).expect("known piece") as u32
+        FIRST_PIECE
+            + self
+                .pieces
+                .iter()
+                .position(|p| p == text)
+                .expect("known piece") as u32
     }
     /// Byte ids of `text` (no special-token matching).
     pub fn bytes(text: &str) -> Vec<u32> {
@@ -119,7 +124,9 @@ impl BigramLm {
             state ^= state << 17;
             (state % 8001) as f32 / 1000.0 - 4.0
         };
-        let table = (0..vocab).map(|_| (0..vocab).map(|_| next()).collect()).collect();
+        let table = (0..vocab)
+            .map(|_| (0..vocab).map(|_| next()).collect())
+            .collect();
         BigramLm {
             table,
             calls: RefCell::new(Vec::new()),
