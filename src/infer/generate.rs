@@ -148,14 +148,7 @@ pub fn generate_with_sampler<M: CausalLm>(
         bail!("generate needs at least one new token to feed (the prompt is empty)");
     }
     let max_new_tokens = sampler.config().max_new_tokens;
-    let vocab = model.vocab_size();
-    let mut logits = model.forward_infer(new_ids, cache)?; // [vocab]
-    if logits.len() != vocab {
-        bail!(
-            "the model returned {} logits, its vocab_size is {vocab}",
-            logits.len()
-        );
-    }
+    let mut logits = forward(model, new_ids, cache)?; // [vocab]
     let mut context: Vec<u32> = history.iter().chain(new_ids).copied().collect();
     let mut stream = stop.codec.map(|c| TextStream::new(c, false));
     // text_end[i]: length of the stream's text once token i was pushed.
@@ -169,6 +162,7 @@ pub fn generate_with_sampler<M: CausalLm>(
     let mut stop_text_at: Option<usize> = None;
 
     let finish_reason = loop {
+        // Only reached with max_new_tokens = 0; later steps check before feeding.
         if ids.len() == max_new_tokens {
             break FinishReason::Length;
         }
@@ -203,7 +197,7 @@ pub fn generate_with_sampler<M: CausalLm>(
         if ids.len() == max_new_tokens {
             break FinishReason::Length;
         }
-        logits = model.forward_infer(&[id], cache)?;
+        logits = forward(model, &[id], cache)?;
     };
 
     let mut finish_reason = finish_reason;
@@ -231,6 +225,19 @@ pub fn generate_with_sampler<M: CausalLm>(
         text,
         finish_reason,
     })
+}
+
+/// One forward step, checking the logits' length against the model's vocabulary.
+fn forward<M: CausalLm>(model: &M, ids: &[u32], cache: &mut M::Cache) -> Result<Vec<f32>> {
+    let logits = model.forward_infer(ids, cache)?; // [vocab]
+    if logits.len() != model.vocab_size() {
+        bail!(
+            "the model returned {} logits, its vocab_size is {}",
+            logits.len(),
+            model.vocab_size()
+        );
+    }
+    Ok(logits)
 }
 
 /// Hand `ids[*emitted..upto]` to the callback; false when it cancelled.
