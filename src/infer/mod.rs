@@ -2,6 +2,16 @@
 
 use anyhow::Result;
 
+pub mod chat;
+pub mod generate;
+pub mod sampling;
+pub mod stream;
+
+pub use chat::{answer_once, run_repl, ChatFormat, ChatOptions, ChatReply, ChatSession};
+pub use generate::{generate, generate_with_sampler, FinishReason, Generation, StopCriteria};
+pub use sampling::{GenConfig, Sampler};
+pub use stream::{TextCodec, TextStream};
+
 /// What generation needs from a model: feed tokens, get the next-token logits.
 /// The decoder implements it; tests implement it with toy models.
 pub trait CausalLm {
