@@ -5,7 +5,7 @@
 //! and applies `--set section.key=value` overrides before the typed parse.
 
 pub mod builtin;
-mod load;
+pub mod load;
 
 pub use load::{load, load_str, ConfigError};
 
