@@ -118,7 +118,10 @@ fn matches_xtuner_for_every_template_format_and_bos_rule() {
     // The fixture set really covers what it claims.
     assert_eq!(templates_seen.len(), Template::names().len());
     assert!(compared > 100, "{compared} samples compared");
-    assert!(dropped > 10 && truncated > 5, "{dropped} dropped, {truncated} truncated");
+    assert!(
+        dropped > 10 && truncated > 5,
+        "{dropped} dropped, {truncated} truncated"
+    );
 }
 
 #[test]
@@ -176,9 +179,13 @@ fn template_overhead_counts_an_empty_turn() {
     let internlm2 = Template::by_name("internlm2_chat").unwrap();
     // BOS + "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n" + "<|im_end|>" + "\n".
     let prompt = tok
-        .encode("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n", false)
+        .encode(
+            "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
         .unwrap();
-    let tail = tok.encode("<|im_end|>", false).unwrap().len() + tok.encode("\n", false).unwrap().len();
+    let tail =
+        tok.encode("<|im_end|>", false).unwrap().len() + tok.encode("\n", false).unwrap().len();
     assert_eq!(template_overhead(&internlm2, &tok), 1 + prompt.len() + tail);
     // plain: BOS + EOS only.
     let plain = Template::by_name("plain").unwrap();
@@ -213,11 +220,15 @@ fn template_without_suffix_needs_an_eos() {
         image: None,
     };
     let llama2 = Template::by_name("llama2_chat").unwrap();
-    let e = encode(&record, &llama2, &tok, 100, None).unwrap_err().to_string();
+    let e = encode(&record, &llama2, &tok, 100, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no EOS token"), "{e}");
     // The chatml suffix is the end of an answer, so no EOS is needed there.
     let internlm2 = Template::by_name("internlm2_chat").unwrap();
-    assert!(encode(&record, &internlm2, &tok, 100, None).unwrap().is_ok());
+    assert!(encode(&record, &internlm2, &tok, 100, None)
+        .unwrap()
+        .is_ok());
 }
 
 #[test]
@@ -233,6 +244,8 @@ fn two_images_in_one_turn_is_an_error() {
         }],
         image: Some("a.jpg".into()),
     };
-    let e = encode(&record, &t, &tok, 100, None).unwrap_err().to_string();
+    let e = encode(&record, &t, &tok, 100, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("2 `<image>` markers"), "{e}");
 }

@@ -93,7 +93,12 @@ fn conversation_json_array_with_null_input_and_masked_turn() {
     assert_eq!(
         records[1],
         chat(vec![
-            turn(Some("You are a math tutor."), "What is 2+2?", "2+2 is 4.", true),
+            turn(
+                Some("You are a math tutor."),
+                "What is 2+2?",
+                "2+2 is 4.",
+                true
+            ),
             turn(Some("Be brief."), "And 3+3?", "6.", true),
         ])
     );
@@ -152,7 +157,12 @@ fn llava_moves_image_to_front_and_keeps_image_path() {
         records[1],
         Record::Chat {
             turns: vec![
-                turn(None, "<image>\nDescribe the picture.", "A dog on the grass.", true),
+                turn(
+                    None,
+                    "<image>\nDescribe the picture.",
+                    "A dog on the grass.",
+                    true
+                ),
                 turn(None, "What colour is it?", "Brown.", true),
             ],
             image: Some("images/dog.jpg".into()),
@@ -179,7 +189,11 @@ fn format_detection_by_keys() {
         (r#"{"id": 1, "conversations": []}"#, Format::Llava),
     ] {
         let obj: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!(Format::detect(obj.as_object().unwrap()), Some(want), "{line}");
+        assert_eq!(
+            Format::detect(obj.as_object().unwrap()),
+            Some(want),
+            "{line}"
+        );
     }
 }
 
@@ -196,7 +210,9 @@ fn forced_format_overrides_detection() {
 fn weights_repeat_and_subsample_deterministically() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.jsonl");
-    let lines: String = (0..10).map(|i| format!("{{\"text\": \"r{i}\"}}\n")).collect();
+    let lines: String = (0..10)
+        .map(|i| format!("{{\"text\": \"r{i}\"}}\n"))
+        .collect();
     std::fs::write(&path, lines).unwrap();
     let files = [data_file(&path, "auto", 2.5)];
     let (records, report) = read_all(&files, 7).unwrap();
@@ -237,20 +253,37 @@ fn read_all_reports_each_file() {
     assert_eq!(records.len(), 4 + 6);
     assert_eq!(report.used(), 10);
     assert_eq!(report.files[1].format, Format::Llava);
-    assert!(report.to_string().contains("llava.jsonl: 3 records (llava), 6 used"));
+    assert!(report
+        .to_string()
+        .contains("llava.jsonl: 3 records (llava), 6 used"));
 }
 
 // ---- bad input: each error names file:line and the problem ----
 
 #[test]
 fn malformed_jsonl_line() {
-    let e = err_of("bad.jsonl", "{\"text\": \"a\"}\n\n{\"text\": \"b\",}\n", "auto");
+    let e = err_of(
+        "bad.jsonl",
+        "{\"text\": \"a\"}\n\n{\"text\": \"b\",}\n",
+        "auto",
+    );
     assert!(e.contains("bad.jsonl:3: malformed JSON at column"), "{e}");
 }
 
 #[test]
+fn one_pretty_printed_object_is_not_json_lines() {
+    let e = err_of("one.jsonl", "{\n  \"text\": \"a\"\n}\n", "auto");
+    assert!(e.contains("one.jsonl:1: malformed JSON at column"), "{e}");
+    assert!(e.contains("one record per line"), "{e}");
+}
+
+#[test]
 fn malformed_json_array_names_the_line() {
-    let e = err_of("bad.json", "[\n  {\"text\": \"a\"},\n  {\"text\": b}\n]\n", "auto");
+    let e = err_of(
+        "bad.json",
+        "[\n  {\"text\": \"a\"},\n  {\"text\": b}\n]\n",
+        "auto",
+    );
     assert!(e.contains("bad.json:3: malformed JSON"), "{e}");
 }
 
@@ -282,7 +315,9 @@ fn unknown_role() {
         "auto",
     );
     assert!(
-        e.contains("m.jsonl:1: messages[1]: unknown role `tool` (expected system, user or assistant)"),
+        e.contains(
+            "m.jsonl:1: messages[1]: unknown role `tool` (expected system, user or assistant)"
+        ),
         "{e}"
     );
 }
@@ -307,7 +342,11 @@ fn wrong_types() {
         e.contains("m.jsonl:1: messages[1]: `loss` must be true or false, got 0"),
         "{e}"
     );
-    let e = err_of("c.jsonl", "{\"conversation\": {\"input\": \"q\"}}\n", "auto");
+    let e = err_of(
+        "c.jsonl",
+        "{\"conversation\": {\"input\": \"q\"}}\n",
+        "auto",
+    );
     assert!(
         e.contains("c.jsonl:1: `conversation` must be an array, got an object"),
         "{e}"
@@ -321,7 +360,11 @@ fn wrong_types() {
 
 #[test]
 fn undetectable_format_lists_keys() {
-    let e = err_of("x.jsonl", "{\"prompt\": \"p\", \"completion\": \"c\"}\n", "auto");
+    let e = err_of(
+        "x.jsonl",
+        "{\"prompt\": \"p\", \"completion\": \"c\"}\n",
+        "auto",
+    );
     assert!(
         e.contains("x.jsonl:1: cannot detect the data format"),
         "{e}"
@@ -343,7 +386,10 @@ fn empty_dataset() {
 fn missing_file_and_unknown_format_name() {
     let e = read_file(&data_file(Path::new("/nonexistent/d.jsonl"), "auto", 1.0)).unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("cannot read data file /nonexistent/d.jsonl"), "{e}");
+    assert!(
+        e.contains("cannot read data file /nonexistent/d.jsonl"),
+        "{e}"
+    );
     let e = err_of("d.jsonl", "{\"text\": \"a\"}\n", "mesages");
     assert!(e.contains("unknown data format `mesages`"), "{e}");
     assert!(e.contains("did you mean `messages`?"), "{e}");
@@ -352,7 +398,11 @@ fn missing_file_and_unknown_format_name() {
 #[test]
 fn llava_errors_name_the_record() {
     let two_images = "{\"image\": \"a.jpg\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image> <image>\"}, {\"from\": \"gpt\", \"value\": \"x\"}]}\n";
-    let e = err_of("l.jsonl", &format!("{{\"conversations\": []}}\n{two_images}"), "auto");
+    let e = err_of(
+        "l.jsonl",
+        &format!("{{\"conversations\": []}}\n{two_images}"),
+        "auto",
+    );
     assert!(
         e.contains("l.jsonl:2: conversations[0]: more than one `<image>` in one turn"),
         "{e}"
@@ -360,14 +410,18 @@ fn llava_errors_name_the_record() {
     // Two human messages of one turn, one image each.
     let joined = "{\"image\": \"a.jpg\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\"}, {\"from\": \"human\", \"value\": \"and <image>\"}, {\"from\": \"gpt\", \"value\": \"x\"}]}\n";
     let e = err_of("l.jsonl", joined, "llava");
-    assert!(e.contains("l.jsonl:1: conversations[1]: more than one `<image>`"), "{e}");
+    assert!(
+        e.contains("l.jsonl:1: conversations[1]: more than one `<image>`"),
+        "{e}"
+    );
     let no_image = "{\"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\nhi\"}, {\"from\": \"gpt\", \"value\": \"x\"}]}\n";
     let e = err_of("l.jsonl", no_image, "auto");
     assert!(
         e.contains("l.jsonl:1: conversations[0]: `<image>` in a record without `image`"),
         "{e}"
     );
-    let gpt_first = "{\"image\": \"a.jpg\", \"conversations\": [{\"from\": \"gpt\", \"value\": \"x\"}]}\n";
+    let gpt_first =
+        "{\"image\": \"a.jpg\", \"conversations\": [{\"from\": \"gpt\", \"value\": \"x\"}]}\n";
     let e = err_of("l.jsonl", gpt_first, "auto");
     assert!(
         e.contains("l.jsonl:1: conversations[0]: the conversation starts with a gpt message"),

@@ -125,7 +125,11 @@ fn encode_turns(
             tok.encode(&input, false)?
         };
         push(&mut enc, &input_ids, false);
-        push(&mut enc, &tok.encode(&t.render_output(&turn.output), false)?, turn.loss);
+        push(
+            &mut enc,
+            &tok.encode(&t.render_output(&turn.output), false)?,
+            turn.loss,
+        );
         needs_bos = !t.suffix_as_eos;
         if !t.suffix_as_eos {
             let Some(eos) = tok.eos_id() else {

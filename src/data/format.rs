@@ -231,15 +231,18 @@ fn split_records(text: &str, path: &str) -> Result<Vec<(usize, Value)>> {
             continue;
         }
         let value: Value = serde_json::from_str(line).map_err(|e| {
-            located(
-                path,
-                i + 1,
-                format!(
-                    "malformed JSON at column {}: {}",
-                    e.column(),
-                    strip_position(&e)
-                ),
-            )
+            let mut msg = format!(
+                "malformed JSON at column {}: {}",
+                e.column(),
+                strip_position(&e)
+            );
+            if out.is_empty() && serde_json::from_str::<Value>(text).is_ok() {
+                msg.push_str(
+                    " (the file is one JSON value over several lines; JSON Lines needs one \
+                     record per line, or make it a JSON array of records)",
+                );
+            }
+            located(path, i + 1, msg)
         })?;
         out.push((i + 1, value));
     }
@@ -336,7 +339,11 @@ fn as_object(v: &Value) -> Result<&Map<String, Value>, String> {
 }
 
 /// `obj[key]` as a string; missing or null is `None`. `at` names the object in messages.
-fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str, at: &str) -> Result<Option<&'a str>, String> {
+fn opt_str<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    at: &str,
+) -> Result<Option<&'a str>, String> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -362,7 +369,10 @@ fn req_array<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a Vec<Value
     match obj.get(key) {
         None => Err(format!("missing `{key}`")),
         Some(Value::Array(a)) => Ok(a),
-        Some(other) => Err(format!("`{key}` must be an array, got {}", type_name(other))),
+        Some(other) => Err(format!(
+            "`{key}` must be an array, got {}",
+            type_name(other)
+        )),
     }
 }
 
@@ -378,9 +388,7 @@ fn loss_flag(obj: &Map<String, Value>, key: &str, at: &str) -> Result<Option<boo
         Some(Value::Bool(b)) => Ok(Some(*b)),
         Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
         Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
-        Some(other) => Err(format!(
-            "{at}`{key}` must be true or false, got {other}"
-        )),
+        Some(other) => Err(format!("{at}`{key}` must be true or false, got {other}")),
     }
 }
 
@@ -495,9 +503,7 @@ fn parse_llava(obj: &Map<String, Value>) -> Result<Record, String> {
                 }
                 if value.contains(IMAGE_TOKEN) {
                     if image.is_none() {
-                        return Err(format!(
-                            "{at}`{IMAGE_TOKEN}` in a record without `image`"
-                        ));
+                        return Err(format!("{at}`{IMAGE_TOKEN}` in a record without `image`"));
                     }
                     let text = value.replace(IMAGE_TOKEN, "");
                     input.push_str(format!("{IMAGE_TOKEN}\n{}", text.trim()).trim());

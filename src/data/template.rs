@@ -152,7 +152,10 @@ mod tests {
     #[test]
     fn fill_replaces_fields_once_and_unescapes_braces() {
         assert_eq!(
-            fill("a{input}b{{x}}{round}", &[("input", "{round}"), ("round", "3")]),
+            fill(
+                "a{input}b{{x}}{round}",
+                &[("input", "{round}"), ("round", "3")]
+            ),
             "a{round}b{x}3"
         );
         assert_eq!(fill("{unknown} }", &[]), "{unknown} }");
