@@ -5,7 +5,7 @@
 //! and applies `--set section.key=value` overrides before the typed parse.
 
 pub mod builtin;
-mod load;
+pub mod load;
 
 pub use load::{did_you_mean, load, load_str, ConfigError};
 

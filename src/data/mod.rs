@@ -1,8 +1,19 @@
 //! The data pipeline: records -> template -> token ids + labels -> packed sequences -> cache,
 //! and the samplers that hand packed sequences to ranks.
 
+pub mod encode;
+pub mod format;
+pub mod template;
+
 /// Label of a token that is not trained (PyTorch's CrossEntropyLoss ignore_index).
 pub const IGNORE_INDEX: i32 = -100;
+
+/// Placeholder for an image in `Encoded::input_ids` (XTuner's IMAGE_TOKEN_INDEX, -200): the
+/// multimodal model replaces it with the projected image features. Never a vocabulary id.
+pub const IMAGE_TOKEN_ID: u32 = u32::MAX;
+
+/// The text that marks where an image goes in a LLaVA conversation (XTuner's DEFAULT_IMAGE_TOKEN).
+pub const IMAGE_TOKEN: &str = "<image>";
 
 /// One conversation turn after format parsing (XTuner's `conversation` item).
 #[derive(Debug, Clone, PartialEq, Default)]
