@@ -313,3 +313,15 @@ pub fn run_repl<M: CausalLm>(
         }
     }
 }
+
+impl From<&crate::data::template::Template> for ChatFormat {
+    fn from(t: &crate::data::template::Template) -> Self {
+        ChatFormat {
+            system: t.system.clone(),
+            instruction: t.instruction.clone(),
+            suffix: t.suffix.clone(),
+            sep: t.sep.clone(),
+            stop_words: t.stop_words.clone(),
+        }
+    }
+}
