@@ -42,7 +42,11 @@ fn pieces(seq: &PackedSeq) -> Vec<(Vec<u32>, Vec<i32>)> {
             let (a, b) = (w[0] as usize, w[1] as usize);
             assert!(a < b, "empty piece in {:?}", seq.cu_seqlens);
             let expected_pos: Vec<u32> = (0..(b - a) as u32).collect();
-            assert_eq!(seq.position_ids[a..b], expected_pos[..], "positions restart per piece");
+            assert_eq!(
+                seq.position_ids[a..b],
+                expected_pos[..],
+                "positions restart per piece"
+            );
             (seq.input_ids[a..b].to_vec(), seq.labels[a..b].to_vec())
         })
         .collect()
@@ -86,8 +90,8 @@ fn as_i32s(v: &Value) -> Vec<i32> {
 #[test]
 fn split_matches_xtuner_packer() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pack/xtuner_packer.json");
-    let fixture: Value = serde_json::from_str(&fs::read_to_string(path).expect("fixture"))
-        .expect("fixture JSON");
+    let fixture: Value =
+        serde_json::from_str(&fs::read_to_string(path).expect("fixture")).expect("fixture JSON");
     let cases = fixture["cases"].as_array().expect("cases");
     assert!(cases.len() >= 8);
     for case in cases {
@@ -120,25 +124,37 @@ fn split_matches_xtuner_packer() {
 
 #[test]
 fn split_cuts_samples_across_chunks_and_drops_only_the_tail() {
-    let input = samples(&[3, 5, 8, 2, 6, 7]); // 31 tokens, max_length 8 -> 3 chunks + 7 dropped
+    // 33 tokens, max_length 8: 4 chunks; the 6-token sample is cut between chunks 3 and 4,
+    // and the last token of the 7-token sample is the dropped tail.
+    let input = samples(&[3, 5, 8, 4, 6, 7]);
     let (seqs, stats) = pack_with_stats(input.clone(), 8, PackMode::Split, false, 0);
-    assert_eq!(seqs.len(), 3);
+    assert_eq!(seqs.len(), 4);
     assert!(seqs.iter().all(|s| s.len() == 8));
-    assert_eq!(seqs[0].cu_seqlens, vec![0, 3, 8]);
-    assert_eq!(seqs[1].cu_seqlens, vec![0, 8]);
-    assert_eq!(seqs[2].cu_seqlens, vec![0, 2, 8]); // the 6-token sample continues in chunk 4
+    let cu: Vec<Vec<u32>> = seqs.iter().map(|s| s.cu_seqlens.clone()).collect();
+    assert_eq!(
+        cu,
+        vec![vec![0, 3, 8], vec![0, 8], vec![0, 4, 8], vec![0, 2, 8]]
+    );
+    // The continued piece restarts its positions.
+    assert_eq!(seqs[3].position_ids, vec![0, 1, 0, 1, 2, 3, 4, 5]);
     // The stream in order, minus the tail, is exactly what the chunks hold.
     let stream: Vec<u32> = input.iter().flat_map(|s| s.input_ids.clone()).collect();
     let packed: Vec<u32> = seqs.iter().flat_map(|s| s.input_ids.clone()).collect();
-    assert_eq!(packed, stream[..24]);
-    assert_eq!(stats.tail_tokens_dropped, 7);
-    // Dropped: last 2 tokens of the 6-token sample (both trained) + the 7-token sample (5).
-    assert_eq!(stats.tail_trained_dropped, 2 + 5);
+    assert_eq!(packed, stream[..32]);
+    assert_eq!(stats.tail_tokens_dropped, 1);
+    assert_eq!(stats.tail_trained_dropped, 1);
     // Labels are carried unchanged: the first label of each piece is the sample's own.
     for seq in &seqs {
         for (ids, labels) in pieces(seq) {
-            let original = input.iter().find(|s| s.input_ids.contains(&ids[0])).unwrap();
-            let at = original.input_ids.iter().position(|&t| t == ids[0]).unwrap();
+            let original = input
+                .iter()
+                .find(|s| s.input_ids.contains(&ids[0]))
+                .unwrap();
+            let at = original
+                .input_ids
+                .iter()
+                .position(|&t| t == ids[0])
+                .unwrap();
             assert_eq!(labels[..], original.labels[at..at + labels.len()]);
         }
     }
@@ -159,7 +175,11 @@ fn whole_never_splits_and_loses_nothing() {
     let input = samples(&lengths);
     let max_length = 64;
     let seqs = pack(input.clone(), max_length, PackMode::Whole, true, 3);
-    assert_eq!(token_multiset(&seqs), input_multiset(&input), "no token lost or duplicated");
+    assert_eq!(
+        token_multiset(&seqs),
+        input_multiset(&input),
+        "no token lost or duplicated"
+    );
     let mut seen = 0;
     for seq in &seqs {
         assert!(seq.len() <= max_length);
@@ -175,7 +195,11 @@ fn whole_never_splits_and_loses_nothing() {
     // First-fit decreasing is within 11/9 OPT + 1; OPT >= ceil(total / max_length).
     let total: usize = lengths.iter().sum();
     let lower_bound = total.div_ceil(max_length);
-    assert!(seqs.len() <= lower_bound * 11 / 9 + 1, "{} bins", seqs.len());
+    assert!(
+        seqs.len() <= lower_bound * 11 / 9 + 1,
+        "{} bins",
+        seqs.len()
+    );
     assert!(efficiency(&seqs, max_length) > 0.8);
 }
 
@@ -205,7 +229,10 @@ fn unpacked_is_one_sample_per_sequence_in_order() {
     input.insert(1, Encoded::default()); // empty samples are skipped
     let seqs = unpacked(input.clone());
     assert_eq!(seqs.len(), 3);
-    for (seq, sample) in seqs.iter().zip(input.iter().filter(|s| !s.input_ids.is_empty())) {
+    for (seq, sample) in seqs
+        .iter()
+        .zip(input.iter().filter(|s| !s.input_ids.is_empty()))
+    {
         assert_eq!(seq.input_ids, sample.input_ids);
         assert_eq!(seq.labels, sample.labels);
         assert_eq!(seq.cu_seqlens, vec![0, sample.input_ids.len() as u32]);
@@ -255,7 +282,13 @@ fn report_for(seqs: &[PackedSeq], max_length: usize) -> DataReport {
 }
 
 fn build_fixture() -> (Vec<PackedSeq>, DataReport) {
-    let seqs = pack(samples(&[5, 9, 3, 12, 7, 1, 30]), 16, PackMode::Whole, true, 1);
+    let seqs = pack(
+        samples(&[5, 9, 3, 12, 7, 1, 30]),
+        16,
+        PackMode::Whole,
+        true,
+        1,
+    );
     let report = report_for(&seqs, 16);
     (seqs, report)
 }
@@ -323,8 +356,10 @@ fn cache_round_trip_and_reuse() {
 #[test]
 fn empty_dataset_round_trips() {
     let dir = tempfile::tempdir().unwrap();
-    let (ds, _, cached) =
-        load_or_build(dir.path(), "empty", || Ok((Vec::new(), DataReport::default()))).unwrap();
+    let (ds, _, cached) = load_or_build(dir.path(), "empty", || {
+        Ok((Vec::new(), DataReport::default()))
+    })
+    .unwrap();
     assert!(!cached);
     assert!(ds.is_empty());
     assert_eq!(ds.tokens(), 0);
@@ -335,7 +370,11 @@ fn failed_build_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let err = load_or_build(dir.path(), "abc", || bail!("tokenizer exploded")).unwrap_err();
     assert!(format!("{err:#}").contains("tokenizer exploded"), "{err:#}");
-    assert!(cache_files(dir.path()).is_empty(), "{:?}", cache_files(dir.path()));
+    assert!(
+        cache_files(dir.path()).is_empty(),
+        "{:?}",
+        cache_files(dir.path())
+    );
 
     // A build returning a malformed sequence fails at write time, naming the sequence, and
     // removes its temporary file.
@@ -351,13 +390,20 @@ fn failed_build_leaves_no_file() {
     .unwrap_err();
     // The empty sequence 0 fails first: its cu_seqlens are empty.
     assert!(format!("{err:#}").contains("sequence 0"), "{err:#}");
-    assert!(cache_files(dir.path()).is_empty(), "{:?}", cache_files(dir.path()));
+    assert!(
+        cache_files(dir.path()).is_empty(),
+        "{:?}",
+        cache_files(dir.path())
+    );
 
     // Leftovers of a killed build are removed by the next build.
     fs::write(dir.path().join("pack-abc.bin.tmp-99999"), b"partial").unwrap();
     let (ds, _, _) = load_or_build(dir.path(), "abc", || Ok(build_fixture())).unwrap();
     assert!(!ds.is_empty());
-    assert_eq!(cache_files(dir.path()), vec!["pack-abc.bin", "pack-abc.json"]);
+    assert_eq!(
+        cache_files(dir.path()),
+        vec!["pack-abc.bin", "pack-abc.json"]
+    );
 }
 
 #[test]
@@ -409,7 +455,11 @@ fn corrupt_or_truncated_cache_is_rebuilt() {
         .unwrap();
         assert!(rebuilt && !cached, "{what}: not rebuilt");
         assert_eq!(ds.get_owned(0), seqs[0]);
-        assert_eq!(fs::read(&bin).unwrap(), good, "{what}: rebuilt file differs");
+        assert_eq!(
+            fs::read(&bin).unwrap(),
+            good,
+            "{what}: rebuilt file differs"
+        );
     }
 }
 
@@ -464,7 +514,10 @@ fn waiting_for_a_held_lock_times_out_with_a_clear_error() {
     )
     .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("timed out") && msg.contains("pack-busy.lock"), "{msg}");
+    assert!(
+        msg.contains("timed out") && msg.contains("pack-busy.lock"),
+        "{msg}"
+    );
 }
 
 #[test]

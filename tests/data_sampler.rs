@@ -4,7 +4,13 @@ use std::collections::BTreeSet;
 
 use ftrun::data::sampler::{DistributedSampler, SamplerState};
 
-fn sampler(len: usize, rank: usize, world: usize, sp: usize, drop_last: bool) -> DistributedSampler {
+fn sampler(
+    len: usize,
+    rank: usize,
+    world: usize,
+    sp: usize,
+    drop_last: bool,
+) -> DistributedSampler {
     DistributedSampler::new(len, rank, world, sp, 7, true, drop_last).unwrap()
 }
 
@@ -24,7 +30,10 @@ fn dp_ranks_cover_everything_disjointly_with_equal_counts() {
             .map(|r| sampler(len, r, world, 1, false).indices(0))
             .collect();
         let count = len.div_ceil(world);
-        assert!(per_rank.iter().all(|ix| ix.len() == count), "len {len} world {world}");
+        assert!(
+            per_rank.iter().all(|ix| ix.len() == count),
+            "len {len} world {world}"
+        );
         let all: Vec<usize> = per_rank.concat();
         let distinct: BTreeSet<usize> = all.iter().copied().collect();
         assert_eq!(distinct, (0..len).collect(), "every sample is used");
@@ -40,7 +49,13 @@ fn dp_ranks_cover_everything_disjointly_with_equal_counts() {
 fn padding_wraps_the_shuffled_order_like_pytorch() {
     // 10 samples, 4 ranks: order o0..o9 padded with o0, o1; rank r takes o[r], o[r+4], o[r+8].
     let order: Vec<usize> = (0..4)
-        .flat_map(|r| sampler(10, r, 4, 1, false).indices(0).into_iter().enumerate().map(move |(k, i)| (k * 4 + r, i)))
+        .flat_map(|r| {
+            sampler(10, r, 4, 1, false)
+                .indices(0)
+                .into_iter()
+                .enumerate()
+                .map(move |(k, i)| (k * 4 + r, i))
+        })
         .collect::<std::collections::BTreeMap<_, _>>()
         .into_values()
         .collect();
@@ -53,7 +68,9 @@ fn padding_wraps_the_shuffled_order_like_pytorch() {
 
 #[test]
 fn drop_last_truncates_to_equal_counts() {
-    let per_rank: Vec<Vec<usize>> = (0..4).map(|r| sampler(103, r, 4, 1, true).indices(1)).collect();
+    let per_rank: Vec<Vec<usize>> = (0..4)
+        .map(|r| sampler(103, r, 4, 1, true).indices(1))
+        .collect();
     assert!(per_rank.iter().all(|ix| ix.len() == 25));
     let distinct: BTreeSet<usize> = per_rank.concat().into_iter().collect();
     assert_eq!(distinct.len(), 100, "disjoint, 3 samples dropped");
@@ -66,7 +83,9 @@ fn drop_last_truncates_to_equal_counts() {
 #[test]
 fn sequence_parallel_groups_share_indices() {
     let (world, sp, len) = (8, 4, 50);
-    let by_rank: Vec<Vec<usize>> = (0..world).map(|r| sampler(len, r, world, sp, false).indices(2)).collect();
+    let by_rank: Vec<Vec<usize>> = (0..world)
+        .map(|r| sampler(len, r, world, sp, false).indices(2))
+        .collect();
     // Ranks 0..4 are SP group 0, ranks 4..8 group 1.
     for r in 1..4 {
         assert_eq!(by_rank[r], by_rank[0]);
@@ -98,24 +117,45 @@ fn resume_mid_epoch_equals_uninterrupted() {
         let s = sampler(31, rank, 3, 1, false);
         let uninterrupted: Vec<(SamplerState, usize)> =
             s.iter_from(SamplerState::default()).take(40).collect();
-        // The first epoch's part is exactly indices(0), then epoch 1 follows.
-        let plain: Vec<usize> = s.indices(0).into_iter().chain(s.indices(1)).take(40).collect();
-        assert_eq!(uninterrupted.iter().map(|&(_, i)| i).collect::<Vec<_>>(), plain);
+        // Epoch after epoch: 11 indices each, exactly indices(0), indices(1), ...
+        let plain: Vec<usize> = (0..4).flat_map(|e| s.indices(e)).take(40).collect();
+        assert_eq!(
+            uninterrupted.iter().map(|&(_, i)| i).collect::<Vec<_>>(),
+            plain
+        );
         for cut in [1, 5, 10, 11, 12, 23] {
             let (state, _) = uninterrupted[cut - 1];
             // Serialize like a checkpoint would.
             let saved = serde_json::to_string(&state).unwrap();
             let restored: SamplerState = serde_json::from_str(&saved).unwrap();
-            let resumed: Vec<(SamplerState, usize)> =
-                sampler(31, rank, 3, 1, false).iter_from(restored).take(40 - cut).collect();
+            let resumed: Vec<(SamplerState, usize)> = sampler(31, rank, 3, 1, false)
+                .iter_from(restored)
+                .take(40 - cut)
+                .collect();
             assert_eq!(resumed, uninterrupted[cut..], "rank {rank} cut {cut}");
         }
     }
     // An epoch's last index moves the state to the next epoch's start.
     let s = sampler(31, 0, 3, 1, false);
-    let states: Vec<SamplerState> = s.iter_from(SamplerState::default()).take(11).map(|(st, _)| st).collect();
-    assert_eq!(states[0], SamplerState { epoch: 0, position: 3 });
-    assert_eq!(states[10], SamplerState { epoch: 1, position: 0 });
+    let states: Vec<SamplerState> = s
+        .iter_from(SamplerState::default())
+        .take(11)
+        .map(|(st, _)| st)
+        .collect();
+    assert_eq!(
+        states[0],
+        SamplerState {
+            epoch: 0,
+            position: 3
+        }
+    );
+    assert_eq!(
+        states[10],
+        SamplerState {
+            epoch: 1,
+            position: 0
+        }
+    );
 }
 
 #[test]
@@ -125,12 +165,21 @@ fn resume_with_another_gpu_count_skips_exactly_what_was_trained() {
     let mut trained = BTreeSet::new();
     let mut state = SamplerState::default();
     for r in 0..4 {
-        for (st, i) in sampler(len, r, 4, 1, false).iter_from(SamplerState::default()).take(3) {
+        for (st, i) in sampler(len, r, 4, 1, false)
+            .iter_from(SamplerState::default())
+            .take(3)
+        {
             trained.insert(i);
             state = st;
         }
     }
-    assert_eq!(state, SamplerState { epoch: 0, position: 12 });
+    assert_eq!(
+        state,
+        SamplerState {
+            epoch: 0,
+            position: 12
+        }
+    );
     // Resume the epoch on 3 dp ranks (6 GPUs with sp 2): each SP group's first rank.
     let rest: Vec<Vec<usize>> = (0..6)
         .step_by(2)
@@ -149,10 +198,16 @@ fn resume_with_another_gpu_count_skips_exactly_what_was_trained() {
     assert_eq!(counts.len(), 1, "equal counts per rank: {rest:?}");
     let untrained: BTreeSet<usize> = (0..len).filter(|i| !trained.contains(i)).collect();
     let remaining: BTreeSet<usize> = rest.concat().into_iter().collect();
-    assert!(remaining.is_superset(&untrained), "every untrained sample comes");
+    assert!(
+        remaining.is_superset(&untrained),
+        "every untrained sample comes"
+    );
     // Beyond them only wrap-around padding (fewer than 3 extra).
     let total = rest.concat().len();
-    assert!(total >= untrained.len() && total - untrained.len() < 3, "{total}");
+    assert!(
+        total >= untrained.len() && total - untrained.len() < 3,
+        "{total}"
+    );
 }
 
 #[test]

@@ -156,8 +156,7 @@ impl PackedDataset {
     /// tables (not the payload: see [`PackedDataset::verify_payload`]).
     pub fn open(path: &Path) -> Result<PackedDataset> {
         ensure_little_endian()?;
-        let file =
-            File::open(path).with_context(|| format!("opening cache {}", path.display()))?;
+        let file = File::open(path).with_context(|| format!("opening cache {}", path.display()))?;
         // SAFETY: cache files are never modified in place (they are replaced by rename), so
         // the mapping stays valid while we hold it.
         let mmap = unsafe { Mmap::map(&file) }
@@ -370,7 +369,12 @@ pub fn write(path: &Path, seqs: &[PackedSeq], report: &DataReport) -> Result<()>
     let mut header = vec![0u8; HEADER_LEN];
     header[..8].copy_from_slice(MAGIC);
     header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    for (at, value) in [(16, seqs.len()), (24, n_tokens), (32, n_cu), (40, report_json.len())] {
+    for (at, value) in [
+        (16, seqs.len()),
+        (24, n_tokens),
+        (32, n_cu),
+        (40, report_json.len()),
+    ] {
         header[at..at + 8].copy_from_slice(&(value as u64).to_le_bytes());
     }
     // Report, padding and offset tables: everything between the header and the payload.
@@ -550,7 +554,10 @@ impl Drop for TempFile {
 
 /// Removes temporary files left by a killed build of this key (we hold the lock).
 fn remove_stale_temps(dir: &Path, key: &str) -> Result<()> {
-    let prefixes = [format!("pack-{key}.bin.tmp-"), format!("pack-{key}.json.tmp-")];
+    let prefixes = [
+        format!("pack-{key}.bin.tmp-"),
+        format!("pack-{key}.json.tmp-"),
+    ];
     for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name();

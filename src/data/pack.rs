@@ -183,7 +183,11 @@ fn pack_split(samples: &[Encoded], max_length: usize) -> (Vec<PackedSeq>, PackSt
                 break;
             }
             let room = max_length - current.len();
-            let end = sample.input_ids.len().min(start + room).min(start + kept - emitted);
+            let end = sample
+                .input_ids
+                .len()
+                .min(start + room)
+                .min(start + kept - emitted);
             current.push_piece(&sample.input_ids[start..end], &sample.labels[start..end]);
             emitted += end - start;
             start = end;
@@ -199,7 +203,11 @@ fn pack_whole(samples: &[Encoded], max_length: usize) -> Vec<PackedSeq> {
     // Items to pack: whole samples, or max_length pieces of an over-long one.
     let mut items: Vec<(&[u32], &[i32])> = samples
         .iter()
-        .flat_map(|s| s.input_ids.chunks(max_length).zip(s.labels.chunks(max_length)))
+        .flat_map(|s| {
+            s.input_ids
+                .chunks(max_length)
+                .zip(s.labels.chunks(max_length))
+        })
         .collect();
     // Decreasing length; stable, so equal lengths keep the (possibly shuffled) order.
     items.sort_by_key(|(ids, _)| std::cmp::Reverse(ids.len()));

@@ -46,7 +46,10 @@ impl DistributedSampler {
         drop_last: bool,
     ) -> Result<Self> {
         ensure!(world >= 1, "world size must be at least 1, got {world}");
-        ensure!(rank < world, "rank {rank} must be below the world size {world}");
+        ensure!(
+            rank < world,
+            "rank {rank} must be below the world size {world}"
+        );
         ensure!(
             sp >= 1 && world % sp == 0,
             "sequence_parallel {sp} must be at least 1 and divide the world size {world}"
@@ -148,7 +151,7 @@ impl Iterator for SamplerIter<'_> {
     type Item = (SamplerState, usize);
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.current.len() == 0 {
+        if self.current.as_slice().is_empty() {
             if self.sampler.per_rank() == 0 {
                 return None;
             }
@@ -160,7 +163,7 @@ impl Iterator for SamplerIter<'_> {
         }
         let index = self.current.next()?;
         self.state.position += self.sampler.dp_world();
-        if self.current.len() == 0 {
+        if self.current.as_slice().is_empty() {
             self.state = SamplerState {
                 epoch: self.state.epoch + 1,
                 position: 0,
