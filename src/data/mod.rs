@@ -51,3 +51,7 @@ impl Encoded {
         self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
     }
 }
+
+pub mod cache;
+pub mod pack;
+pub mod sampler;
