@@ -11,18 +11,8 @@ use std::io::Write;
 use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{
-    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
-    PreTokenizerWrapper, TokenizerImpl, TrainerWrapper,
-};
-
-type HfTokenizerImpl = TokenizerImpl<
-    ModelWrapper,
-    NormalizerWrapper,
-    PreTokenizerWrapper,
-    PostProcessorWrapper,
-    DecoderWrapper,
->;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::AddedToken;
 
 pub const DEMO_HIDDEN: usize = 128;
 pub const DEMO_LAYERS: usize = 4;
@@ -143,17 +133,17 @@ fn train_tokenizer(corpus: &[String]) -> Result<tokenizers::Tokenizer> {
         .show_progress(false)
         .special_tokens(specials)
         // All 256 byte symbols, so text unseen in the corpus still encodes.
-        .initial_alphabet(ByteLevel::alphabet())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();
-    let mut tk = HfTokenizerImpl::new(BPE::default().into());
+    let mut tk = tokenizers::Tokenizer::new(BPE::default());
     let byte_level = ByteLevel::default().add_prefix_space(false);
     tk.with_pre_tokenizer(Some(byte_level));
     tk.with_decoder(Some(byte_level));
     tk.with_post_processor(Some(byte_level.trim_offsets(false)));
     tk.train(&mut trainer, corpus.iter())
         .map_err(|e| anyhow!("training the demo tokenizer: {e}"))?;
-    Ok(tokenizers::Tokenizer::from(tk))
+    Ok(tk)
 }
 
 /// Hugging Face Llama tensors initialized like `LlamaPreTrainedModel._init_weights`: every
