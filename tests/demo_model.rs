@@ -35,7 +35,12 @@ fn demo_model_loads_through_config_tokenizer_and_weights() {
     assert_eq!(cfg.arch, Arch::Llama);
     assert_eq!(cfg.hf_architecture, "LlamaForCausalLM");
     assert_eq!(
-        (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads),
+        (
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.num_kv_heads
+        ),
         (128, 4, 4, 2)
     );
     assert_eq!(cfg.intermediate_size, 352);
@@ -44,7 +49,9 @@ fn demo_model_loads_through_config_tokenizer_and_weights() {
     assert_eq!(cfg.rms_norm_eps, 1e-6);
     assert_eq!(cfg.torch_dtype, "float32");
     assert_eq!(cfg.vocab_size, tok.vocab_size());
-    assert!(cfg.vocab_size > 256 + DEMO_SPECIAL_TOKENS.len() && cfg.vocab_size <= DEMO_VOCAB_TARGET);
+    assert!(
+        cfg.vocab_size > 256 + DEMO_SPECIAL_TOKENS.len() && cfg.vocab_size <= DEMO_VOCAB_TARGET
+    );
     assert_eq!(cfg.bos_token_id, tok.bos_id());
     assert_eq!(cfg.eos_token_id, tok.eos_id());
     assert_eq!(tok.id_to_token(cfg.bos_token_id.unwrap()).unwrap(), "<s>");
@@ -175,7 +182,11 @@ fn same_seed_same_bytes() {
     );
     for name in &names {
         let bytes_a = std::fs::read(a.path().join(name)).unwrap();
-        assert_eq!(bytes_a, std::fs::read(b.path().join(name)).unwrap(), "{name}");
+        assert_eq!(
+            bytes_a,
+            std::fs::read(b.path().join(name)).unwrap(),
+            "{name}"
+        );
         let bytes_c = std::fs::read(c.path().join(name)).unwrap();
         // The seed drives the weights only; the tokenizer depends on the corpus alone.
         assert_eq!(bytes_a == bytes_c, name != "model.safetensors", "{name}");

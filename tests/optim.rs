@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/optim")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -92,8 +94,20 @@ fn adamw_matches_torch_algorithm() {
         let state: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
         let want_m: Vec<f64> = case.exp_avg.concat();
         let want_v: Vec<f64> = case.exp_avg_sq.concat();
-        assert_close(&to_f64(&state["optimizer.exp_avg"]), &want_m, 1e-5, 1e-9, "exp_avg");
-        assert_close(&to_f64(&state["optimizer.exp_avg_sq"]), &want_v, 1e-5, 1e-12, "exp_avg_sq");
+        assert_close(
+            &to_f64(&state["optimizer.exp_avg"]),
+            &want_m,
+            1e-5,
+            1e-9,
+            "exp_avg",
+        );
+        assert_close(
+            &to_f64(&state["optimizer.exp_avg_sq"]),
+            &want_v,
+            1e-5,
+            1e-12,
+            "exp_avg_sq",
+        );
     }
 }
 
@@ -101,9 +115,7 @@ fn adamw_matches_torch_algorithm() {
 fn adamw_state_round_trip_resumes_identically() {
     let cases: Vec<AdamCase> = fixture("adamw.json");
     let case = &cases[0];
-    let grads = |t: usize| -> Tensor {
-        vec1(&case.grads[t].concat())
-    };
+    let grads = |t: usize| -> Tensor { vec1(&case.grads[t].concat()) };
     // Run 2 steps, save, restore into a fresh optimizer, run the rest: same as the reference.
     let (mut params, mut opt) = adam_setup(case);
     for t in 0..2 {
@@ -121,9 +133,15 @@ fn adamw_state_round_trip_resumes_identically() {
 
     // A state for other parameters is refused with the reason.
     let mut wrong = saved.clone();
-    wrong.insert("optimizer.exp_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    wrong.insert(
+        "optimizer.exp_avg".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     let msg = resumed.load_state(&wrong).unwrap_err().to_string();
-    assert!(msg.contains("optimizer.exp_avg") && msg.contains("[3]"), "{msg}");
+    assert!(
+        msg.contains("optimizer.exp_avg") && msg.contains("[3]"),
+        "{msg}"
+    );
     let mut missing = saved;
     missing.remove("optimizer.step");
     let msg = resumed.load_state(&missing).unwrap_err().to_string();
@@ -172,8 +190,14 @@ fn adamw_update_on_a_range_equals_the_whole_buffer_update() {
 #[test]
 fn flat_params_views_and_grads_keep_shapes_and_order() {
     let dev = Device::Cpu;
-    let a = Tensor::arange(0f32, 6., &dev).unwrap().reshape((2, 3)).unwrap();
-    let b = Tensor::new(&[10f32, 11.], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let a = Tensor::arange(0f32, 6., &dev)
+        .unwrap()
+        .reshape((2, 3))
+        .unwrap();
+    let b = Tensor::new(&[10f32, 11.], &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
     let p = FlatParams::from_values(&[a.clone(), b], &[true, false]).unwrap();
     assert_eq!(p.numel(), 8);
     assert_eq!(p.slots[1].offset, 6);
@@ -218,7 +242,13 @@ fn clip_matches_torch_clip_grad_norm() {
             "case {i}: norm {norm} vs {}",
             case.total_norm
         );
-        assert_close(&to_f64(&clipped), &case.clipped, 1e-5, 1e-8, &format!("case {i}"));
+        assert_close(
+            &to_f64(&clipped),
+            &case.clipped,
+            1e-5,
+            1e-8,
+            &format!("case {i}"),
+        );
         clipped_any |= case.total_norm > case.max_norm;
         unclipped_any |= case.total_norm < case.max_norm;
     }
@@ -261,9 +291,20 @@ fn schedule_matches_mmengine_linear_then_cosine() {
             eta_min: case.eta_min,
         };
         let s = LrSchedule::new(&cfg, case.base_lr, case.total).unwrap();
-        assert_eq!(s.warmup_steps(), case.warmup_steps, "ratio {}", case.warmup_ratio);
+        assert_eq!(
+            s.warmup_steps(),
+            case.warmup_steps,
+            "ratio {}",
+            case.warmup_ratio
+        );
         let got: Vec<f64> = (0..case.total).map(|k| s.lr_at(k)).collect();
-        assert_close(&got, &case.lrs, 1e-9, 1e-15, &format!("ratio {}", case.warmup_ratio));
+        assert_close(
+            &got,
+            &case.lrs,
+            1e-9,
+            1e-15,
+            &format!("ratio {}", case.warmup_ratio),
+        );
 
         // Explicit warmup_steps gives the same curve as the ratio that produced them.
         let explicit = ScheduleConfig {

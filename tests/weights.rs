@@ -165,13 +165,7 @@ fn directory_without_weights_is_an_error() {
 
     let msg = format!(
         "{:#}",
-        load_weights(
-            &dir.path().join("nope"),
-            DType::F32,
-            &Device::Cpu,
-            |_| true
-        )
-        .unwrap_err()
+        load_weights(&dir.path().join("nope"), DType::F32, &Device::Cpu, |_| true).unwrap_err()
     );
     assert!(msg.contains("does not exist"), "{msg}");
 }
@@ -185,9 +179,12 @@ fn sample_tensors() -> Vec<(String, Tensor)> {
     };
     vec![
         ("model.embed_tokens.weight".into(), make(40, &[10, 4], -2.0)), // 80 B in bf16
-        ("model.layers.0.mlp.up_proj.weight".into(), make(24, &[6, 4], 0.5)), // 48 B
+        (
+            "model.layers.0.mlp.up_proj.weight".into(),
+            make(24, &[6, 4], 0.5),
+        ), // 48 B
         ("model.norm.weight".into(), make(4, &[4], 1.0)),               // 8 B
-        ("lm_head.weight".into(), make(40, &[10, 4], 3.0)),            // 80 B
+        ("lm_head.weight".into(), make(40, &[10, 4], 3.0)),             // 80 B
     ]
 }
 

@@ -257,7 +257,9 @@ mod tests {
             None
         );
         assert_eq!(
-            with_rope(r#"{"rope_type": "default"}"#).unwrap().rope_scaling,
+            with_rope(r#"{"rope_type": "default"}"#)
+                .unwrap()
+                .rope_scaling,
             None
         );
     }

@@ -10,8 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use std::io::Write;
 use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 pub const DEMO_HIDDEN: usize = 128;
@@ -107,7 +107,10 @@ pub fn make_demo_model(out_dir: &Path, corpus: &[String], seed: u64) -> Result<(
         "pad_token": "</s>",
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
     });
-    write_json(&out_dir.join("special_tokens_map.json"), &special_tokens_map)?;
+    write_json(
+        &out_dir.join("special_tokens_map.json"),
+        &special_tokens_map,
+    )?;
     // InternLM2-chat stops on </s> or <|im_end|>.
     let generation_config = serde_json::json!({
         "bos_token_id": bos,
@@ -171,12 +174,27 @@ fn init_weights(vocab: usize, seed: u64) -> Result<Vec<(String, Tensor)>> {
         let p = format!("model.layers.{l}");
         // Linear weights are [out_features, in_features].
         out.push(normal(format!("{p}.self_attn.q_proj.weight"), &[q_out, h])?);
-        out.push(normal(format!("{p}.self_attn.k_proj.weight"), &[kv_out, h])?);
-        out.push(normal(format!("{p}.self_attn.v_proj.weight"), &[kv_out, h])?);
+        out.push(normal(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[kv_out, h],
+        )?);
+        out.push(normal(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[kv_out, h],
+        )?);
         out.push(normal(format!("{p}.self_attn.o_proj.weight"), &[h, q_out])?);
-        out.push(normal(format!("{p}.mlp.gate_proj.weight"), &[DEMO_INTERMEDIATE, h])?);
-        out.push(normal(format!("{p}.mlp.up_proj.weight"), &[DEMO_INTERMEDIATE, h])?);
-        out.push(normal(format!("{p}.mlp.down_proj.weight"), &[h, DEMO_INTERMEDIATE])?);
+        out.push(normal(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[DEMO_INTERMEDIATE, h],
+        )?);
+        out.push(normal(
+            format!("{p}.mlp.up_proj.weight"),
+            &[DEMO_INTERMEDIATE, h],
+        )?);
+        out.push(normal(
+            format!("{p}.mlp.down_proj.weight"),
+            &[h, DEMO_INTERMEDIATE],
+        )?);
         out.push(ones(format!("{p}.input_layernorm.weight"))?);
         out.push(ones(format!("{p}.post_attention_layernorm.weight"))?);
     }

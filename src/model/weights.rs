@@ -30,12 +30,8 @@ pub fn load_weights(
     let mut out = HashMap::new();
     for (file, expected) in &plan {
         let mmap = map_file(file)?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-            anyhow!(
-                "{}: corrupt or not a safetensors file: {e}",
-                file.display()
-            )
-        })?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| anyhow!("{}: corrupt or not a safetensors file: {e}", file.display()))?;
         let names: Vec<String> = match expected {
             // The index is the authority on which shard holds a tensor.
             Some(names) => names.clone(),
@@ -115,7 +111,8 @@ fn weight_plan(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
                 save_pretrained(..., safe_serialization=True))"
             .into();
     } else if dir.join("adapter_model.safetensors").is_file() {
-        hint = "; it holds adapter_model.safetensors: that is a LoRA adapter, not a base model".into();
+        hint =
+            "; it holds adapter_model.safetensors: that is a LoRA adapter, not a base model".into();
     }
     bail!(
         "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}",
@@ -257,8 +254,9 @@ fn remove_stale_weights(dir: &Path, keep: &[String]) -> Result<()> {
         };
         let ours = name == SINGLE_FILE || name == INDEX_FILE || is_shard_name(&name);
         if ours && !keep.contains(&name) {
-            std::fs::remove_file(entry.path())
-                .with_context(|| format!("{}: cannot remove stale weights", entry.path().display()))?;
+            std::fs::remove_file(entry.path()).with_context(|| {
+                format!("{}: cannot remove stale weights", entry.path().display())
+            })?;
         }
     }
     Ok(())

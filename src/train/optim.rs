@@ -157,14 +157,11 @@ impl AdamW {
                 bail!("{key}: must be in [0, 1), got {b}");
             }
         }
-        if !(cfg.eps > 0.0) {
+        if cfg.eps.is_nan() || cfg.eps <= 0.0 {
             bail!("optim.eps: must be positive, got {}", cfg.eps);
         }
-        if !(cfg.weight_decay >= 0.0) {
-            bail!(
-                "optim.weight_decay: must be >= 0, got {}",
-                cfg.weight_decay
-            );
+        if cfg.weight_decay.is_nan() || cfg.weight_decay < 0.0 {
+            bail!("optim.weight_decay: must be >= 0, got {}", cfg.weight_decay);
         }
         let zeros = params.master.zeros_like()?;
         let decay_mask = if cfg.weight_decay > 0.0 {
@@ -226,10 +223,7 @@ impl AdamW {
         Ok(vec![
             (EXP_AVG.into(), self.exp_avg.clone()),
             (EXP_AVG_SQ.into(), self.exp_avg_sq.clone()),
-            (
-                STEP.into(),
-                Tensor::new(&[self.step as i64], &Device::Cpu)?,
-            ),
+            (STEP.into(), Tensor::new(&[self.step as i64], &Device::Cpu)?),
         ])
     }
 
@@ -254,7 +248,10 @@ impl AdamW {
             Ok(t.to_dtype(DType::F32)?.to_device(&device)?)
         };
         let (m, v) = (moment(EXP_AVG)?, moment(EXP_AVG_SQ)?);
-        let step = get(STEP)?.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        let step = get(STEP)?
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1::<i64>()?;
         let step = match step.as_slice() {
             [s] if *s >= 0 => *s as u64,
             other => bail!("optimizer state `{STEP}` must hold one count >= 0, got {other:?}"),
@@ -311,7 +308,11 @@ pub fn adamw_update(
 
 /// Sum of squares of an `[n]` f32 gradient (or a rank's range of it), as f64.
 pub fn sum_squares(grad: &Tensor) -> Result<f64> {
-    Ok(grad.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(grad
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// torch `clip_grad_norm_`'s scale for a total norm: `max_norm / (norm + 1e-6)` clamped to 1.

@@ -100,7 +100,8 @@ impl LrSchedule {
                 let t_max = (self.total_steps - w) as f64;
                 let s = (step - w) as f64;
                 self.eta_min
-                    + (self.base_lr - self.eta_min) * (1.0 + (std::f64::consts::PI * s / t_max).cos())
+                    + (self.base_lr - self.eta_min)
+                        * (1.0 + (std::f64::consts::PI * s / t_max).cos())
                         / 2.0
             }
         }
