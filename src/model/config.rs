@@ -38,6 +38,16 @@ pub struct ModelConfig {
     pub eos_token_id: Option<u32>,
     /// `torch_dtype` of the stored weights ("bfloat16", "float16", "float32").
     pub torch_dtype: String,
+    /// RoPE position scaling; None for plain RoPE (also for `dynamic`, which changes nothing
+    /// within `max_position_embeddings`, the longest sequence ftrun trains on).
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// RoPE scaling the decoder must apply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Position interpolation: positions are divided by `factor` (transformers `linear`).
+    Linear { factor: f64 },
 }
 
 #[derive(Deserialize)]
@@ -78,6 +88,8 @@ struct RawConfig {
     dtype: Option<String>,
     #[serde(default)]
     hidden_act: Option<String>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
 }
 
 fn default_eps() -> f64 {
@@ -88,6 +100,39 @@ fn default_theta() -> f64 {
 }
 fn default_max_pos() -> usize {
     4096
+}
+
+/// `rope_scaling` of config.json: `{"type" | "rope_type": ..., "factor": ...}` or null.
+fn parse_rope_scaling(v: &Option<serde_json::Value>) -> Result<Option<RopeScaling>> {
+    let obj = match v {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Object(o)) => o,
+        Some(other) => bail!("rope_scaling: expected an object or null, got {other}"),
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let factor = || -> Result<f64> {
+        let f = obj
+            .get("factor")
+            .and_then(|f| f.as_f64())
+            .with_context(|| format!("rope_scaling ({kind}): missing numeric `factor`"))?;
+        if !(f.is_finite() && f >= 1.0) {
+            bail!("rope_scaling ({kind}): factor must be >= 1, got {f}");
+        }
+        Ok(f)
+    };
+    match kind {
+        "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear { factor: factor()? })),
+        // Dynamic NTK only rescales beyond max_position_embeddings; validate and ignore.
+        "dynamic" => factor().map(|_| None),
+        other => bail!(
+            "rope_scaling: unsupported type `{other}` (ftrun supports none, linear and dynamic)"
+        ),
+    }
 }
 
 /// A token id field that may be a number or a list (Llama 3 lists several EOS ids).
@@ -125,6 +170,7 @@ impl ModelConfig {
                 bail!("unsupported hidden_act `{act}`: only silu (SwiGLU) decoders are supported");
             }
         }
+        let rope_scaling = parse_rope_scaling(&raw.rope_scaling)?;
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads % num_kv_heads != 0 {
             bail!(
@@ -162,6 +208,7 @@ impl ModelConfig {
                 .torch_dtype
                 .or(raw.dtype)
                 .unwrap_or_else(|| "float32".into()),
+            rope_scaling,
         })
     }
 
@@ -179,5 +226,57 @@ impl ModelConfig {
             self.vocab_size * h
         };
         self.vocab_size * h + self.num_layers * block + h + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_rope(rope: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+                "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "rope_scaling": {rope}}}"#
+        ))
+    }
+
+    #[test]
+    fn rope_scaling_none_linear_dynamic() {
+        assert_eq!(with_rope("null").unwrap().rope_scaling, None);
+        assert_eq!(
+            with_rope(r#"{"type": "linear", "factor": 4.0}"#)
+                .unwrap()
+                .rope_scaling,
+            Some(RopeScaling::Linear { factor: 4.0 })
+        );
+        assert_eq!(
+            with_rope(r#"{"rope_type": "dynamic", "factor": 2.0}"#)
+                .unwrap()
+                .rope_scaling,
+            None
+        );
+        assert_eq!(
+            with_rope(r#"{"rope_type": "default"}"#)
+                .unwrap()
+                .rope_scaling,
+            None
+        );
+    }
+
+    #[test]
+    fn rope_scaling_unsupported_or_malformed_is_named() {
+        let msg = format!(
+            "{:#}",
+            with_rope(r#"{"rope_type": "llama3", "factor": 8.0}"#).unwrap_err()
+        );
+        assert!(msg.contains("`llama3`"), "{msg}");
+        let msg = format!("{:#}", with_rope(r#"{"type": "linear"}"#).unwrap_err());
+        assert!(msg.contains("factor"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            with_rope(r#"{"type": "linear", "factor": 0.5}"#).unwrap_err()
+        );
+        assert!(msg.contains("0.5"), "{msg}");
     }
 }

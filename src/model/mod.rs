@@ -2,5 +2,7 @@
 //! forward/backward pairs the engine trains with.
 
 pub mod config;
+pub mod demo;
+pub mod weights;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, RopeScaling};

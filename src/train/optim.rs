@@ -1,0 +1,340 @@
+//! The optimizer over one flat fp32 buffer (as llm.c does): every trainable tensor is a slot of
+//! `FlatParams::master`, gradients are flattened the same way, and AdamW and clipping run over the
+//! whole buffer in a handful of kernels. ZeRO can shard the buffer by ranges: `adamw_update`,
+//! `sum_squares` and `clip_coef` work on any `[n]` slice.
+
+use crate::config::OptimConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+/// Where one trainable tensor lives in the flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub offset: usize,
+    pub numel: usize,
+    pub shape: Vec<usize>,
+    /// Weight decay applies to this tensor (matrices; not norms or biases).
+    pub decay: bool,
+}
+
+/// fp32 master copy of all trainable values, concatenated.
+#[derive(Debug, Clone)]
+pub struct FlatParams {
+    /// `[N]` f32, N = sum of slot sizes.
+    pub master: Tensor,
+    pub slots: Vec<Slot>,
+}
+
+impl FlatParams {
+    /// Concatenate `values` (any shapes and float dtypes, one device) into an f32 master buffer.
+    pub fn from_values(values: &[Tensor], decay: &[bool]) -> Result<FlatParams> {
+        if values.len() != decay.len() {
+            bail!(
+                "{} trainable tensors but {} decay flags",
+                values.len(),
+                decay.len()
+            );
+        }
+        if values.is_empty() {
+            bail!("nothing to train: no trainable tensors");
+        }
+        let mut slots = Vec::with_capacity(values.len());
+        let mut flat = Vec::with_capacity(values.len());
+        let mut offset = 0;
+        for (i, (v, &d)) in values.iter().zip(decay).enumerate() {
+            let numel = v.elem_count();
+            slots.push(Slot {
+                offset,
+                numel,
+                shape: v.dims().to_vec(),
+                decay: d,
+            });
+            offset += numel;
+            flat.push(
+                v.to_dtype(DType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .with_context(|| format!("trainable tensor #{i}"))?,
+            );
+        }
+        let master = Tensor::cat(&flat, 0)?; // [N]
+        Ok(FlatParams { master, slots })
+    }
+
+    /// Number of trainable values N.
+    pub fn numel(&self) -> usize {
+        self.slots.last().map_or(0, |s| s.offset + s.numel)
+    }
+
+    /// Per-slot tensors in their original shapes, cast to `dtype` (for `Decoder::set_trainable`).
+    pub fn views(&self, dtype: DType) -> Result<Vec<Tensor>> {
+        self.slots
+            .iter()
+            .map(|s| {
+                Ok(self
+                    .master
+                    .narrow(0, s.offset, s.numel)?
+                    .reshape(s.shape.as_slice())?
+                    .to_dtype(dtype)?)
+            })
+            .collect()
+    }
+
+    /// Gradients per slot (any float dtype; None = no gradient, counted as zeros) as one `[N]` f32.
+    pub fn flatten_grads(&self, grads: &[Option<Tensor>]) -> Result<Tensor> {
+        if grads.len() != self.slots.len() {
+            bail!(
+                "{} gradients for {} trainable tensors",
+                grads.len(),
+                self.slots.len()
+            );
+        }
+        let device = self.master.device();
+        let parts = grads
+            .iter()
+            .zip(&self.slots)
+            .enumerate()
+            .map(|(i, (g, s))| match g {
+                None => Ok(Tensor::zeros(s.numel, DType::F32, device)?),
+                Some(g) => {
+                    if g.dims() != s.shape.as_slice() {
+                        bail!(
+                            "gradient #{i} has shape {:?}, its parameter {:?}",
+                            g.dims(),
+                            s.shape
+                        );
+                    }
+                    Ok(g.to_dtype(DType::F32)?.flatten_all()?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?) // [N]
+    }
+
+    /// `[N]` f32: 1 where the slot takes weight decay, else 0.
+    pub fn decay_mask(&self) -> Result<Tensor> {
+        let device = self.master.device();
+        let parts = self
+            .slots
+            .iter()
+            .map(|s| {
+                let v = if s.decay { 1.0 } else { 0.0 };
+                Ok(Tensor::full(v as f32, s.numel, device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// AdamW as `torch.optim.AdamW` (amsgrad off, maximize off): with t the step count,
+/// `p *= 1 - lr*wd` (only decayed slots), `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`,
+/// `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`. Moments are fp32 over the flat buffer.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    step: u64,
+    /// `[N]` f32 first moment.
+    exp_avg: Tensor,
+    /// `[N]` f32 second moment.
+    exp_avg_sq: Tensor,
+    /// `[N]` f32 1/0 mask of decayed values; None when weight_decay is 0.
+    decay_mask: Option<Tensor>,
+}
+
+/// Checkpoint names of the optimizer state.
+const EXP_AVG: &str = "optimizer.exp_avg";
+const EXP_AVG_SQ: &str = "optimizer.exp_avg_sq";
+const STEP: &str = "optimizer.step";
+
+impl AdamW {
+    pub fn new(cfg: &OptimConfig, params: &FlatParams) -> Result<AdamW> {
+        let [beta1, beta2] = cfg.betas;
+        for (key, b) in [("optim.betas[0]", beta1), ("optim.betas[1]", beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("{key}: must be in [0, 1), got {b}");
+            }
+        }
+        if cfg.eps.is_nan() || cfg.eps <= 0.0 {
+            bail!("optim.eps: must be positive, got {}", cfg.eps);
+        }
+        if cfg.weight_decay.is_nan() || cfg.weight_decay < 0.0 {
+            bail!("optim.weight_decay: must be >= 0, got {}", cfg.weight_decay);
+        }
+        let zeros = params.master.zeros_like()?;
+        let decay_mask = if cfg.weight_decay > 0.0 {
+            Some(params.decay_mask()?)
+        } else {
+            None
+        };
+        Ok(AdamW {
+            beta1,
+            beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            step: 0,
+            exp_avg: zeros.clone(),
+            exp_avg_sq: zeros,
+            decay_mask,
+        })
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of `params.master` with the flat `[N]` f32 gradient `grad`.
+    pub fn step(&mut self, params: &mut FlatParams, grad: &Tensor, lr: f64) -> Result<()> {
+        let n = params.numel();
+        if grad.dims() != [n] || grad.dtype() != DType::F32 {
+            bail!(
+                "AdamW: gradient must be [{n}] f32, got {:?} {:?}",
+                grad.dims(),
+                grad.dtype()
+            );
+        }
+        self.step += 1;
+        let (p, m, v) = adamw_update(
+            &params.master,
+            grad,
+            &self.exp_avg,
+            &self.exp_avg_sq,
+            self.decay_mask.as_ref(),
+            &AdamWStep {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+                step: self.step,
+            },
+        )?;
+        params.master = p;
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
+        Ok(())
+    }
+
+    /// State for a checkpoint: both moments (`[N]` f32) and the step count (`[1]` i64).
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            (EXP_AVG.into(), self.exp_avg.clone()),
+            (EXP_AVG_SQ.into(), self.exp_avg_sq.clone()),
+            (STEP.into(), Tensor::new(&[self.step as i64], &Device::Cpu)?),
+        ])
+    }
+
+    /// Restore what `state_tensors` saved (moved to this optimizer's device).
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |name: &str| {
+            state
+                .get(name)
+                .with_context(|| format!("optimizer state lacks `{name}`"))
+        };
+        let n = self.exp_avg.elem_count();
+        let device = self.exp_avg.device().clone();
+        let moment = |name: &str| -> Result<Tensor> {
+            let t = get(name)?;
+            if t.dims() != [n] {
+                bail!(
+                    "optimizer state `{name}` has shape {:?}, expected [{n}]: the checkpoint was \
+                     made for different trainable parameters",
+                    t.dims()
+                );
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(&device)?)
+        };
+        let (m, v) = (moment(EXP_AVG)?, moment(EXP_AVG_SQ)?);
+        let step = get(STEP)?
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1::<i64>()?;
+        let step = match step.as_slice() {
+            [s] if *s >= 0 => *s as u64,
+            other => bail!("optimizer state `{STEP}` must hold one count >= 0, got {other:?}"),
+        };
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Hyper-parameters of one AdamW update; `step` is the 1-based count after this update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step: u64,
+}
+
+/// One AdamW update of `[n]` f32 tensors: returns the new (param, exp_avg, exp_avg_sq).
+/// `decay_mask` (`[n]`, 1/0) limits weight decay to some values; None decays all of them.
+pub fn adamw_update(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    decay_mask: Option<&Tensor>,
+    h: &AdamWStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    // Decoupled weight decay first, on the pre-update parameter (torch order).
+    let mut p = param.clone();
+    if h.weight_decay > 0.0 && h.lr > 0.0 {
+        let shrink = h.lr * h.weight_decay;
+        p = match decay_mask {
+            // p * (1 - shrink * mask)
+            Some(mask) => p.mul(&mask.affine(-shrink, 1.0)?)?,
+            None => p.affine(1.0 - shrink, 0.0)?,
+        };
+    }
+    let m = ((exp_avg * h.beta1)? + (grad * (1.0 - h.beta1))?)?;
+    let v = ((exp_avg_sq * h.beta2)? + (grad.sqr()? * (1.0 - h.beta2))?)?;
+    let t = h.step as f64;
+    let bias_correction1 = 1.0 - h.beta1.powf(t);
+    let bias_correction2_sqrt = (1.0 - h.beta2.powf(t)).sqrt();
+    let step_size = h.lr / bias_correction1;
+    // eps outside the square root, added after the bias correction (torch).
+    let denom = v.sqrt()?.affine(1.0 / bias_correction2_sqrt, h.eps)?;
+    let p = (p - (m.div(&denom)? * step_size)?)?;
+    Ok((p, m, v))
+}
+
+/// Sum of squares of an `[n]` f32 gradient (or a rank's range of it), as f64.
+pub fn sum_squares(grad: &Tensor) -> Result<f64> {
+    Ok(grad
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
+/// torch `clip_grad_norm_`'s scale for a total norm: `max_norm / (norm + 1e-6)` clamped to 1.
+pub fn clip_coef(total_norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (total_norm + 1e-6)).min(1.0)
+}
+
+/// Clip an `[n]` gradient to global 2-norm `max_norm` (torch `clip_grad_norm_`): returns the
+/// scaled gradient and the norm before clipping. `max_norm <= 0` disables clipping (the norm is
+/// still measured for logging). A non-finite norm propagates into the gradient, as in torch;
+/// the caller decides whether to skip the step.
+pub fn clip_grad_norm(grad: &Tensor, max_norm: f64) -> Result<(Tensor, f64)> {
+    let norm = sum_squares(grad)?.sqrt();
+    if max_norm <= 0.0 {
+        return Ok((grad.clone(), norm));
+    }
+    let coef = clip_coef(norm, max_norm);
+    // torch multiplies even when coef is 1 (clamped); skipping that no-op changes nothing.
+    let clipped = if coef < 1.0 || !norm.is_finite() {
+        (grad * coef)?
+    } else {
+        grad.clone()
+    };
+    Ok((clipped, norm))
+}
