@@ -2,5 +2,7 @@
 //! forward/backward pairs the engine trains with.
 
 pub mod config;
+pub mod decoder;
+pub mod layers;
 
 pub use config::{Arch, ModelConfig};
