@@ -18,7 +18,10 @@ fn config(arch: Arch) -> ModelConfig {
     let (name, extra) = match arch {
         Arch::Llama => ("LlamaForCausalLM", r#""tie_word_embeddings": false"#),
         Arch::Qwen2 => ("Qwen2ForCausalLM", r#""tie_word_embeddings": true"#),
-        Arch::InternLM2 => ("InternLM2ForCausalLM", r#""tie_word_embeddings": false, "bias": false"#),
+        Arch::InternLM2 => (
+            "InternLM2ForCausalLM",
+            r#""tie_word_embeddings": false, "bias": false"#,
+        ),
     };
     ModelConfig::from_json(&format!(
         r#"{{"architectures": ["{name}"], "vocab_size": 17, "hidden_size": 16,
@@ -31,7 +34,10 @@ fn config(arch: Arch) -> ModelConfig {
 /// Linear leaves of a block: (HF prefix under `model.layers.{i}`, out, in, has bias).
 fn linears(cfg: &ModelConfig) -> Vec<(String, usize, usize, bool)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
     let b = cfg.qkv_bias;
     match cfg.arch {
         Arch::InternLM2 => vec![
@@ -55,8 +61,18 @@ fn linears(cfg: &ModelConfig) -> Vec<(String, usize, usize, bool)> {
 
 fn norm_names(arch: Arch) -> (&'static str, &'static str, &'static str, &'static str) {
     match arch {
-        Arch::InternLM2 => ("model.tok_embeddings.weight", "attention_norm", "ffn_norm", "output.weight"),
-        _ => ("model.embed_tokens.weight", "input_layernorm", "post_attention_layernorm", "lm_head.weight"),
+        Arch::InternLM2 => (
+            "model.tok_embeddings.weight",
+            "attention_norm",
+            "ffn_norm",
+            "output.weight",
+        ),
+        _ => (
+            "model.embed_tokens.weight",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "lm_head.weight",
+        ),
     }
 }
 
@@ -74,7 +90,10 @@ fn tiny_weights(cfg: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         for n in [n1, n2] {
-            w.insert(format!("{p}.{n}.weight"), (randn(&[h], 0.2, next()) + 1.0).unwrap());
+            w.insert(
+                format!("{p}.{n}.weight"),
+                (randn(&[h], 0.2, next()) + 1.0).unwrap(),
+            );
         }
         for (name, o, i, bias) in linears(cfg) {
             w.insert(format!("{p}.{name}.weight"), randn(&[o, i], 0.3, next()));
@@ -83,7 +102,10 @@ fn tiny_weights(cfg: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
             }
         }
     }
-    w.insert("model.norm.weight".into(), (randn(&[h], 0.2, next()) + 1.0).unwrap());
+    w.insert(
+        "model.norm.weight".into(),
+        (randn(&[h], 0.2, next()) + 1.0).unwrap(),
+    );
     if !cfg.tie_word_embeddings {
         w.insert(head.into(), randn(&[v, h], 0.5, next()));
     }
@@ -94,43 +116,66 @@ fn tiny_weights(cfg: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
 
 fn ref_rmsnorm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let ms = (x.sqr().unwrap().mean_keepdim(1).unwrap() + eps).unwrap();
-    x.broadcast_div(&ms.sqrt().unwrap()).unwrap().broadcast_mul(w).unwrap()
+    x.broadcast_div(&ms.sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(w)
+        .unwrap()
 }
 
 fn ref_rope(x: &Tensor, positions: &[u32], theta: f64) -> Tensor {
     let (n, _, d) = x.dims3().unwrap();
     let mut cos = vec![0.0; n * d];
     let mut sin = vec![0.0; n * d];
-    for t in 0..n {
+    for (t, &pos) in positions.iter().enumerate().take(n) {
         for j in 0..d {
             let i = j % (d / 2);
-            let ang = positions[t] as f64 * (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32 as f64;
+            let ang = pos as f64 * (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32 as f64;
             cos[t * d + j] = ang.cos();
             sin[t * d + j] = ang.sin();
         }
     }
     let cos = Tensor::from_vec(cos, (n, 1, d), &CPU).unwrap();
     let sin = Tensor::from_vec(sin, (n, 1, d), &CPU).unwrap();
-    let rot = Tensor::cat(&[&x.narrow(2, d / 2, d / 2).unwrap().neg().unwrap(), &x.narrow(2, 0, d / 2).unwrap()], 2).unwrap();
+    let rot = Tensor::cat(
+        &[
+            &x.narrow(2, d / 2, d / 2).unwrap().neg().unwrap(),
+            &x.narrow(2, 0, d / 2).unwrap(),
+        ],
+        2,
+    )
+    .unwrap();
     (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
 }
 
 /// `x Wᵀ + b + scale · (x Aᵀ) Bᵀ` using whatever of these `p` holds.
 fn ref_linear(p: &HashMap<String, Tensor>, prefix: &str, x: &Tensor, lora_scale: f64) -> Tensor {
-    let mut y = x.matmul(&p[&format!("{prefix}.weight")].t().unwrap()).unwrap();
+    let mut y = x
+        .matmul(&p[&format!("{prefix}.weight")].t().unwrap())
+        .unwrap();
     if let Some(b) = p.get(&format!("{prefix}.bias")) {
         y = y.broadcast_add(b).unwrap();
     }
     if let Some(a) = p.get(&format!("{prefix}.lora_A.weight")) {
         let b = &p[&format!("{prefix}.lora_B.weight")];
-        let d = (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * lora_scale).unwrap();
+        let d = (x
+            .matmul(&a.t().unwrap())
+            .unwrap()
+            .matmul(&b.t().unwrap())
+            .unwrap()
+            * lora_scale)
+            .unwrap();
         y = (y + d).unwrap();
     }
     y
 }
 
 /// Loss sum of the reference model (no dropout).
-fn ref_loss(cfg: &ModelConfig, p: &HashMap<String, Tensor>, batch: &Batch, lora_scale: f64) -> Tensor {
+fn ref_loss(
+    cfg: &ModelConfig,
+    p: &HashMap<String, Tensor>,
+    batch: &Batch,
+    lora_scale: f64,
+) -> Tensor {
     let (embed, n1, n2, head) = norm_names(cfg.arch);
     let n = batch.input_ids.len();
     let (hq, hkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -144,39 +189,76 @@ fn ref_loss(cfg: &ModelConfig, p: &HashMap<String, Tensor>, batch: &Batch, lora_
             Arch::InternLM2 => {
                 // HF InternLM2: "b q (h gs d) -> b q h gs d", q = [..., :gs-2, :], k = [..., -2, :], v = [..., -1, :]
                 let gs = hq / hkv + 2;
-                let qkv = lin(&format!("{pre}.attention.wqkv"), &h).reshape((n, hkv, gs, d)).unwrap();
-                let q = qkv.narrow(2, 0, gs - 2).unwrap().reshape((n, hq, d)).unwrap();
-                let k = qkv.narrow(2, gs - 2, 1).unwrap().reshape((n, hkv, d)).unwrap();
-                let v = qkv.narrow(2, gs - 1, 1).unwrap().reshape((n, hkv, d)).unwrap();
-                (q, k, v, "attention.wo", ["feed_forward.w1", "feed_forward.w3", "feed_forward.w2"])
+                let qkv = lin(&format!("{pre}.attention.wqkv"), &h)
+                    .reshape((n, hkv, gs, d))
+                    .unwrap();
+                let q = qkv
+                    .narrow(2, 0, gs - 2)
+                    .unwrap()
+                    .reshape((n, hq, d))
+                    .unwrap();
+                let k = qkv
+                    .narrow(2, gs - 2, 1)
+                    .unwrap()
+                    .reshape((n, hkv, d))
+                    .unwrap();
+                let v = qkv
+                    .narrow(2, gs - 1, 1)
+                    .unwrap()
+                    .reshape((n, hkv, d))
+                    .unwrap();
+                (
+                    q,
+                    k,
+                    v,
+                    "attention.wo",
+                    ["feed_forward.w1", "feed_forward.w3", "feed_forward.w2"],
+                )
             }
             _ => (
-                lin(&format!("{pre}.self_attn.q_proj"), &h).reshape((n, hq, d)).unwrap(),
-                lin(&format!("{pre}.self_attn.k_proj"), &h).reshape((n, hkv, d)).unwrap(),
-                lin(&format!("{pre}.self_attn.v_proj"), &h).reshape((n, hkv, d)).unwrap(),
+                lin(&format!("{pre}.self_attn.q_proj"), &h)
+                    .reshape((n, hq, d))
+                    .unwrap(),
+                lin(&format!("{pre}.self_attn.k_proj"), &h)
+                    .reshape((n, hkv, d))
+                    .unwrap(),
+                lin(&format!("{pre}.self_attn.v_proj"), &h)
+                    .reshape((n, hkv, d))
+                    .unwrap(),
                 "self_attn.o_proj",
                 ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
             ),
         };
         let q = ref_rope(&q, &batch.position_ids, cfg.rope_theta);
         let k = ref_rope(&k, &batch.position_ids, cfg.rope_theta);
-        let a = attention_reference(&q, &k, &v, &batch.cu_seqlens).reshape((n, hq * d)).unwrap();
+        let a = attention_reference(&q, &k, &v, &batch.cu_seqlens)
+            .reshape((n, hq * d))
+            .unwrap();
         x = (x + lin(&format!("{pre}.{o_name}"), &a)).unwrap();
         let h2 = ref_rmsnorm(&x, &p[&format!("{pre}.{n2}.weight")], cfg.rms_norm_eps);
         let g = lin(&format!("{pre}.{}", mlp[0]), &h2);
         let u = lin(&format!("{pre}.{}", mlp[1]), &h2);
-        let silu = g.broadcast_div(&(g.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap();
+        let silu = g
+            .broadcast_div(&(g.neg().unwrap().exp().unwrap() + 1.0).unwrap())
+            .unwrap();
         x = (x + lin(&format!("{pre}.{}", mlp[2]), &(silu * u).unwrap())).unwrap();
     }
     let hf = ref_rmsnorm(&x, &p["model.norm.weight"], cfg.rms_norm_eps);
-    let head_w = if cfg.tie_word_embeddings { &p[embed] } else { &p[head] };
+    let head_w = if cfg.tie_word_embeddings {
+        &p[embed]
+    } else {
+        &p[head]
+    };
     ce_reference(&hf, head_w, &batch.labels)
 }
 
 /// Two packed samples with restarting positions; the second sample's first label is -100 so
 /// no target crosses the boundary.
 fn packed_batch(vocab: u32) -> Batch {
-    let ids: Vec<u32> = [1u32, 5, 9, 3, 14, 2, 7, 11, 4, 6].iter().map(|i| i % vocab).collect();
+    let ids: Vec<u32> = [1u32, 5, 9, 3, 14, 2, 7, 11, 4, 6]
+        .iter()
+        .map(|i| i % vocab)
+        .collect();
     let labels = vec![-100, -100, 9, 3, 14, -100, -100, 11, 4, 6];
     Batch {
         input_ids: ids,
@@ -187,7 +269,12 @@ fn packed_batch(vocab: u32) -> Batch {
 }
 
 fn lora(dropout: f64) -> TrainMode {
-    TrainMode::Lora(LoraSpec { r: 2, alpha: 4.0, dropout, targets: vec![] })
+    TrainMode::Lora(LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout,
+        targets: vec![],
+    })
 }
 
 fn build(arch: Arch, mode: TrainMode) -> (ModelConfig, HashMap<String, Tensor>, Decoder) {
@@ -195,7 +282,11 @@ fn build(arch: Arch, mode: TrainMode) -> (ModelConfig, HashMap<String, Tensor>, 
     let w = tiny_weights(&cfg, 1000);
     let mut taken = w.clone();
     let dec = Decoder::new(&cfg, &mut taken, mode, DType::F64, &CPU, 5).unwrap();
-    assert!(taken.is_empty(), "unused weights: {:?}", taken.keys().collect::<Vec<_>>());
+    assert!(
+        taken.is_empty(),
+        "unused weights: {:?}",
+        taken.keys().collect::<Vec<_>>()
+    );
     (cfg, w, dec)
 }
 
@@ -218,7 +309,9 @@ fn check_against_reference(arch: Arch, mode: TrainMode, lora_scale: f64) {
     let batch = packed_batch(cfg.vocab_size as u32);
     let loss_scale = 0.5;
     let mut grads = dec.new_grads();
-    let stats = dec.forward_backward(&batch, loss_scale, &mut grads, 3, false).unwrap();
+    let stats = dec
+        .forward_backward(&batch, loss_scale, &mut grads, 3, false)
+        .unwrap();
     // reference: frozen weights as constants, trainables as Vars
     let mut params: HashMap<String, Tensor> = w;
     let mut vars = Vec::new();
@@ -230,7 +323,11 @@ fn check_against_reference(arch: Arch, mode: TrainMode, lora_scale: f64) {
     let loss = ref_loss(&cfg, &params, &batch, lora_scale);
     assert_eq!(stats.n_trained, 6);
     let lref = loss.to_scalar::<f64>().unwrap();
-    assert!((stats.loss_sum - lref).abs() < 1e-10 * lref.abs(), "loss {} vs {lref}", stats.loss_sum);
+    assert!(
+        (stats.loss_sum - lref).abs() < 1e-10 * lref.abs(),
+        "loss {} vs {lref}",
+        stats.loss_sum
+    );
     let g = loss.backward().unwrap();
     for ((info, var), slot) in dec.trainable().iter().zip(&vars).zip(&grads.slots) {
         let expected = (g.get(var.as_tensor()).unwrap() * loss_scale).unwrap();
@@ -252,7 +349,14 @@ fn check_against_reference(arch: Arch, mode: TrainMode, lora_scale: f64) {
         let numel = vals[slot].elem_count();
         let coords: Vec<usize> = [0, numel / 3, numel - 1].to_vec();
         let name = dec.borrow().trainable()[slot].name.clone();
-        engine_common::check_fd(&f, &vals[slot], grads.slots[slot].as_ref().unwrap(), Some(&coords), 1e-6, &name);
+        engine_common::check_fd(
+            &f,
+            &vals[slot],
+            grads.slots[slot].as_ref().unwrap(),
+            Some(&coords),
+            1e-6,
+            &name,
+        );
     }
 }
 
@@ -271,7 +375,10 @@ fn qwen2_bias_tied_full_matches_reference() {
     let (_, _, dec) = build(Arch::Qwen2, TrainMode::Full);
     let names: Vec<&str> = dec.trainable().iter().map(|t| t.name.as_str()).collect();
     assert!(names.contains(&"model.layers.0.self_attn.q_proj.bias"));
-    assert!(!names.iter().any(|n| n.starts_with("lm_head")), "tied: no separate head");
+    assert!(
+        !names.iter().any(|n| n.starts_with("lm_head")),
+        "tied: no separate head"
+    );
     check_against_reference(Arch::Qwen2, TrainMode::Full, 0.0);
 }
 
@@ -296,13 +403,19 @@ fn internlm2_wqkv_lora_matches_reference() {
 
 fn run_step(dec: &Decoder, batch: &Batch, checkpointing: bool) -> (f64, Grads) {
     let mut grads = dec.new_grads();
-    let s = dec.forward_backward(batch, 1.0, &mut grads, 11, checkpointing).unwrap();
+    let s = dec
+        .forward_backward(batch, 1.0, &mut grads, 11, checkpointing)
+        .unwrap();
     (s.loss_sum, grads)
 }
 
 #[test]
 fn checkpointing_is_bit_identical_with_lora_dropout_and_full() {
-    for (arch, mode) in [(Arch::Llama, lora(0.3)), (Arch::InternLM2, lora(0.3)), (Arch::Qwen2, TrainMode::Full)] {
+    for (arch, mode) in [
+        (Arch::Llama, lora(0.3)),
+        (Arch::InternLM2, lora(0.3)),
+        (Arch::Qwen2, TrainMode::Full),
+    ] {
         let (cfg, _, mut dec) = build(arch, mode);
         randomize_trainables(&mut dec, 5);
         let batch = packed_batch(cfg.vocab_size as u32);
@@ -323,7 +436,10 @@ fn lora_dropout_gradient_matches_fd_and_changes_with_seed() {
     let (loss, grads) = run_step(&dec, &batch, true);
     // dropout is active in training and seeded: another step seed gives another loss; eval has none
     let mut other = dec.new_grads();
-    let l_other = dec.forward_backward(&batch, 1.0, &mut other, 12, false).unwrap().loss_sum;
+    let l_other = dec
+        .forward_backward(&batch, 1.0, &mut other, 12, false)
+        .unwrap()
+        .loss_sum;
     assert_ne!(loss, l_other);
     assert_ne!(loss, dec.loss(&batch).unwrap().loss_sum);
     let dec = RefCell::new(dec);
@@ -338,7 +454,14 @@ fn lora_dropout_gradient_matches_fd_and_changes_with_seed() {
             l
         };
         let numel = vals[slot].elem_count();
-        engine_common::check_fd(&f, &vals[slot], grads.slots[slot].as_ref().unwrap(), Some(&[0, numel - 1]), 1e-6, "dropout fd");
+        engine_common::check_fd(
+            &f,
+            &vals[slot],
+            grads.slots[slot].as_ref().unwrap(),
+            Some(&[0, numel - 1]),
+            1e-6,
+            "dropout fd",
+        );
     }
 }
 
@@ -348,7 +471,9 @@ fn kv_cache_logits_match_full_forward() {
         let (_, _, mut dec) = build(arch, lora(0.0));
         randomize_trainables(&mut dec, 21);
         let ids = vec![3u32, 1, 4, 1, 5, 9, 2, 6];
-        let full = dec.logits(&Batch::single(ids.clone(), vec![-100; 8])).unwrap(); // [8, vocab]
+        let full = dec
+            .logits(&Batch::single(ids.clone(), vec![-100; 8]))
+            .unwrap(); // [8, vocab]
         let mut cache = dec.new_cache();
         let mut got = vec![dec.forward_infer(&ids[..4], &mut cache).unwrap()];
         for &id in &ids[4..] {
@@ -358,7 +483,12 @@ fn kv_cache_logits_match_full_forward() {
         for (j, row) in got.iter().enumerate() {
             let pos = if j == 0 { 3 } else { 3 + j };
             let want = full.narrow(0, pos, 1).unwrap().squeeze(0).unwrap();
-            assert_close(&Tensor::new(row.as_slice(), &CPU).unwrap(), &want, 1e-5, "kv cache logits");
+            assert_close(
+                &Tensor::new(row.as_slice(), &CPU).unwrap(),
+                &want,
+                1e-5,
+                "kv cache logits",
+            );
         }
     }
 }
@@ -373,7 +503,10 @@ fn packed_batch_equals_samples_alone() {
     let mut lsum = 0.0;
     for (a, b) in [(0usize, 5usize), (5, 10)] {
         let s = Batch::single(batch.input_ids[a..b].to_vec(), batch.labels[a..b].to_vec());
-        lsum += dec.forward_backward(&s, 1.0, &mut sum, 11, false).unwrap().loss_sum;
+        lsum += dec
+            .forward_backward(&s, 1.0, &mut sum, 11, false)
+            .unwrap()
+            .loss_sum;
     }
     assert!((l - lsum).abs() < 1e-12 * l.abs());
     for (info, (a, b)) in dec.trainable().iter().zip(g.slots.iter().zip(&sum.slots)) {
@@ -390,7 +523,12 @@ fn chunked_ce_in_decoder_equals_single_chunk() {
     let (l1, g1) = run_step(&dec, &batch, false);
     assert!((l0 - l1).abs() < 1e-12 * l0.abs());
     for (a, b) in g0.slots.iter().zip(&g1.slots) {
-        assert_close(a.as_ref().unwrap(), b.as_ref().unwrap(), 1e-12, "chunked grads");
+        assert_close(
+            a.as_ref().unwrap(),
+            b.as_ref().unwrap(),
+            1e-12,
+            "chunked grads",
+        );
     }
 }
 
@@ -398,9 +536,16 @@ fn chunked_ce_in_decoder_equals_single_chunk() {
 fn lora_freezes_base_weights_and_inits_like_peft() {
     let (cfg, w, dec) = build(Arch::Llama, lora(0.0));
     assert_eq!(dec.trainable().len(), 2 * 7 * cfg.num_layers);
-    assert!(dec.trainable().iter().all(|t| t.name.contains(".lora_A.") || t.name.contains(".lora_B.")));
+    assert!(dec
+        .trainable()
+        .iter()
+        .all(|t| t.name.contains(".lora_A.") || t.name.contains(".lora_B.")));
     assert!(dec.trainable().iter().all(|t| t.decay));
-    assert_eq!(dec.new_grads().slots.len(), dec.trainable().len(), "no slot for a frozen weight");
+    assert_eq!(
+        dec.new_grads().slots.len(),
+        dec.trainable().len(),
+        "no slot for a frozen weight"
+    );
     let frozen: Vec<String> = dec.frozen_weights().into_iter().map(|(n, _)| n).collect();
     let mut expected: Vec<String> = w.keys().cloned().collect();
     let mut frozen_sorted = frozen.clone();
@@ -412,7 +557,11 @@ fn lora_freezes_base_weights_and_inits_like_peft() {
         assert_eq!(t.dtype(), DType::F32);
         let v = flat(t);
         if info.name.ends_with("lora_B.weight") {
-            assert!(v.iter().all(|&x| x == 0.0), "{} must start at zero", info.name);
+            assert!(
+                v.iter().all(|&x| x == 0.0),
+                "{} must start at zero",
+                info.name
+            );
         } else {
             let bound = 1.0 / (info.shape[1] as f64).sqrt();
             assert!(v.iter().all(|x| x.abs() <= bound) && v.iter().any(|&x| x != 0.0));
@@ -425,7 +574,12 @@ fn lora_freezes_base_weights_and_inits_like_peft() {
     // targets restrict the adapted linears
     let cfg2 = config(Arch::Llama);
     let mut w2 = tiny_weights(&cfg2, 1);
-    let spec = LoraSpec { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into()] };
+    let spec = LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
     let d2 = Decoder::new(&cfg2, &mut w2, TrainMode::Lora(spec), DType::F32, &CPU, 0).unwrap();
     assert_eq!(d2.trainable().len(), 2 * 2 * cfg2.num_layers);
 }
@@ -440,7 +594,12 @@ fn full_mode_decay_flags_and_values_round_trip() {
     }
     assert!(dec.frozen_weights().is_empty());
     let init = dec.initial_trainable_values().unwrap();
-    assert_close(&init[0], &w["model.embed_tokens.weight"], 1e-6, "embed init");
+    assert_close(
+        &init[0],
+        &w["model.embed_tokens.weight"],
+        1e-6,
+        "embed init",
+    );
     dec.set_trainable(&init).unwrap();
     assert!(dec.set_trainable(&init[1..]).is_err());
 }
@@ -450,16 +609,33 @@ fn clear_errors_for_bad_inputs() {
     let cfg = config(Arch::Llama);
     let mut w = tiny_weights(&cfg, 1);
     w.remove("model.layers.1.mlp.up_proj.weight");
-    let err = Decoder::new(&cfg, &mut w, TrainMode::Full, DType::F32, &CPU, 0).err().unwrap().to_string();
+    let err = Decoder::new(&cfg, &mut w, TrainMode::Full, DType::F32, &CPU, 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
     let mut w = tiny_weights(&cfg, 1);
-    let spec = LoraSpec { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["wqkv".into()] };
-    let err = Decoder::new(&cfg, &mut w, TrainMode::Lora(spec), DType::F32, &CPU, 0).err().unwrap().to_string();
+    let spec = LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: vec!["wqkv".into()],
+    };
+    let err = Decoder::new(&cfg, &mut w, TrainMode::Lora(spec), DType::F32, &CPU, 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("wqkv") && err.contains("q_proj"), "{err}");
     let mut w = tiny_weights(&cfg, 1);
     w.insert("model.norm.weight".into(), randn(&[3], 1.0, 1));
-    let err = Decoder::new(&cfg, &mut w, TrainMode::Full, DType::F32, &CPU, 0).err().unwrap().to_string();
-    assert!(err.contains("model.norm.weight") && err.contains("[3]"), "{err}");
+    let err = Decoder::new(&cfg, &mut w, TrainMode::Full, DType::F32, &CPU, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.norm.weight") && err.contains("[3]"),
+        "{err}"
+    );
     let (_, _, dec) = build(Arch::Llama, TrainMode::Full);
     let mut bad = packed_batch(17);
     bad.input_ids[4] = 17;
@@ -480,9 +656,20 @@ fn bf16_and_f32_agree_with_f64() {
         let dec = Decoder::new(&cfg, &mut w.clone(), lora(0.1), dt, &CPU, 5).unwrap();
         let mut g = dec.new_grads();
         let s = dec.forward_backward(&batch, 1.0, &mut g, 1, true).unwrap();
-        assert!(g.slots.iter().all(|s| s.as_ref().unwrap().dtype() == if dt == DType::F64 { DType::F64 } else { DType::F32 }));
+        assert!(g.slots.iter().all(|s| s.as_ref().unwrap().dtype()
+            == if dt == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            }));
         losses.push(s.loss_sum);
     }
-    assert!((losses[1] - losses[0]).abs() < 1e-5 * losses[0], "{losses:?}");
-    assert!((losses[2] - losses[0]).abs() < 3e-2 * losses[0], "{losses:?}");
+    assert!(
+        (losses[1] - losses[0]).abs() < 1e-5 * losses[0],
+        "{losses:?}"
+    );
+    assert!(
+        (losses[2] - losses[0]).abs() < 3e-2 * losses[0],
+        "{losses:?}"
+    );
 }

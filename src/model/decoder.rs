@@ -8,7 +8,10 @@
 
 use crate::infer::CausalLm;
 use crate::model::config::{Arch, ModelConfig};
-use crate::model::layers::attention::{attend, attention_backward, attention_forward, check_cu_seqlens};
+use crate::model::layers::acc_dtype;
+use crate::model::layers::attention::{
+    attend, attention_backward, attention_forward, check_cu_seqlens,
+};
 use crate::model::layers::embedding::{embedding_backward, embedding_forward};
 use crate::model::layers::linear::{linear_backward, linear_forward};
 use crate::model::layers::lm_head::{lm_head_ce, CeGradRequest};
@@ -18,7 +21,6 @@ use crate::model::layers::lora::{
 use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
 use crate::model::layers::swiglu::{swiglu_backward, swiglu_forward};
-use crate::model::layers::acc_dtype;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -173,7 +175,9 @@ fn linear_leaves(arch: Arch) -> &'static [&'static str] {
 
 /// splitmix64 finalizer over `a ^ b·φ`: independent seeds for (step, layer, linear).
 fn mix_seed(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = a ^ b
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -398,7 +402,8 @@ impl Decoder {
                     let a = format!("{p}.self_attn");
                     let q = b.proj(&format!("{a}.q_proj"), "q_proj", 0, q_out, h, cfg.qkv_bias)?;
                     let k = b.proj(&format!("{a}.k_proj"), "k_proj", 1, kv_out, h, cfg.qkv_bias)?;
-                    let vp = b.proj(&format!("{a}.v_proj"), "v_proj", 2, kv_out, h, cfg.qkv_bias)?;
+                    let vp =
+                        b.proj(&format!("{a}.v_proj"), "v_proj", 2, kv_out, h, cfg.qkv_bias)?;
                     let o = b.proj(&format!("{a}.o_proj"), "o_proj", 3, h, q_out, o_bias)?;
                     let ffn_norm = b.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
                     let m = format!("{p}.mlp");
@@ -419,8 +424,14 @@ impl Decoder {
                 Arch::InternLM2 => {
                     let attn_norm = b.take(&format!("{p}.attention_norm.weight"), &[h])?;
                     let a = format!("{p}.attention");
-                    let wqkv =
-                        b.proj(&format!("{a}.wqkv"), "wqkv", 0, q_out + 2 * kv_out, h, cfg.qkv_bias)?;
+                    let wqkv = b.proj(
+                        &format!("{a}.wqkv"),
+                        "wqkv",
+                        0,
+                        q_out + 2 * kv_out,
+                        h,
+                        cfg.qkv_bias,
+                    )?;
                     let o = b.proj(&format!("{a}.wo"), "wo", 1, h, q_out, o_bias)?;
                     let ffn_norm = b.take(&format!("{p}.ffn_norm.weight"), &[h])?;
                     let f = format!("{p}.feed_forward");
@@ -629,7 +640,8 @@ impl Decoder {
             }
             None => None,
         };
-        let (delta, saved) = lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)?;
+        let (delta, saved) =
+            lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)?;
         Ok(((y + delta)?, Some(saved)))
     }
 
@@ -659,7 +671,14 @@ impl Decoder {
         }
         let mut dx = lg.dx.context("linear backward returned no dx")?;
         if let (Some((a, b)), Some(saved)) = (p.lora, saved) {
-            let g = lora_backward(x, &self.params[a], &self.params[b], self.lora_scale, saved, dy)?;
+            let g = lora_backward(
+                x,
+                &self.params[a],
+                &self.params[b],
+                self.lora_scale,
+                saved,
+                dy,
+            )?;
             self.accumulate(grads, a, &g.da)?;
             self.accumulate(grads, b, &g.db)?;
             dx = (dx + g.dx)?;
@@ -696,7 +715,10 @@ impl Decoder {
                 let y = y.reshape((n, hkv, group + 2, d))?; // InternLM2 grouped layout
                 let q = y.narrow(2, 0, group)?.contiguous()?.reshape((n, hq, d))?;
                 let k = y.narrow(2, group, 1)?.contiguous()?.reshape((n, hkv, d))?;
-                let v = y.narrow(2, group + 1, 1)?.contiguous()?.reshape((n, hkv, d))?;
+                let v = y
+                    .narrow(2, group + 1, 1)?
+                    .contiguous()?
+                    .reshape((n, hkv, d))?;
                 Ok((q, k, v, vec![s]))
             }
         }
@@ -708,18 +730,29 @@ impl Decoder {
         qkv: &Qkv,
         h1: &Tensor,
         saved: &[Option<LoraSaved>],
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
+        (dq, dk, dv): (&Tensor, &Tensor, &Tensor),
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let n = h1.dim(0)?;
         let (hq, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         match qkv {
             Qkv::Separate { q, k, v } => {
-                let dxq = self.proj_backward(q, h1, saved[0].as_ref(), &dq.reshape((n, hq * d))?, grads)?;
-                let dxk = self.proj_backward(k, h1, saved[1].as_ref(), &dk.reshape((n, hkv * d))?, grads)?;
-                let dxv = self.proj_backward(v, h1, saved[2].as_ref(), &dv.reshape((n, hkv * d))?, grads)?;
+                let dxq =
+                    self.proj_backward(q, h1, saved[0].as_ref(), &dq.reshape((n, hq * d))?, grads)?;
+                let dxk = self.proj_backward(
+                    k,
+                    h1,
+                    saved[1].as_ref(),
+                    &dk.reshape((n, hkv * d))?,
+                    grads,
+                )?;
+                let dxv = self.proj_backward(
+                    v,
+                    h1,
+                    saved[2].as_ref(),
+                    &dv.reshape((n, hkv * d))?,
+                    grads,
+                )?;
                 Ok(((dxq + dxk)? + dxv)?)
             }
             Qkv::Fused(w) => {
@@ -821,21 +854,24 @@ impl Decoder {
         let dh2 = (self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?
             + self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads)?)?;
         let ffn_w = &self.params[blk.ffn_norm];
-        let (dx2_norm, dw2) = rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))?;
+        let (dx2_norm, dw2) =
+            rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))?;
         if let Some(dw) = dw2 {
             self.accumulate(grads, blk.ffn_norm, &dw)?;
         }
         let dx2 = (dout + dx2_norm)?;
         // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
-        let dattn_flat = self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
+        let dattn_flat =
+            self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
         let dattn = dattn_flat.reshape(a.attn.shape())?;
         let (dq, dk, dv) =
             attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)?;
         let dq = rope_backward(&dq, &ctx.cos, &ctx.sin)?;
         let dk = rope_backward(&dk, &ctx.cos, &ctx.sin)?;
-        let dh1 = self.qkv_backward(&blk.qkv, &a.h1, &a.qkv_saved, &dq, &dk, &dv, grads)?;
+        let dh1 = self.qkv_backward(&blk.qkv, &a.h1, &a.qkv_saved, (&dq, &dk, &dv), grads)?;
         let attn_w = &self.params[blk.attn_norm];
-        let (dx_norm, dw1) = rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))?;
+        let (dx_norm, dw1) =
+            rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))?;
         if let Some(dw) = dw1 {
             self.accumulate(grads, blk.attn_norm, &dw)?;
         }
@@ -879,7 +915,8 @@ impl Decoder {
         let mut x = embedding_forward(&ctx.ids, &self.params[self.embed])?; // [n, h]
         let mut kept = Vec::with_capacity(self.blocks.len());
         for (li, blk) in self.blocks.iter().enumerate() {
-            let (y, acts) = self.block_forward(blk, &x, &ctx, Some(Self::block_seed(step_seed, li)))?;
+            let (y, acts) =
+                self.block_forward(blk, &x, &ctx, Some(Self::block_seed(step_seed, li)))?;
             kept.push(if checkpointing {
                 drop(acts);
                 Kept::Input(x)
@@ -894,13 +931,20 @@ impl Decoder {
             loss_scale,
             need_dw: self.trains(self.head),
         };
-        let ce = lm_head_ce(&hf, &self.params[self.head], &batch.labels, self.ce_chunk_rows, Some(&req))?;
+        let ce = lm_head_ce(
+            &hf,
+            &self.params[self.head],
+            &batch.labels,
+            self.ce_chunk_rows,
+            Some(&req),
+        )?;
         if let Some(dw) = &ce.dw {
             self.accumulate(grads, self.head, dw)?;
         }
         let dhf = ce.dhidden.context("lm_head_ce returned no dhidden")?;
         drop(hf);
-        let (mut dx, dwn) = rmsnorm_backward(&x, norm_w, &rstd, &dhf, self.trains(self.final_norm))?;
+        let (mut dx, dwn) =
+            rmsnorm_backward(&x, norm_w, &rstd, &dhf, self.trains(self.final_norm))?;
         if let Some(dw) = dwn {
             self.accumulate(grads, self.final_norm, &dw)?;
         }
@@ -908,7 +952,8 @@ impl Decoder {
             let acts = match kept.pop().context("missing block activations")? {
                 Kept::Acts(a) => *a,
                 Kept::Input(xin) => {
-                    self.block_forward(blk, &xin, &ctx, Some(Self::block_seed(step_seed, li)))?.1
+                    self.block_forward(blk, &xin, &ctx, Some(Self::block_seed(step_seed, li)))?
+                        .1
                 }
             };
             dx = self.block_backward(blk, &acts, &dx, &ctx, grads)?;
@@ -928,7 +973,13 @@ impl Decoder {
         let ctx = self.batch_ctx(batch)?;
         let x = self.forward_hidden(&ctx)?;
         let (hf, _) = rmsnorm_forward(&x, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
-        let ce = lm_head_ce(&hf, &self.params[self.head], &batch.labels, self.ce_chunk_rows, None)?;
+        let ce = lm_head_ce(
+            &hf,
+            &self.params[self.head],
+            &batch.labels,
+            self.ce_chunk_rows,
+            None,
+        )?;
         Ok(StepStats {
             loss_sum: ce.loss_sum,
             n_trained: ce.n_trained,
@@ -940,7 +991,9 @@ impl Decoder {
         let ctx = self.batch_ctx(batch)?;
         let x = self.forward_hidden(&ctx)?;
         let (hf, _) = rmsnorm_forward(&x, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
-        Ok(hf.matmul(&self.params[self.head].t()?)?.to_dtype(DType::F32)?)
+        Ok(hf
+            .matmul(&self.params[self.head].t()?)?
+            .to_dtype(DType::F32)?)
     }
 }
 
@@ -959,12 +1012,21 @@ impl CausalLm for Decoder {
             bail!("forward_infer needs at least one token");
         }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            bail!("token id {bad} is not below vocab_size {}", self.cfg.vocab_size);
+            bail!(
+                "token id {bad} is not below vocab_size {}",
+                self.cfg.vocab_size
+            );
         }
         let m = ids.len();
         let offset = cache.len;
         let positions: Vec<u32> = (offset as u32..(offset + m) as u32).collect();
-        let (cos, sin) = rope_table(&positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype, &self.device)?;
+        let (cos, sin) = rope_table(
+            &positions,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.dtype,
+            &self.device,
+        )?;
         let ids_t = Tensor::from_slice(ids, m, &self.device)?;
         let mut x = embedding_forward(&ids_t, &self.params[self.embed])?; // [m, h]
         for (blk, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
@@ -983,7 +1045,9 @@ impl CausalLm for Decoder {
         cache.len += m;
         let last = x.narrow(0, m - 1, 1)?; // [1, h]
         let (hf, _) = rmsnorm_forward(&last, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
-        let logits = hf.matmul(&self.params[self.head].t()?)?.to_dtype(DType::F32)?; // [1, vocab]
+        let logits = hf
+            .matmul(&self.params[self.head].t()?)?
+            .to_dtype(DType::F32)?; // [1, vocab]
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
     }
 

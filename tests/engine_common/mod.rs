@@ -25,7 +25,12 @@ mod rand_distr_free {
 }
 
 pub fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// Asserts `|a - b| <= tol * max(1, max|b|)` elementwise, with a message naming `what`.
@@ -95,13 +100,37 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, cu: &[u32]) -> Te
         let mut heads = Vec::new();
         for h in 0..hq {
             let kvh = h / (hq / hkv);
-            let qh = q.narrow(0, a, l).unwrap().narrow(1, h, 1).unwrap().squeeze(1).unwrap(); // [l, d]
-            let kh = k.narrow(0, a, l).unwrap().narrow(1, kvh, 1).unwrap().squeeze(1).unwrap();
-            let vh = v.narrow(0, a, l).unwrap().narrow(1, kvh, 1).unwrap().squeeze(1).unwrap();
+            let qh = q
+                .narrow(0, a, l)
+                .unwrap()
+                .narrow(1, h, 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap(); // [l, d]
+            let kh = k
+                .narrow(0, a, l)
+                .unwrap()
+                .narrow(1, kvh, 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            let vh = v
+                .narrow(0, a, l)
+                .unwrap()
+                .narrow(1, kvh, 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
             let s = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
-            let mask: Vec<f64> = (0..l * l).map(|i| if i % l > i / l { -1e30 } else { 0.0 }).collect();
+            let mask: Vec<f64> = (0..l * l)
+                .map(|i| if i % l > i / l { -1e30 } else { 0.0 })
+                .collect();
             let s = (s + Tensor::from_vec(mask, (l, l), &Device::Cpu).unwrap()).unwrap();
-            let e = s.broadcast_sub(&s.max_keepdim(1).unwrap().detach()).unwrap().exp().unwrap();
+            let e = s
+                .broadcast_sub(&s.max_keepdim(1).unwrap().detach())
+                .unwrap()
+                .exp()
+                .unwrap();
             let p = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
             heads.push(p.matmul(&vh).unwrap().unsqueeze(1).unwrap());
         }
@@ -123,6 +152,10 @@ pub fn ce_reference(h: &Tensor, w: &Tensor, labels: &[i32]) -> Tensor {
             sel[i * vocab + labels[i + 1] as usize] = 1.0;
         }
     }
-    (logp * Tensor::from_vec(sel, (n, vocab), &Device::Cpu).unwrap()).unwrap().sum_all().unwrap().neg().unwrap()
+    (logp * Tensor::from_vec(sel, (n, vocab), &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .neg()
+        .unwrap()
 }
-

@@ -14,7 +14,8 @@ use candle_core::{bail, DType, Result, Tensor, D};
 
 /// Validates `cu_seqlens` against `n` tokens: starts at 0, strictly increasing, ends at `n`.
 pub fn check_cu_seqlens(cu_seqlens: &[u32], n: usize) -> Result<()> {
-    if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 || *cu_seqlens.last().unwrap_or(&0) as usize != n {
+    if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 || *cu_seqlens.last().unwrap_or(&0) as usize != n
+    {
         bail!("cu_seqlens {cu_seqlens:?} must start at 0 and end at the token count {n}");
     }
     if let Some(w) = cu_seqlens.windows(2).find(|w| w[1] <= w[0]) {
@@ -66,7 +67,13 @@ fn causal_mask(
 }
 
 /// Softmax statistics of one block: returns `(p [kv, group*Lq, Lk] acc dtype, lse [kv, group*Lq, 1])`.
-fn probs(qg: &Tensor, k: &Tensor, mask: &Tensor, scale: f64, acc: DType) -> Result<(Tensor, Tensor)> {
+fn probs(
+    qg: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    acc: DType,
+) -> Result<(Tensor, Tensor)> {
     let scores = (qg.matmul(&k.transpose(1, 2)?)?.to_dtype(acc)? * scale)?; // [kv, gLq, Lk]
     let neg_inf = Tensor::full(f32::NEG_INFINITY, (), qg.device())?
         .to_dtype(acc)?
@@ -117,7 +124,12 @@ pub fn attention_forward(
     let mut lses = Vec::with_capacity(cu_seqlens.len() - 1);
     for w in cu_seqlens.windows(2) {
         let (a, l) = (w[0] as usize, (w[1] - w[0]) as usize);
-        let (o, lse) = attend(&q.narrow(0, a, l)?, &k.narrow(0, a, l)?, &v.narrow(0, a, l)?, 0)?;
+        let (o, lse) = attend(
+            &q.narrow(0, a, l)?,
+            &k.narrow(0, a, l)?,
+            &v.narrow(0, a, l)?,
+            0,
+        )?;
         outs.push(o);
         lses.push(lse);
     }
@@ -152,7 +164,10 @@ pub fn attention_backward(
         let vh = heads_first(&v.narrow(0, a, l)?)?;
         let og = group_queries(&out.narrow(0, a, l)?, kv_heads)?; // [kv, gL, d]
         let dog = group_queries(&dout.narrow(0, a, l)?, kv_heads)?;
-        let lse_s = lse.narrow(1, a, l)?.contiguous()?.reshape((kv_heads, group * l, 1))?;
+        let lse_s = lse
+            .narrow(1, a, l)?
+            .contiguous()?
+            .reshape((kv_heads, group * l, 1))?;
         let mask = causal_mask(group, l, l, 0, q.device())?;
         let scores = (qg.matmul(&kh.transpose(1, 2)?)?.to_dtype(acc)? * scale)?; // [kv, gL, L]
         let p = scores.broadcast_sub(&lse_s)?.exp()?;
@@ -171,5 +186,9 @@ pub fn attention_backward(
         dks.push(heads_first(&dk)?);
         dvs.push(heads_first(&dv)?);
     }
-    Ok((Tensor::cat(&dqs, 0)?, Tensor::cat(&dks, 0)?, Tensor::cat(&dvs, 0)?))
+    Ok((
+        Tensor::cat(&dqs, 0)?,
+        Tensor::cat(&dks, 0)?,
+        Tensor::cat(&dvs, 0)?,
+    ))
 }

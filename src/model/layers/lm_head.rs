@@ -86,9 +86,12 @@ pub fn lm_head_ce(
         let e = shifted.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?; // [c, 1]
         let tgt_logit = shifted.gather(&tgt_c.unsqueeze(1)?, 1)?; // [c, 1]
-        // token loss = log Σ exp(shifted) − shifted[target]
+                                                                  // token loss = log Σ exp(shifted) − shifted[target]
         let token_loss = (sum.log()? - tgt_logit)?;
-        loss_sum += token_loss.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        loss_sum += token_loss
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         if let Some(req) = grad {
             // dlogits = scale · (softmax − onehot(target))
             let onehot = Tensor::arange(0u32, vocab as u32, dev)?

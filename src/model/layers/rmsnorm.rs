@@ -8,7 +8,9 @@ use candle_core::{Result, Tensor, D};
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let dtype = x.dtype();
     let xf = x.to_dtype(acc_dtype(dtype))?; // [n, h]
-    let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [n, 1]
+    let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?; // [n, 1]
     let xhat = xf.broadcast_mul(&rstd)?.to_dtype(dtype)?; // [n, h]
     let y = xhat.broadcast_mul(w)?;
     Ok((y, rstd))
