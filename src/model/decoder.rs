@@ -8,7 +8,6 @@
 
 use crate::infer::CausalLm;
 use crate::model::config::{Arch, ModelConfig};
-use crate::model::layers::acc_dtype;
 use crate::model::layers::attention::{
     attend, attention_backward, attention_forward, check_cu_seqlens,
 };
@@ -21,6 +20,7 @@ use crate::model::layers::lora::{
 use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
 use crate::model::layers::swiglu::{swiglu_backward, swiglu_forward};
+use crate::model::layers::{acc_dtype, mix_seed};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -171,16 +171,6 @@ fn linear_leaves(arch: Arch) -> &'static [&'static str] {
         ],
         Arch::InternLM2 => &["wqkv", "wo", "w1", "w3", "w2"],
     }
-}
-
-/// splitmix64 finalizer over `a ^ b·φ`: independent seeds for (step, layer, linear).
-fn mix_seed(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b
-        .wrapping_add(0x9E37_79B9_7F4A_7C15)
-        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Builds the parameter table while the decoder is assembled.

@@ -2,9 +2,11 @@
 //! `A [r, in]` kaiming-uniform(a = sqrt 5) like `nn.Linear`'s default, `B [out, r]` zero.
 //! The base linear is computed separately (see [`super::linear`]); the adapter only adds its delta.
 
+use super::mix_seed;
 use candle_core::{DType, Device, Result, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// `A [r, in]` drawn like PEFT's `nn.init.kaiming_uniform_(A, a=sqrt(5))`: with gain
 /// `sqrt(2 / (1 + 5))` the bound `gain · sqrt(3 / fan_in)` is `1 / sqrt(in)`. f32, reproducible from `seed`.
@@ -17,8 +19,14 @@ pub fn lora_a_init(r: usize, in_features: usize, seed: u64, device: &Device) -> 
     Tensor::from_vec(data, (r, in_features), device)
 }
 
+/// Elements per independently seeded RNG stream of a dropout mask: chunks are drawn in parallel
+/// and the result does not depend on the thread count.
+const MASK_CHUNK: usize = 1 << 16;
+
 /// Inverted-dropout mask `[n, in]` (entries 0 or `1 / (1 - p)`), reproducible from `seed` so an
 /// activation-checkpoint recompute draws the same mask. `None` when `p == 0`: no mask work at all.
+/// Drawn on the host (16-bit uniforms, so the drop probability is `p` rounded to 1/65536) and
+/// uploaded as bytes.
 pub fn dropout_mask(
     n: usize,
     in_features: usize,
@@ -30,20 +38,22 @@ pub fn dropout_mask(
     if p <= 0.0 {
         return Ok(None);
     }
-    let keep_scale = (1.0 / (1.0 - p)) as f32;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let data: Vec<f32> = (0..n * in_features)
-        .map(|_| {
-            if rng.random::<f64>() < p {
-                0.0
-            } else {
-                keep_scale
+    let threshold = (p * 65536.0).round() as u32;
+    let mut keep = vec![0u8; n * in_features];
+    keep.par_chunks_mut(MASK_CHUNK)
+        .enumerate()
+        .for_each(|(chunk_idx, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, chunk_idx as u64));
+            for quad in chunk.chunks_mut(4) {
+                let bits = rng.next_u64();
+                for (j, k) in quad.iter_mut().enumerate() {
+                    let u = ((bits >> (16 * j)) & 0xFFFF) as u32;
+                    *k = u8::from(u >= threshold);
+                }
             }
-        })
-        .collect();
-    Tensor::from_vec(data, (n, in_features), device)?
-        .to_dtype(dtype)
-        .map(Some)
+        });
+    let keep = Tensor::from_vec(keep, (n, in_features), device)?; // [n, in] u8
+    (keep.to_dtype(dtype)? * (1.0 / (1.0 - p))).map(Some)
 }
 
 /// What [`lora_forward`] keeps for the backward.

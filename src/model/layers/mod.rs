@@ -27,3 +27,14 @@ pub fn acc_dtype(compute: DType) -> DType {
         DType::F32
     }
 }
+
+/// splitmix64 finalizer over `a ^ f(b)`: independent, reproducible seeds for (step, layer,
+/// linear, chunk) without any shared RNG state.
+pub fn mix_seed(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
