@@ -2,7 +2,9 @@
 //! forward/backward pairs the engine trains with.
 
 pub mod config;
+pub mod decoder;
 pub mod demo;
+pub mod layers;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling};

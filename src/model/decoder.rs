@@ -1,0 +1,1051 @@
+//! The Llama-family decoder (Llama, Qwen2, InternLM2) assembled from the hand-derived
+//! forward/backward modules in [`super::layers`].
+//!
+//! Parameters live in one table (`params`, compute dtype) addressed by index; a parameter is
+//! trainable iff it has a gradient slot. Frozen weights never get a slot, so their `dW` is never
+//! computed nor allocated. With activation checkpointing a block keeps only its input during the
+//! forward and is recomputed (same dropout seeds) right before its backward.
+
+use crate::infer::CausalLm;
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::layers::attention::{
+    attend, attention_backward, attention_forward, check_cu_seqlens,
+};
+use crate::model::layers::embedding::{embedding_backward, embedding_forward};
+use crate::model::layers::linear::{linear_backward, linear_forward};
+use crate::model::layers::lm_head::{lm_head_ce, CeGradRequest};
+use crate::model::layers::lora::{
+    dropout_mask, lora_a_init, lora_backward, lora_forward, LoraSaved,
+};
+use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
+use crate::model::layers::swiglu::{swiglu_backward, swiglu_forward};
+use crate::model::layers::{acc_dtype, mix_seed};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+/// Rows of the LM head + cross-entropy processed at once: bounds the f32 logits to
+/// `rows × vocab` (1024 × 152k × 4 B ≈ 620 MB for Qwen2).
+pub const DEFAULT_CE_CHUNK_ROWS: usize = 1024;
+
+/// What is trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainMode {
+    /// Nothing (evaluation, inference).
+    Frozen,
+    /// LoRA adapters on the targeted linears; every base weight frozen.
+    Lora(LoraSpec),
+    /// Every weight, bias, norm, embedding and the head.
+    Full,
+}
+
+/// LoRA hyper-parameters (PEFT semantics: `scale = alpha / r`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Leaf module names (`q_proj`, `wqkv`, `w1`, ...). Empty = every linear but the LM head.
+    pub targets: Vec<String>,
+}
+
+/// Packed token batch: samples concatenated, `cu_seqlens` their boundaries (`[0, l0, l0+l1, ...]`),
+/// `position_ids` restarting at 0 for every sample. Several packed sequences form a batch by
+/// concatenation with merged `cu_seqlens`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+    pub position_ids: Vec<u32>,
+    pub cu_seqlens: Vec<u32>,
+}
+
+impl Batch {
+    /// One unpacked sample: positions `0..n`, a single segment.
+    pub fn single(input_ids: Vec<u32>, labels: Vec<i32>) -> Batch {
+        let n = input_ids.len();
+        Batch {
+            input_ids,
+            labels,
+            position_ids: (0..n as u32).collect(),
+            cu_seqlens: vec![0, n as u32],
+        }
+    }
+}
+
+/// One trainable tensor, in the order of [`Grads::slots`] and the optimizer's master buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainableInfo {
+    /// HF / PEFT key, e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Weight decay applies (matrices only; not norms or biases).
+    pub decay: bool,
+}
+
+/// Gradient accumulators, one per trainable (f32; f64 when the compute dtype is f64). `None`
+/// until the first contribution; they accumulate across micro-batches until the caller resets them.
+#[derive(Debug, Clone, Default)]
+pub struct Grads {
+    pub slots: Vec<Option<Tensor>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepStats {
+    /// Σ of token losses (divide by `n_trained` for the mean).
+    pub loss_sum: f64,
+    pub n_trained: usize,
+}
+
+/// A linear projection: base weight (+ bias) and an optional LoRA adapter, as parameter indices.
+struct Proj {
+    weight: usize,
+    bias: Option<usize>,
+    /// `(A [r, in], B [out, r])`
+    lora: Option<(usize, usize)>,
+    /// Position among the block's linears: decorrelates the dropout masks of one block.
+    ordinal: u64,
+}
+
+enum Qkv {
+    /// Llama / Qwen2: `q_proj`, `k_proj`, `v_proj`.
+    Separate { q: Proj, k: Proj, v: Proj },
+    /// InternLM2 `wqkv`: output rows grouped as `[kv_heads, group + 2, head_dim]`
+    /// (`group` query heads, then the key, then the value of each KV head).
+    Fused(Proj),
+}
+
+struct Block {
+    attn_norm: usize,
+    qkv: Qkv,
+    o: Proj,
+    ffn_norm: usize,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+}
+
+/// Per-conversation key/value cache for incremental decoding.
+pub struct KvCache {
+    /// Per layer `(k, v)`, each `[len, kv_heads, head_dim]` (post-RoPE keys).
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+/// The decoder: parameters in compute dtype and the gradient-slot map.
+pub struct Decoder {
+    cfg: ModelConfig,
+    dtype: DType,
+    device: Device,
+    params: Vec<Tensor>,
+    names: Vec<String>,
+    /// Parameter index -> gradient slot (None = frozen).
+    slot_of: Vec<Option<usize>>,
+    /// Gradient slot -> parameter index.
+    slot_param: Vec<usize>,
+    trainable: Vec<TrainableInfo>,
+    /// LoRA mode: the f32 initial value of every slot (exact, not a round trip through bf16).
+    lora_init: Vec<Tensor>,
+    lora_scale: f64,
+    lora_dropout: f64,
+    embed: usize,
+    blocks: Vec<Block>,
+    final_norm: usize,
+    /// Equals `embed` with tied embeddings.
+    head: usize,
+    ce_chunk_rows: usize,
+}
+
+/// Leaf names of the linears of a block, per architecture, in block order.
+fn linear_leaves(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::Llama | Arch::Qwen2 => &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        Arch::InternLM2 => &["wqkv", "wo", "w1", "w3", "w2"],
+    }
+}
+
+/// Builds the parameter table while the decoder is assembled.
+struct Builder<'a> {
+    weights: &'a mut HashMap<String, Tensor>,
+    dtype: DType,
+    device: Device,
+    full: bool,
+    lora: Option<LoraSpec>,
+    seed: u64,
+    params: Vec<Tensor>,
+    names: Vec<String>,
+    slot_of: Vec<Option<usize>>,
+    slot_param: Vec<usize>,
+    trainable: Vec<TrainableInfo>,
+    lora_init: Vec<Tensor>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, name: String, value: Tensor, trainable: bool) -> usize {
+        let idx = self.params.len();
+        if trainable {
+            self.slot_of.push(Some(self.trainable.len()));
+            self.slot_param.push(idx);
+            self.trainable.push(TrainableInfo {
+                name: name.clone(),
+                shape: value.dims().to_vec(),
+                decay: value.rank() >= 2,
+            });
+        } else {
+            self.slot_of.push(None);
+        }
+        self.params.push(value);
+        self.names.push(name);
+        idx
+    }
+
+    /// Takes `name` out of the weight map, checks its shape, casts it to the compute dtype.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        let t = self.weights.remove(name).with_context(|| {
+            format!("weight `{name}` (shape {shape:?}) is missing from the checkpoint")
+        })?;
+        if t.dims() != shape {
+            bail!(
+                "weight `{name}` has shape {:?}, the model config expects {shape:?}",
+                t.dims()
+            );
+        }
+        let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let full = self.full;
+        Ok(self.push(name.to_string(), t, full))
+    }
+
+    /// `{prefix}.weight [out, in]` (+ `{prefix}.bias`), with a LoRA adapter when `leaf` is targeted.
+    fn proj(
+        &mut self,
+        prefix: &str,
+        leaf: &str,
+        ordinal: u64,
+        out_f: usize,
+        in_f: usize,
+        bias: bool,
+    ) -> Result<Proj> {
+        let weight = self.take(&format!("{prefix}.weight"), &[out_f, in_f])?;
+        let bias = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out_f])?)
+        } else {
+            None
+        };
+        let rank = self
+            .lora
+            .as_ref()
+            .filter(|spec| spec.targets.is_empty() || spec.targets.iter().any(|t| t == leaf))
+            .map(|spec| spec.r);
+        let lora = match rank {
+            Some(r) => {
+                let a_seed = mix_seed(self.seed, self.params.len() as u64);
+                let a = lora_a_init(r, in_f, a_seed, &self.device)?; // [r, in] f32
+                let b = Tensor::zeros((out_f, r), DType::F32, &self.device)?; // [out, r]
+                let (a_c, b_c) = (a.to_dtype(self.dtype)?, b.to_dtype(self.dtype)?);
+                self.lora_init.push(a);
+                self.lora_init.push(b);
+                let ai = self.push(format!("{prefix}.lora_A.weight"), a_c, true);
+                let bi = self.push(format!("{prefix}.lora_B.weight"), b_c, true);
+                Some((ai, bi))
+            }
+            None => None,
+        };
+        Ok(Proj {
+            weight,
+            bias,
+            lora,
+            ordinal,
+        })
+    }
+}
+
+/// Activations of the attention half of a block that its backward needs.
+struct AttnActs {
+    h1: Tensor,
+    rstd1: Tensor,
+    qkv_saved: Vec<Option<LoraSaved>>,
+    /// Post-RoPE `[n, heads, d]` / `[n, kv_heads, d]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// `[n, heads, d]` and its row log-sum-exp `[heads, n]`.
+    attn: Tensor,
+    lse: Tensor,
+}
+
+/// Activations of the o-projection + MLP half of a block.
+struct TailActs {
+    /// Attention output flattened to `[n, heads·d]`.
+    attn_flat: Tensor,
+    o_saved: Option<LoraSaved>,
+    /// Residual stream after attention `[n, h]`.
+    x2: Tensor,
+    h2: Tensor,
+    rstd2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    gate_saved: Option<LoraSaved>,
+    up_saved: Option<LoraSaved>,
+    m: Tensor,
+    down_saved: Option<LoraSaved>,
+}
+
+struct BlockActs {
+    x: Tensor,
+    attn: AttnActs,
+    tail: TailActs,
+}
+
+/// What the forward keeps per block: everything, or only the input (checkpointing).
+enum Kept {
+    Input(Tensor),
+    Acts(Box<BlockActs>),
+}
+
+/// Batch tensors shared by all blocks.
+struct BatchCtx<'a> {
+    ids: Tensor,
+    /// `[n, head_dim]` in compute dtype.
+    cos: Tensor,
+    sin: Tensor,
+    cu_seqlens: &'a [u32],
+}
+
+impl Decoder {
+    /// Builds the decoder from HF-named weights, taking them out of `weights` and casting them to
+    /// `compute_dtype` on `device`. LoRA `A` matrices are drawn from `seed`.
+    pub fn new(
+        cfg: &ModelConfig,
+        weights: &mut HashMap<String, Tensor>,
+        mode: TrainMode,
+        compute_dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Decoder> {
+        let leaves = linear_leaves(cfg.arch);
+        let (full, lora) = match mode {
+            TrainMode::Frozen => (false, None),
+            TrainMode::Full => (true, None),
+            TrainMode::Lora(spec) => {
+                if spec.r == 0 {
+                    bail!("LoRA rank r must be at least 1");
+                }
+                if !(0.0..1.0).contains(&spec.dropout) {
+                    bail!("LoRA dropout {} must be in [0, 1)", spec.dropout);
+                }
+                if let Some(bad) = spec.targets.iter().find(|t| !leaves.contains(&t.as_str())) {
+                    bail!(
+                        "LoRA target `{bad}` is not a linear of {:?}; valid targets: {}",
+                        cfg.arch,
+                        leaves.join(", ")
+                    );
+                }
+                (false, Some(spec))
+            }
+        };
+        if cfg.head_dim % 2 != 0 {
+            bail!("head_dim {} must be even for RoPE", cfg.head_dim);
+        }
+        let (lora_scale, lora_dropout) = lora
+            .as_ref()
+            .map(|s| (s.alpha / s.r as f64, s.dropout))
+            .unwrap_or((0.0, 0.0));
+        let mut b = Builder {
+            weights,
+            dtype: compute_dtype,
+            device: device.clone(),
+            full,
+            lora,
+            seed,
+            params: Vec::new(),
+            names: Vec::new(),
+            slot_of: Vec::new(),
+            slot_param: Vec::new(),
+            trainable: Vec::new(),
+            lora_init: Vec::new(),
+        };
+        let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let q_out = cfg.num_heads * cfg.head_dim;
+        let kv_out = cfg.num_kv_heads * cfg.head_dim;
+        // HF Llama's `attention_bias` covers o_proj too; Qwen2 has q/k/v bias only.
+        let o_bias = cfg.out_bias || (cfg.arch == Arch::Llama && cfg.qkv_bias);
+        let embed_name = match cfg.arch {
+            Arch::InternLM2 => "model.tok_embeddings.weight",
+            _ => "model.embed_tokens.weight",
+        };
+        let embed = b.take(embed_name, &[v, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let block = match cfg.arch {
+                Arch::Llama | Arch::Qwen2 => {
+                    let attn_norm = b.take(&format!("{p}.input_layernorm.weight"), &[h])?;
+                    let a = format!("{p}.self_attn");
+                    let q = b.proj(&format!("{a}.q_proj"), "q_proj", 0, q_out, h, cfg.qkv_bias)?;
+                    let k = b.proj(&format!("{a}.k_proj"), "k_proj", 1, kv_out, h, cfg.qkv_bias)?;
+                    let vp =
+                        b.proj(&format!("{a}.v_proj"), "v_proj", 2, kv_out, h, cfg.qkv_bias)?;
+                    let o = b.proj(&format!("{a}.o_proj"), "o_proj", 3, h, q_out, o_bias)?;
+                    let ffn_norm = b.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+                    let m = format!("{p}.mlp");
+                    let ob = cfg.out_bias;
+                    let gate = b.proj(&format!("{m}.gate_proj"), "gate_proj", 4, inter, h, ob)?;
+                    let up = b.proj(&format!("{m}.up_proj"), "up_proj", 5, inter, h, ob)?;
+                    let down = b.proj(&format!("{m}.down_proj"), "down_proj", 6, h, inter, ob)?;
+                    Block {
+                        attn_norm,
+                        qkv: Qkv::Separate { q, k, v: vp },
+                        o,
+                        ffn_norm,
+                        gate,
+                        up,
+                        down,
+                    }
+                }
+                Arch::InternLM2 => {
+                    let attn_norm = b.take(&format!("{p}.attention_norm.weight"), &[h])?;
+                    let a = format!("{p}.attention");
+                    let wqkv = b.proj(
+                        &format!("{a}.wqkv"),
+                        "wqkv",
+                        0,
+                        q_out + 2 * kv_out,
+                        h,
+                        cfg.qkv_bias,
+                    )?;
+                    let o = b.proj(&format!("{a}.wo"), "wo", 1, h, q_out, o_bias)?;
+                    let ffn_norm = b.take(&format!("{p}.ffn_norm.weight"), &[h])?;
+                    let f = format!("{p}.feed_forward");
+                    let ob = cfg.out_bias;
+                    let gate = b.proj(&format!("{f}.w1"), "w1", 2, inter, h, ob)?;
+                    let up = b.proj(&format!("{f}.w3"), "w3", 3, inter, h, ob)?;
+                    let down = b.proj(&format!("{f}.w2"), "w2", 4, h, inter, ob)?;
+                    Block {
+                        attn_norm,
+                        qkv: Qkv::Fused(wqkv),
+                        o,
+                        ffn_norm,
+                        gate,
+                        up,
+                        down,
+                    }
+                }
+            };
+            blocks.push(block);
+        }
+        let final_norm = b.take("model.norm.weight", &[h])?;
+        let head = if cfg.tie_word_embeddings {
+            embed
+        } else {
+            let head_name = match cfg.arch {
+                Arch::InternLM2 => "output.weight",
+                _ => "lm_head.weight",
+            };
+            b.take(head_name, &[v, h])?
+        };
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            dtype: compute_dtype,
+            device: device.clone(),
+            params: b.params,
+            names: b.names,
+            slot_of: b.slot_of,
+            slot_param: b.slot_param,
+            trainable: b.trainable,
+            lora_init: b.lora_init,
+            lora_scale,
+            lora_dropout,
+            embed,
+            blocks,
+            final_norm,
+            head,
+            ce_chunk_rows: DEFAULT_CE_CHUNK_ROWS,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Rows per LM-head/cross-entropy chunk (default [`DEFAULT_CE_CHUNK_ROWS`]).
+    pub fn set_ce_chunk_rows(&mut self, rows: usize) {
+        self.ce_chunk_rows = rows.max(1);
+    }
+
+    pub fn trainable(&self) -> &[TrainableInfo] {
+        &self.trainable
+    }
+
+    /// f32 values of the trainables for the optimizer's master copy: the LoRA init, or the
+    /// loaded weights (as cast to the compute dtype) in full fine-tuning.
+    pub fn initial_trainable_values(&self) -> Result<Vec<Tensor>> {
+        if !self.lora_init.is_empty() {
+            return Ok(self.lora_init.clone());
+        }
+        self.slot_param
+            .iter()
+            .map(|&p| Ok(self.params[p].to_dtype(DType::F32)?))
+            .collect()
+    }
+
+    /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step.
+    pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
+        if values.len() != self.trainable.len() {
+            bail!(
+                "set_trainable got {} tensors for {} trainables",
+                values.len(),
+                self.trainable.len()
+            );
+        }
+        for (slot, value) in values.iter().enumerate() {
+            let info = &self.trainable[slot];
+            if value.dims() != info.shape.as_slice() {
+                bail!(
+                    "set_trainable: `{}` expects shape {:?}, got {:?}",
+                    info.name,
+                    info.shape,
+                    value.dims()
+                );
+            }
+            self.params[self.slot_param[slot]] =
+                value.to_device(&self.device)?.to_dtype(self.dtype)?;
+        }
+        Ok(())
+    }
+
+    /// Frozen parameters under their HF names (for merging and export).
+    pub fn frozen_weights(&self) -> Vec<(String, Tensor)> {
+        (0..self.params.len())
+            .filter(|&i| self.slot_of[i].is_none())
+            .map(|i| (self.names[i].clone(), self.params[i].clone()))
+            .collect()
+    }
+
+    pub fn new_grads(&self) -> Grads {
+        Grads {
+            slots: vec![None; self.trainable.len()],
+        }
+    }
+
+    fn grad_dtype(&self) -> DType {
+        acc_dtype(self.dtype)
+    }
+
+    fn accumulate(&self, grads: &mut Grads, param: usize, g: &Tensor) -> Result<()> {
+        let Some(slot) = self.slot_of[param] else {
+            return Ok(());
+        };
+        let g = g.to_dtype(self.grad_dtype())?;
+        let entry = &mut grads.slots[slot];
+        *entry = Some(match entry.take() {
+            Some(prev) => (prev + g)?,
+            None => g,
+        });
+        Ok(())
+    }
+
+    fn trains(&self, param: usize) -> bool {
+        self.slot_of[param].is_some()
+    }
+
+    // ---- batch validation -------------------------------------------------------------------
+
+    fn batch_ctx<'a>(&self, batch: &'a Batch) -> Result<BatchCtx<'a>> {
+        let n = batch.input_ids.len();
+        if n == 0 {
+            bail!("empty batch: input_ids has no tokens");
+        }
+        if batch.labels.len() != n || batch.position_ids.len() != n {
+            bail!(
+                "batch lengths differ: input_ids {n}, labels {}, position_ids {}",
+                batch.labels.len(),
+                batch.position_ids.len()
+            );
+        }
+        if let Some((i, id)) = batch
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.cfg.vocab_size)
+        {
+            bail!(
+                "input_ids[{i}] = {id} is not below vocab_size {}",
+                self.cfg.vocab_size
+            );
+        }
+        check_cu_seqlens(&batch.cu_seqlens, n)?;
+        let ids = Tensor::from_slice(&batch.input_ids, n, &self.device)?;
+        let (cos, sin) = rope_table(
+            &batch.position_ids,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.dtype,
+            &self.device,
+        )?;
+        Ok(BatchCtx {
+            ids,
+            cos,
+            sin,
+            cu_seqlens: &batch.cu_seqlens,
+        })
+    }
+
+    // ---- projections --------------------------------------------------------------------------
+
+    /// `y = x Wᵀ (+ b) (+ LoRA)`; dropout (seeded) only when `dropout_seed` is given (training).
+    fn proj_forward(
+        &self,
+        p: &Proj,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, Option<LoraSaved>)> {
+        let y = linear_forward(x, &self.params[p.weight], p.bias.map(|b| &self.params[b]))?;
+        let Some((a, b)) = p.lora else {
+            return Ok((y, None));
+        };
+        let mask = match dropout_seed {
+            Some(seed) => {
+                let (n, in_f) = x.dims2()?;
+                dropout_mask(
+                    n,
+                    in_f,
+                    self.lora_dropout,
+                    mix_seed(seed, p.ordinal),
+                    self.dtype,
+                    &self.device,
+                )?
+            }
+            None => None,
+        };
+        let (delta, saved) =
+            lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)?;
+        Ok(((y + delta)?, Some(saved)))
+    }
+
+    /// Returns `dx` and accumulates the gradients of the projection's trainables.
+    fn proj_backward(
+        &self,
+        p: &Proj,
+        x: &Tensor,
+        saved: Option<&LoraSaved>,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let w = &self.params[p.weight];
+        let lg = linear_backward(
+            x,
+            w,
+            dy,
+            true,
+            self.trains(p.weight),
+            p.bias.is_some_and(|b| self.trains(b)),
+        )?;
+        if let Some(dw) = &lg.dw {
+            self.accumulate(grads, p.weight, dw)?;
+        }
+        if let (Some(db), Some(b)) = (&lg.db, p.bias) {
+            self.accumulate(grads, b, db)?;
+        }
+        let mut dx = lg.dx.context("linear backward returned no dx")?;
+        if let (Some((a, b)), Some(saved)) = (p.lora, saved) {
+            let g = lora_backward(
+                x,
+                &self.params[a],
+                &self.params[b],
+                self.lora_scale,
+                saved,
+                dy,
+            )?;
+            self.accumulate(grads, a, &g.da)?;
+            self.accumulate(grads, b, &g.db)?;
+            dx = (dx + g.dx)?;
+        }
+        Ok(dx)
+    }
+
+    // ---- block pieces -------------------------------------------------------------------------
+
+    /// q, k, v before RoPE: `[n, heads, d]`, `[n, kv_heads, d]`, `[n, kv_heads, d]`.
+    fn qkv_forward(
+        &self,
+        qkv: &Qkv,
+        h1: &Tensor,
+        seed: Option<u64>,
+    ) -> Result<(Tensor, Tensor, Tensor, Vec<Option<LoraSaved>>)> {
+        let n = h1.dim(0)?;
+        let (hq, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        match qkv {
+            Qkv::Separate { q, k, v } => {
+                let (qy, qs) = self.proj_forward(q, h1, seed)?;
+                let (ky, ks) = self.proj_forward(k, h1, seed)?;
+                let (vy, vs) = self.proj_forward(v, h1, seed)?;
+                Ok((
+                    qy.reshape((n, hq, d))?,
+                    ky.reshape((n, hkv, d))?,
+                    vy.reshape((n, hkv, d))?,
+                    vec![qs, ks, vs],
+                ))
+            }
+            Qkv::Fused(w) => {
+                let group = hq / hkv;
+                let (y, s) = self.proj_forward(w, h1, seed)?;
+                let y = y.reshape((n, hkv, group + 2, d))?; // InternLM2 grouped layout
+                let q = y.narrow(2, 0, group)?.contiguous()?.reshape((n, hq, d))?;
+                let k = y.narrow(2, group, 1)?.contiguous()?.reshape((n, hkv, d))?;
+                let v = y
+                    .narrow(2, group + 1, 1)?
+                    .contiguous()?
+                    .reshape((n, hkv, d))?;
+                Ok((q, k, v, vec![s]))
+            }
+        }
+    }
+
+    /// Gradient of the block's normed input `h1` from the q/k/v gradients (pre-RoPE).
+    fn qkv_backward(
+        &self,
+        qkv: &Qkv,
+        h1: &Tensor,
+        saved: &[Option<LoraSaved>],
+        (dq, dk, dv): (&Tensor, &Tensor, &Tensor),
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let n = h1.dim(0)?;
+        let (hq, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        match qkv {
+            Qkv::Separate { q, k, v } => {
+                let dxq =
+                    self.proj_backward(q, h1, saved[0].as_ref(), &dq.reshape((n, hq * d))?, grads)?;
+                let dxk = self.proj_backward(
+                    k,
+                    h1,
+                    saved[1].as_ref(),
+                    &dk.reshape((n, hkv * d))?,
+                    grads,
+                )?;
+                let dxv = self.proj_backward(
+                    v,
+                    h1,
+                    saved[2].as_ref(),
+                    &dv.reshape((n, hkv * d))?,
+                    grads,
+                )?;
+                Ok(((dxq + dxk)? + dxv)?)
+            }
+            Qkv::Fused(w) => {
+                let group = hq / hkv;
+                let dy = Tensor::cat(
+                    &[
+                        dq.reshape((n, hkv, group, d))?,
+                        dk.reshape((n, hkv, 1, d))?,
+                        dv.reshape((n, hkv, 1, d))?,
+                    ],
+                    2,
+                )? // [n, kv, group + 2, d]
+                .reshape((n, (hq + 2 * hkv) * d))?;
+                self.proj_backward(w, h1, saved[0].as_ref(), &dy, grads)
+            }
+        }
+    }
+
+    /// o-projection, residual, post-attention norm, SwiGLU MLP, residual. `attn [n, heads, d]`.
+    fn tail_forward(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        attn: &Tensor,
+        seed: Option<u64>,
+    ) -> Result<(Tensor, TailActs)> {
+        let n = x.dim(0)?;
+        let attn_flat = attn.reshape((n, self.cfg.num_heads * self.cfg.head_dim))?;
+        let (o, o_saved) = self.proj_forward(&blk.o, &attn_flat, seed)?;
+        let x2 = (x + o)?; // [n, h]
+        let (h2, rstd2) = rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)?;
+        let (g, gate_saved) = self.proj_forward(&blk.gate, &h2, seed)?; // [n, inter]
+        let (u, up_saved) = self.proj_forward(&blk.up, &h2, seed)?;
+        let m = swiglu_forward(&g, &u)?;
+        let (down, down_saved) = self.proj_forward(&blk.down, &m, seed)?; // [n, h]
+        let out = (&x2 + down)?;
+        Ok((
+            out,
+            TailActs {
+                attn_flat,
+                o_saved,
+                x2,
+                h2,
+                rstd2,
+                g,
+                u,
+                gate_saved,
+                up_saved,
+                m,
+                down_saved,
+            },
+        ))
+    }
+
+    /// Full block forward over a packed batch; `seed` = the block's dropout seed (training).
+    fn block_forward(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        ctx: &BatchCtx,
+        seed: Option<u64>,
+    ) -> Result<(Tensor, BlockActs)> {
+        let (h1, rstd1) = rmsnorm_forward(x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
+        let (q, k, v, qkv_saved) = self.qkv_forward(&blk.qkv, &h1, seed)?;
+        let q = rope_forward(&q, &ctx.cos, &ctx.sin)?;
+        let k = rope_forward(&k, &ctx.cos, &ctx.sin)?;
+        let (attn, lse) = attention_forward(&q, &k, &v, ctx.cu_seqlens)?;
+        let (out, tail) = self.tail_forward(blk, x, &attn, seed)?;
+        let acts = BlockActs {
+            x: x.clone(),
+            attn: AttnActs {
+                h1,
+                rstd1,
+                qkv_saved,
+                q,
+                k,
+                v,
+                attn,
+                lse,
+            },
+            tail,
+        };
+        Ok((out, acts))
+    }
+
+    /// Block backward: returns the gradient of the block input for upstream `dout [n, h]`.
+    fn block_backward(
+        &self,
+        blk: &Block,
+        acts: &BlockActs,
+        dout: &Tensor,
+        ctx: &BatchCtx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let (t, a) = (&acts.tail, &acts.attn);
+        // MLP half: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
+        let dm = self.proj_backward(&blk.down, &t.m, t.down_saved.as_ref(), dout, grads)?;
+        let (dg, du) = swiglu_backward(&t.g, &t.u, &dm)?;
+        let dh2 = (self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?
+            + self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads)?)?;
+        let ffn_w = &self.params[blk.ffn_norm];
+        let (dx2_norm, dw2) =
+            rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))?;
+        if let Some(dw) = dw2 {
+            self.accumulate(grads, blk.ffn_norm, &dw)?;
+        }
+        let dx2 = (dout + dx2_norm)?;
+        // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
+        let dattn_flat =
+            self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
+        let dattn = dattn_flat.reshape(a.attn.shape())?;
+        let (dq, dk, dv) =
+            attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)?;
+        let dq = rope_backward(&dq, &ctx.cos, &ctx.sin)?;
+        let dk = rope_backward(&dk, &ctx.cos, &ctx.sin)?;
+        let dh1 = self.qkv_backward(&blk.qkv, &a.h1, &a.qkv_saved, (&dq, &dk, &dv), grads)?;
+        let attn_w = &self.params[blk.attn_norm];
+        let (dx_norm, dw1) =
+            rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))?;
+        if let Some(dw) = dw1 {
+            self.accumulate(grads, blk.attn_norm, &dw)?;
+        }
+        Ok((dx2 + dx_norm)?)
+    }
+
+    /// Final hidden states `[n, h]` before the final norm, without keeping activations.
+    fn forward_hidden(&self, ctx: &BatchCtx) -> Result<Tensor> {
+        let mut x = embedding_forward(&ctx.ids, &self.params[self.embed])?;
+        for blk in &self.blocks {
+            x = self.block_forward(blk, &x, ctx, None)?.0;
+        }
+        Ok(x)
+    }
+
+    fn block_seed(step_seed: u64, layer: usize) -> u64 {
+        mix_seed(step_seed, layer as u64 + 1)
+    }
+
+    /// Forward and backward of one micro-batch: `grads += d(loss_scale · loss_sum)/dparam`.
+    /// LoRA dropout is active, its masks derived from `step_seed`.
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        loss_scale: f64,
+        grads: &mut Grads,
+        step_seed: u64,
+        checkpointing: bool,
+    ) -> Result<StepStats> {
+        if grads.slots.len() != self.trainable.len() {
+            bail!(
+                "grads has {} slots for {} trainables (use Decoder::new_grads)",
+                grads.slots.len(),
+                self.trainable.len()
+            );
+        }
+        if self.trainable.is_empty() {
+            return self.loss(batch);
+        }
+        let ctx = self.batch_ctx(batch)?;
+        let mut x = embedding_forward(&ctx.ids, &self.params[self.embed])?; // [n, h]
+        let mut kept = Vec::with_capacity(self.blocks.len());
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let (y, acts) =
+                self.block_forward(blk, &x, &ctx, Some(Self::block_seed(step_seed, li)))?;
+            kept.push(if checkpointing {
+                drop(acts);
+                Kept::Input(x)
+            } else {
+                Kept::Acts(Box::new(acts))
+            });
+            x = y;
+        }
+        let norm_w = &self.params[self.final_norm];
+        let (hf, rstd) = rmsnorm_forward(&x, norm_w, self.cfg.rms_norm_eps)?;
+        let req = CeGradRequest {
+            loss_scale,
+            need_dw: self.trains(self.head),
+        };
+        let ce = lm_head_ce(
+            &hf,
+            &self.params[self.head],
+            &batch.labels,
+            self.ce_chunk_rows,
+            Some(&req),
+        )?;
+        if let Some(dw) = &ce.dw {
+            self.accumulate(grads, self.head, dw)?;
+        }
+        let dhf = ce.dhidden.context("lm_head_ce returned no dhidden")?;
+        drop(hf);
+        let (mut dx, dwn) =
+            rmsnorm_backward(&x, norm_w, &rstd, &dhf, self.trains(self.final_norm))?;
+        if let Some(dw) = dwn {
+            self.accumulate(grads, self.final_norm, &dw)?;
+        }
+        for (li, blk) in self.blocks.iter().enumerate().rev() {
+            let acts = match kept.pop().context("missing block activations")? {
+                Kept::Acts(a) => *a,
+                Kept::Input(xin) => {
+                    self.block_forward(blk, &xin, &ctx, Some(Self::block_seed(step_seed, li)))?
+                        .1
+                }
+            };
+            dx = self.block_backward(blk, &acts, &dx, &ctx, grads)?;
+        }
+        if self.trains(self.embed) {
+            let dw = embedding_backward(&ctx.ids, &dx, self.cfg.vocab_size)?;
+            self.accumulate(grads, self.embed, &dw)?;
+        }
+        Ok(StepStats {
+            loss_sum: ce.loss_sum,
+            n_trained: ce.n_trained,
+        })
+    }
+
+    /// Loss without gradients (no dropout).
+    pub fn loss(&self, batch: &Batch) -> Result<StepStats> {
+        let ctx = self.batch_ctx(batch)?;
+        let x = self.forward_hidden(&ctx)?;
+        let (hf, _) = rmsnorm_forward(&x, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
+        let ce = lm_head_ce(
+            &hf,
+            &self.params[self.head],
+            &batch.labels,
+            self.ce_chunk_rows,
+            None,
+        )?;
+        Ok(StepStats {
+            loss_sum: ce.loss_sum,
+            n_trained: ce.n_trained,
+        })
+    }
+
+    /// Full logits `[tokens, vocab]` f32 (no dropout). For parity checks on small inputs only.
+    pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
+        let ctx = self.batch_ctx(batch)?;
+        let x = self.forward_hidden(&ctx)?;
+        let (hf, _) = rmsnorm_forward(&x, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
+        Ok(hf
+            .matmul(&self.params[self.head].t()?)?
+            .to_dtype(DType::F32)?)
+    }
+}
+
+impl CausalLm for Decoder {
+    type Cache = KvCache;
+
+    fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.blocks.len()).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    fn forward_infer(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            bail!("forward_infer needs at least one token");
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} is not below vocab_size {}",
+                self.cfg.vocab_size
+            );
+        }
+        let m = ids.len();
+        let offset = cache.len;
+        let positions: Vec<u32> = (offset as u32..(offset + m) as u32).collect();
+        let (cos, sin) = rope_table(
+            &positions,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.dtype,
+            &self.device,
+        )?;
+        let ids_t = Tensor::from_slice(ids, m, &self.device)?;
+        let mut x = embedding_forward(&ids_t, &self.params[self.embed])?; // [m, h]
+        for (blk, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let (h1, _) = rmsnorm_forward(&x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
+            let (q, k, v, _) = self.qkv_forward(&blk.qkv, &h1, None)?;
+            let q = rope_forward(&q, &cos, &sin)?;
+            let k = rope_forward(&k, &cos, &sin)?;
+            let (k_all, v_all) = match layer_cache.take() {
+                Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 0)?, Tensor::cat(&[&vc, &v], 0)?),
+                None => (k, v),
+            }; // [offset + m, kv_heads, d]
+            let (attn, _) = attend(&q, &k_all, &v_all, offset)?;
+            *layer_cache = Some((k_all, v_all));
+            x = self.tail_forward(blk, &x, &attn, None)?.0;
+        }
+        cache.len += m;
+        let last = x.narrow(0, m - 1, 1)?; // [1, h]
+        let (hf, _) = rmsnorm_forward(&last, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
+        let logits = hf
+            .matmul(&self.params[self.head].t()?)?
+            .to_dtype(DType::F32)?; // [1, vocab]
+        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+    }
+
+    fn cache_len(cache: &KvCache) -> usize {
+        cache.len
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}

@@ -1,0 +1,125 @@
+//! LM head fused with the cross-entropy loss, in row chunks.
+//!
+//! Loss = Σ over trained positions of `−log softmax(h_i Wᵀ)[labels[i+1]]` (the transformers shift:
+//! position `i` predicts `labels[i + 1]`; `-100` is ignored). The caller divides by `n_trained` for
+//! the mean. Only the rows that have a trained target are gathered, and they are processed
+//! `chunk_rows` at a time with forward and backward fused per chunk, so `[tokens × vocab]` logits
+//! are never materialized whole.
+
+use super::acc_dtype;
+use candle_core::{bail, Result, Tensor, D};
+
+/// Label value that marks a position as not trained (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// The trained positions of a shifted label row: `(rows, targets)` with `targets[j] = labels[rows[j] + 1]`.
+/// Errors on a label that is neither `-100` nor a valid token id.
+pub fn shifted_targets(labels: &[i32], vocab_size: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (i, &t) in labels.iter().enumerate().skip(1) {
+        if t == IGNORE_INDEX {
+            continue;
+        }
+        if t < 0 || t as usize >= vocab_size {
+            bail!("labels[{i}] = {t}: a label must be -100 or a token id below vocab_size {vocab_size}");
+        }
+        rows.push((i - 1) as u32);
+        targets.push(t as u32);
+    }
+    Ok((rows, targets))
+}
+
+/// What the backward pass wants from [`lm_head_ce`].
+pub struct CeGradRequest {
+    /// Multiplies every gradient: the gradient is that of `loss_scale · loss_sum`.
+    pub loss_scale: f64,
+    /// Whether the head weight is trained (then `dw` is returned).
+    pub need_dw: bool,
+}
+
+/// Result of [`lm_head_ce`].
+pub struct CeOutput {
+    /// Σ of the token losses (f64).
+    pub loss_sum: f64,
+    pub n_trained: usize,
+    /// `[n, h]` in the hidden's dtype (zero for untrained rows); when gradients were requested.
+    pub dhidden: Option<Tensor>,
+    /// `[vocab, h]` in acc dtype; when `need_dw`.
+    pub dw: Option<Tensor>,
+}
+
+/// Chunked LM head + cross-entropy over `hidden [n, h]` (after the final norm) with head `w [vocab, h]`.
+pub fn lm_head_ce(
+    hidden: &Tensor,
+    w: &Tensor,
+    labels: &[i32],
+    chunk_rows: usize,
+    grad: Option<&CeGradRequest>,
+) -> Result<CeOutput> {
+    let (n, h) = hidden.dims2()?;
+    if labels.len() != n {
+        bail!("labels has {} entries for {n} tokens", labels.len());
+    }
+    let vocab = w.dim(0)?;
+    let dtype = hidden.dtype();
+    let acc = acc_dtype(dtype);
+    let dev = hidden.device();
+    let (rows, targets) = shifted_targets(labels, vocab)?;
+    let n_trained = rows.len();
+    let mut loss_sum = 0.0f64;
+    let mut dhidden = match grad {
+        Some(_) => Some(Tensor::zeros((n, h), dtype, dev)?),
+        None => None,
+    };
+    let mut dw: Option<Tensor> = None;
+    let chunk_rows = chunk_rows.max(1);
+    let mut start = 0;
+    while start < n_trained {
+        let len = chunk_rows.min(n_trained - start);
+        let rows_c = Tensor::from_slice(&rows[start..start + len], len, dev)?;
+        let tgt_c = Tensor::from_slice(&targets[start..start + len], len, dev)?;
+        let hc = hidden.index_select(&rows_c, 0)?; // [c, h]
+        let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?; // [c, vocab]
+        let max = logits.max_keepdim(D::Minus1)?; // [c, 1]
+        let shifted = logits.broadcast_sub(&max)?;
+        let e = shifted.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?; // [c, 1]
+        let tgt_logit = shifted.gather(&tgt_c.unsqueeze(1)?, 1)?; // [c, 1]
+                                                                  // token loss = log Σ exp(shifted) − shifted[target]
+        let token_loss = (sum.log()? - tgt_logit)?;
+        loss_sum += token_loss
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if let Some(req) = grad {
+            // dlogits = scale · (softmax − onehot(target))
+            let onehot = Tensor::arange(0u32, vocab as u32, dev)?
+                .unsqueeze(0)?
+                .broadcast_eq(&tgt_c.unsqueeze(1)?)?
+                .to_dtype(acc)?; // [c, vocab]
+            let dlogits = ((e.broadcast_div(&sum)? - onehot)? * req.loss_scale)?.to_dtype(dtype)?;
+            let dhc = dlogits.matmul(w)?; // [c, vocab]·[vocab, h] = [c, h]
+            if let Some(dh) = dhidden.as_mut() {
+                *dh = dh.index_add(&rows_c, &dhc, 0)?;
+            }
+            if req.need_dw {
+                let dwc = dlogits.t()?.matmul(&hc)?.to_dtype(acc)?; // [vocab, h]
+                dw = Some(match dw {
+                    Some(prev) => (prev + dwc)?,
+                    None => dwc,
+                });
+            }
+        }
+        start += len;
+    }
+    if grad.is_some_and(|r| r.need_dw) && dw.is_none() {
+        dw = Some(Tensor::zeros((vocab, h), acc, dev)?);
+    }
+    Ok(CeOutput {
+        loss_sum,
+        n_trained,
+        dhidden,
+        dw,
+    })
+}
