@@ -595,7 +595,8 @@ impl SentencePieceModel {
 
     /// `SentencePieceProcessor::Decode` of ids: control pieces vanish, UNK shows its surface,
     /// byte pieces join into UTF-8 (U+FFFD per invalid byte), '▁' -> ' ', and the first
-    /// visible piece loses the space the dummy prefix added.
+    /// piece loses the space the dummy prefix added (with remove_extra_whitespaces, all
+    /// leading spaces up to the first visible text, as sentencepiece does).
     pub fn decode(&self, ids: &[u32], out: &mut String) {
         let strip_leading = (self.add_dummy_prefix || self.remove_extra_whitespaces)
             && !self.treat_whitespace_as_suffix;
@@ -622,7 +623,14 @@ impl SentencePieceModel {
                     let mut text = piece.text.as_str();
                     if at_start {
                         text = text.strip_prefix(SPACE_SYMBOL).unwrap_or(text);
-                        at_start = false;
+                        if self.remove_extra_whitespaces {
+                            // Leading whitespace was squeezed away when encoding: drop all of
+                            // it, across pieces, until something visible comes.
+                            text = text.trim_start_matches(SPACE_SYMBOL);
+                            at_start = text.is_empty();
+                        } else {
+                            at_start = false;
+                        }
                     }
                     if self.escape_whitespaces {
                         out.push_str(&text.replace(SPACE_SYMBOL, " "));
