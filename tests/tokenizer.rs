@@ -25,8 +25,7 @@ fn expected() -> Value {
 }
 
 fn load(name: &str) -> Tokenizer {
-    Tokenizer::from_path(&fixtures().join(name))
-        .unwrap_or_else(|e| panic!("loading {name}: {e:#}"))
+    Tokenizer::from_path(&fixtures().join(name)).unwrap_or_else(|e| panic!("loading {name}: {e:#}"))
 }
 
 fn cases() -> Vec<Value> {
@@ -157,7 +156,11 @@ fn sentencepiece_special_tokens_and_ids() {
     let hello = tok.encode("hello", false).unwrap();
     assert!(!hello.is_empty());
     assert!(hello.iter().all(|&id| !tok.is_special(id)));
-    assert_eq!(tok.id_to_token(tok.token_to_id("<0x0A>").unwrap()).as_deref(), Some("<0x0A>"));
+    assert_eq!(
+        tok.id_to_token(tok.token_to_id("<0x0A>").unwrap())
+            .as_deref(),
+        Some("<0x0A>")
+    );
     assert_eq!(tok.token_to_id("no-such-piece"), None);
     assert!(tok.decode(&[tok.vocab_size() as u32], false).is_err());
 }
@@ -187,7 +190,10 @@ fn bos_null_in_config_means_no_bos() {
     assert_eq!(tok.bos_id(), None);
     assert_eq!(tok.eos_id(), tok.token_to_id("<|im_end|>"));
     // add_bos_token defaults to true, but there is no BOS to add.
-    assert_eq!(tok.encode("hi", true).unwrap(), tok.encode("hi", false).unwrap());
+    assert_eq!(
+        tok.encode("hi", true).unwrap(),
+        tok.encode("hi", false).unwrap()
+    );
 }
 
 #[test]
@@ -268,7 +274,10 @@ fn missing_and_corrupt_files_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope/tokenizer.model");
     let e = err_text(&missing);
-    assert!(e.contains("nope/tokenizer.model") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("nope/tokenizer.model") && e.contains("does not exist"),
+        "{e}"
+    );
 
     let e = err_text(dir.path());
     assert!(e.contains("no tokenizer.json or tokenizer.model"), "{e}");
@@ -295,13 +304,20 @@ fn missing_and_corrupt_files_give_clear_errors() {
     let config = dir.path().join("tokenizer_config.json");
     std::fs::write(&config, "{\"bos_token\": ").unwrap();
     let e = err_text(&model);
-    assert!(e.contains("tokenizer_config.json") && e.contains("invalid JSON"), "{e}");
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains("invalid JSON"),
+        "{e}"
+    );
 
     std::fs::write(&config, r#"{"eos_token": "<|nope|>"}"#).unwrap();
     let e = err_text(&model);
     assert!(e.contains("eos_token") && e.contains("<|nope|>"), "{e}");
 
-    std::fs::write(&config, r#"{"added_tokens_decoder": {"x1": {"content": "<a>"}}}"#).unwrap();
+    std::fs::write(
+        &config,
+        r#"{"added_tokens_decoder": {"x1": {"content": "<a>"}}}"#,
+    )
+    .unwrap();
     let e = err_text(&model);
     assert!(e.contains("\"x1\"") && e.contains("not a token id"), "{e}");
 
@@ -312,7 +328,10 @@ fn missing_and_corrupt_files_give_clear_errors() {
     let json = dir.path().join("tokenizer.json");
     std::fs::write(&json, "{}").unwrap();
     let e = err_text(&json);
-    assert!(e.contains("tokenizer.json") && e.contains("not a valid"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not a valid"),
+        "{e}"
+    );
 }
 
 #[test]

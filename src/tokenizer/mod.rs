@@ -58,11 +58,10 @@ struct AddedToken {
 }
 
 /// Added tokens, matched in raw text before the model sees it.
-#[derive(Default)]
 struct AddedTokens {
     tokens: Vec<AddedToken>,
     /// Indices into `tokens` by the first byte of their content, longest content first.
-    by_first_byte: HashMap<u8, Vec<usize>>,
+    by_first_byte: Vec<Vec<usize>>,
     by_id: HashMap<u32, usize>,
     by_content: HashMap<String, usize>,
 }
@@ -75,18 +74,15 @@ enum Segment<'t> {
 
 impl AddedTokens {
     fn new(tokens: Vec<AddedToken>) -> AddedTokens {
-        let mut by_first_byte: HashMap<u8, Vec<usize>> = HashMap::new();
+        let mut by_first_byte: Vec<Vec<usize>> = vec![Vec::new(); 256];
         let mut by_id = HashMap::new();
         let mut by_content = HashMap::new();
         for (i, t) in tokens.iter().enumerate() {
-            by_first_byte
-                .entry(t.content.as_bytes()[0])
-                .or_default()
-                .push(i);
+            by_first_byte[t.content.as_bytes()[0] as usize].push(i);
             by_id.insert(t.id, i);
             by_content.insert(t.content.clone(), i);
         }
-        for group in by_first_byte.values_mut() {
+        for group in &mut by_first_byte {
             group.sort_by_key(|&i| std::cmp::Reverse(tokens[i].content.len()));
         }
         AddedTokens {
@@ -104,12 +100,10 @@ impl AddedTokens {
         let mut pos = 0;
         let bytes = text.as_bytes();
         while pos < bytes.len() {
-            let found = self.by_first_byte.get(&bytes[pos]).and_then(|group| {
-                group
-                    .iter()
-                    .copied()
-                    .find(|&i| text[pos..].starts_with(self.tokens[i].content.as_str()))
-            });
+            let found = self.by_first_byte[bytes[pos] as usize]
+                .iter()
+                .copied()
+                .find(|&i| bytes[pos..].starts_with(self.tokens[i].content.as_bytes()));
             match found {
                 Some(i) => {
                     segments.push(Segment::Text(&text[text_start..pos]));
@@ -117,7 +111,7 @@ impl AddedTokens {
                     pos += self.tokens[i].content.len();
                     text_start = pos;
                 }
-                // Multi-byte characters never start a match: no content starts mid-character.
+                // Contents start with a character's first byte, so matches land on boundaries.
                 None => pos += 1,
             }
         }
@@ -257,7 +251,10 @@ impl SideConfig {
                 continue;
             };
             let Value::Object(entries) = decoder else {
-                bail!("{}: `added_tokens_decoder` must be an object", path.display());
+                bail!(
+                    "{}: `added_tokens_decoder` must be an object",
+                    path.display()
+                );
             };
             for (key, entry) in entries {
                 let id: u32 = key.parse().with_context(|| {

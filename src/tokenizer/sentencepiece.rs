@@ -154,9 +154,18 @@ impl SentencePieceModel {
         let model_type = match trainer.model_type.unwrap_or(1) {
             1 => ModelType::Unigram,
             2 => ModelType::Bpe,
-            3 => bail!("{}: SentencePiece model_type WORD is not supported (BPE and Unigram are)", file.display()),
-            4 => bail!("{}: SentencePiece model_type CHAR is not supported (BPE and Unigram are)", file.display()),
-            other => bail!("{}: unknown SentencePiece model_type {other}", file.display()),
+            3 => bail!(
+                "{}: SentencePiece model_type WORD is not supported (BPE and Unigram are)",
+                file.display()
+            ),
+            4 => bail!(
+                "{}: SentencePiece model_type CHAR is not supported (BPE and Unigram are)",
+                file.display()
+            ),
+            other => bail!(
+                "{}: unknown SentencePiece model_type {other}",
+                file.display()
+            ),
         };
         if normalizer
             .precompiled_charsmap
@@ -428,35 +437,33 @@ impl SentencePieceModel {
         let mut agenda: BinaryHeap<Candidate> = BinaryHeap::with_capacity(symbols.len());
         // Merged pieces of UNUSED type are split back into what they were merged from.
         let mut unused_merges: HashMap<&'t str, (&'t str, &'t str)> = HashMap::new();
-        let mut push_pair = |symbols: &[Symbol],
-                             agenda: &mut BinaryHeap<Candidate>,
-                             left: usize,
-                             right: usize| {
-            if left == NONE || right == NONE || symbols[left].frozen || symbols[right].frozen {
-                return;
-            }
-            let (l, r) = (&symbols[left], &symbols[right]);
-            let merged = &normalized[l.start..l.start + l.len + r.len];
-            let Some(&id) = self.vocab.get(merged) else {
-                return;
+        let mut push_pair =
+            |symbols: &[Symbol], agenda: &mut BinaryHeap<Candidate>, left: usize, right: usize| {
+                if left == NONE || right == NONE || symbols[left].frozen || symbols[right].frozen {
+                    return;
+                }
+                let (l, r) = (&symbols[left], &symbols[right]);
+                let merged = &normalized[l.start..l.start + l.len + r.len];
+                let Some(&id) = self.vocab.get(merged) else {
+                    return;
+                };
+                let piece = &self.pieces[id as usize];
+                agenda.push(Candidate {
+                    score: piece.score,
+                    left,
+                    right,
+                    len: merged.len(),
+                });
+                if piece.kind == PieceKind::Unused {
+                    unused_merges.insert(
+                        merged,
+                        (
+                            &normalized[l.start..l.start + l.len],
+                            &normalized[r.start..r.start + r.len],
+                        ),
+                    );
+                }
             };
-            let piece = &self.pieces[id as usize];
-            agenda.push(Candidate {
-                score: piece.score,
-                left,
-                right,
-                len: merged.len(),
-            });
-            if piece.kind == PieceKind::Unused {
-                unused_merges.insert(
-                    merged,
-                    (
-                        &normalized[l.start..l.start + l.len],
-                        &normalized[r.start..r.start + r.len],
-                    ),
-                );
-            }
-        };
         for i in 1..symbols.len() {
             push_pair(&symbols, &mut agenda, i - 1, i);
         }
