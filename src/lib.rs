@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod export;
 pub mod infer;
 pub mod model;
 pub mod tokenizer;

@@ -1,6 +1,10 @@
 //! The `ftrun` command line: clap definitions and one function per subcommand.
 
 mod assistant;
+mod bench;
+mod chat;
+mod check_data;
+mod demo;
 
 use crate::config::{self, builtin};
 use anyhow::{bail, Context, Result};
@@ -35,6 +39,37 @@ pub enum Command {
     /// Dataset generators.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Checkpoint -> PEFT adapter (LoRA) or Hugging Face model directory (full fine-tuning).
+    Export {
+        /// A checkpoint directory (work_dir/checkpoints/step-N).
+        checkpoint: PathBuf,
+        out: PathBuf,
+    },
+    /// Merge a PEFT LoRA adapter into its base model: safetensors shards + index + config + tokenizer.
+    Merge {
+        base: PathBuf,
+        adapter: PathBuf,
+        out: PathBuf,
+        #[arg(long, default_value = "2GB")]
+        max_shard_size: String,
+    },
+    /// Chat with a model in the terminal (streamed; EXIT quits, RESET clears the history).
+    Chat(ChatArgs),
+    /// The embedded demo: make a tiny model and dataset, train the assistant on CPU, then chat.
+    Demo {
+        /// Where the demo's model, data and work dir go.
+        #[arg(long, default_value = "work_dirs/demo")]
+        dir: PathBuf,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        /// Answer this prompt and exit instead of starting an interactive chat.
+        #[arg(long)]
+        prompt: Option<String>,
+    },
+    /// Train a fixed number of steps on random tokens: GPU parity runs and tokens/s, memory figures.
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
     /// Print the version.
     Version,
     /// Print a shell completion script.
@@ -69,6 +104,44 @@ pub struct CheckDataArgs {
     pub n: usize,
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ChatArgs {
+    /// A Hugging Face model directory.
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Chat template (internlm2_chat, qwen_chat, llama3_chat, llama2_chat); none = plain continuation.
+    #[arg(long, alias = "prompt-template")]
+    pub template: Option<String>,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 0.1)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.75)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra stop words, on top of the template's and EOS.
+    #[arg(long, num_args = 1..)]
+    pub stop_words: Vec<String>,
+    /// Greedy decoding (same as --temperature 0).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Answer this prompt once and exit (for scripts and tests).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N` (default: auto).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +188,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Assistant { name, n, output }) => {
             assistant::write(&name, n, &output)
         }
+        Command::Export { checkpoint, out } => crate::export::export_checkpoint(&checkpoint, &out),
+        Command::Merge { base, adapter, out, max_shard_size } => {
+            crate::export::merge(&base, &adapter, &out, crate::model::weights::parse_size(&max_shard_size)?)
+        }
+        Command::Chat(a) => chat::run(a),
+        Command::Demo { dir, steps, prompt } => demo::run(&dir, steps, prompt.as_deref()),
+        Command::Bench(a) => bench::run(a),
         Command::Version => {
             println!("ftrun {} ({})", env!("CARGO_PKG_VERSION"), build_flavour());
             Ok(())
@@ -192,19 +272,20 @@ fn copy_cfg(name: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The work dir: `--work-dir`, else `train.work_dir`, else `work_dirs/<config name>`.
+pub fn work_dir_for(cfg: &config::Config, name: &str, arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| cfg.train.work_dir.clone()).unwrap_or_else(|| PathBuf::from("work_dirs").join(name))
+}
+
 fn train(a: TrainArgs) -> Result<()> {
     let (cfg, name) = load_config(&a.config, &a.set)?;
-    let work_dir = a
-        .work_dir
-        .or_else(|| cfg.train.work_dir.clone())
-        .unwrap_or_else(|| PathBuf::from("work_dirs").join(&name));
-    crate::model::ModelConfig::from_dir(&cfg.model.path)?;
-    let _ = (work_dir, a.resume);
-    bail!("training is not available in this build yet")
+    let work_dir = work_dir_for(&cfg, &name, a.work_dir);
+    crate::train::trainer::run(&cfg, &work_dir, crate::train::trainer::Resume::parse(a.resume.as_deref()))?;
+    Ok(())
 }
 
 fn check_data(a: CheckDataArgs) -> Result<()> {
-    let (_cfg, _name) = load_config(&a.config, &a.set)?;
-    let _ = (a.show, a.n, a.work_dir);
-    bail!("check-data is not available in this build yet")
+    let (cfg, name) = load_config(&a.config, &a.set)?;
+    let work_dir = work_dir_for(&cfg, &name, a.work_dir);
+    check_data::run(&cfg, &work_dir, a.show, a.n)
 }

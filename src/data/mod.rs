@@ -53,5 +53,8 @@ impl Encoded {
 }
 
 pub mod cache;
+pub mod dataset;
 pub mod pack;
 pub mod sampler;
+
+pub use dataset::build_dataset;

@@ -5,3 +5,7 @@ pub mod schedule;
 
 pub use optim::{clip_grad_norm, AdamW, FlatParams, Slot};
 pub use schedule::LrSchedule;
+pub mod checkpoint;
+pub mod eval;
+pub mod metrics;
+pub mod trainer;

@@ -1,0 +1,166 @@
+//! `ftrun bench`: a fixed number of training steps on random tokens, for the GPU parity check
+//! against PyTorch (scripts/parity_torch.py replays the same batches, weights and initial
+//! adapter) and for tokens/s and memory figures. Not a test: a measurement tool.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::config::{LoraConfig, OptimConfig};
+use crate::model::decoder::{Batch, Decoder, LoraSpec, TrainMode};
+use crate::model::{weights::load_weights, ModelConfig};
+use crate::train::optim::{clip_grad_norm, AdamW, FlatParams};
+use crate::train::trainer::{compute_dtype, select_device, trained_targets};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A Hugging Face model directory (e.g. made by scripts/parity_torch.py make-model).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// `lora` or `full`.
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    #[arg(long, default_value_t = 64)]
+    pub r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Rows per step (each row one packed sequence of seq_len tokens).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Steps left out of the tokens/s figure.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long)]
+    pub no_checkpointing: bool,
+    /// Output directory: batches.json, init_adapter/ (LoRA), ftrun_<method>.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Device memory in use (MiB) as the driver reports it: everything this process holds.
+fn device_used_mib(device: &Device) -> f64 {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
+            return (total - free) as f64 / (1u64 << 20) as f64;
+        }
+    }
+    let _ = device;
+    crate::train::metrics::peak_rss_mib()
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let device = select_device(&a.device)?;
+    let dtype = compute_dtype("auto", &device);
+    let mcfg = ModelConfig::from_dir(&a.model)?;
+
+    // The batches: random tokens, every position trained (as transformers with labels = ids).
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let batches: Vec<Vec<Vec<u32>>> = (0..a.steps)
+        .map(|_| (0..a.batch).map(|_| (0..a.seq_len).map(|_| rng.random_range(3..mcfg.vocab_size as u32)).collect()).collect())
+        .collect();
+    let as_json: Vec<_> = batches.iter().map(|rows| json!({"input_ids": rows, "labels": rows})).collect();
+    std::fs::write(a.out.join("batches.json"), serde_json::to_string(&as_json)?)?;
+
+    let before = device_used_mib(&device);
+    let t_load = Instant::now();
+    let mut w = load_weights(&a.model, dtype, &device, |_| true)?;
+    let lora = LoraConfig { r: a.r, alpha: a.alpha, dropout: 0.0, target_modules: vec![] };
+    let mode = if a.method == "full" {
+        TrainMode::Full
+    } else {
+        TrainMode::Lora(LoraSpec { r: a.r, alpha: a.alpha, dropout: 0.0, targets: vec![] })
+    };
+    let mut model = Decoder::new(&mcfg, &mut w, mode, dtype, &device, a.seed)?;
+    drop(w);
+    let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
+    let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
+    let init = model.initial_trainable_values()?;
+    if a.method != "full" {
+        let pairs: Vec<_> = names.iter().cloned().zip(init.iter().cloned()).collect();
+        crate::export::write_peft_adapter(&lora, &a.model, &pairs, &a.out.join("init_adapter"))?;
+    }
+    let mut params = FlatParams::from_values(&init, &decay)?;
+    drop(init);
+    let optim = OptimConfig { lr: a.lr, weight_decay: 0.0, ..OptimConfig::default() };
+    let mut opt = AdamW::new(&optim, &params)?;
+    device.synchronize()?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let after_load = device_used_mib(&device);
+
+    let mut rows = vec![];
+    let mut peak = after_load;
+    let mut timed = 0.0;
+    for (step, rows_tokens) in batches.iter().enumerate() {
+        let mut b = Batch { input_ids: vec![], labels: vec![], position_ids: vec![], cu_seqlens: vec![0] };
+        for r in rows_tokens {
+            let start = b.input_ids.len();
+            b.input_ids.extend(r);
+            b.labels.extend(r.iter().map(|&t| t as i32));
+            if start > 0 {
+                b.labels[start] = crate::data::IGNORE_INDEX;
+            }
+            b.position_ids.extend(0..r.len() as u32);
+            b.cu_seqlens.push(b.input_ids.len() as u32);
+        }
+        let n = trained_targets(&b);
+        device.synchronize()?;
+        let t0 = Instant::now();
+        model.set_trainable(&params.views(dtype)?)?;
+        let mut grads = model.new_grads();
+        let s = model.forward_backward(&b, 1.0 / n as f64, &mut grads, a.seed + step as u64, !a.no_checkpointing)?;
+        let flat = params.flatten_grads(&grads.slots)?;
+        drop(grads);
+        let (flat, gn) = clip_grad_norm(&flat, 1.0)?;
+        opt.step(&mut params, &flat, a.lr)?;
+        device.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        if step >= a.warmup {
+            timed += dt;
+        }
+        peak = peak.max(device_used_mib(&device));
+        let loss = s.loss_sum / n as f64;
+        let row = json!({"step": step + 1, "loss": loss, "grad_norm": gn, "time": dt});
+        println!("{row}");
+        rows.push(row);
+    }
+    let tokens = (a.seq_len * a.batch) as f64;
+    let measured = a.steps.saturating_sub(a.warmup).max(1) as f64;
+    let res = json!({
+        "method": a.method,
+        "rows": rows,
+        "tokens_per_sec": tokens * measured / timed.max(1e-9),
+        "peak_mib": peak - before,
+        "after_load_mib": after_load - before,
+        "load_s": load_s,
+        "device": format!("{device:?}"),
+        "dtype": format!("{dtype:?}"),
+        "trainable_params": params.numel(),
+        "model_params": mcfg.num_params(),
+        "checkpointing": !a.no_checkpointing,
+    });
+    std::fs::write(a.out.join(format!("ftrun_{}.json", a.method)), serde_json::to_string_pretty(&res)?)?;
+    eprintln!(
+        "ftrun {}: {:.0} tokens/s, peak {:.0} MiB ({:.0} after load), {} trainable",
+        a.method,
+        res["tokens_per_sec"].as_f64().unwrap_or(0.0),
+        peak - before,
+        after_load - before,
+        params.numel()
+    );
+    Ok(())
+}

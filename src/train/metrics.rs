@@ -1,0 +1,136 @@
+//! What a run tells its user: XTuner-style log lines, a progress bar with ETA and tokens/s, a JSONL
+//! of scalars in the work dir, and loss/lr curves as a PNG at the end.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// One optimizer step's scalars (one JSONL line).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub total: usize,
+    pub lr: f64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Seconds for the whole step, and the part spent waiting for data.
+    pub time: f64,
+    pub data_time: f64,
+    pub tokens: usize,
+    pub tokens_per_sec: f64,
+    /// Peak memory in MiB (GPU when training on one, else the process' resident set).
+    pub memory_mib: f64,
+    pub skipped: bool,
+}
+
+/// Appends one JSON object per step to `work_dir/scalars.jsonl`.
+pub struct ScalarLog {
+    file: File,
+}
+
+impl ScalarLog {
+    pub fn open(work_dir: &Path) -> Result<ScalarLog> {
+        let path = work_dir.join("scalars.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(ScalarLog { file })
+    }
+
+    pub fn write(&mut self, s: &StepLog) -> Result<()> {
+        serde_json::to_writer(&mut self.file, s)?;
+        self.file.write_all(b"\n")?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// `h:mm:ss`
+pub fn fmt_eta(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// XTuner's line: `Iter(train) [1020/2046] lr: 1.05e-04 eta: 0:56:17 time: 2.8955 data_time: 0.0172
+/// memory: 15266 loss: 0.8473 grad_norm: 0.0009 tokens_per_sec: ...`
+pub fn log_line(s: &StepLog, eta: Duration) -> String {
+    format!(
+        "Iter(train) [{}/{}] lr: {:.3e} eta: {} time: {:.4} data_time: {:.4} memory: {:.0} loss: {:.4} grad_norm: {:.4} tokens_per_sec: {:.1}{}",
+        s.step,
+        s.total,
+        s.lr,
+        fmt_eta(eta),
+        s.time,
+        s.data_time,
+        s.memory_mib,
+        s.loss,
+        s.grad_norm,
+        s.tokens_per_sec,
+        if s.skipped { " (step skipped)" } else { "" }
+    )
+}
+
+/// Peak resident memory of this process in MiB (Linux), 0 where unknown.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Draw loss (top) and learning rate (bottom) against the step into a PNG.
+pub fn plot_curves(path: &Path, loss: &[(usize, f64)], lr: &[(usize, f64)]) -> Result<()> {
+    const W: u32 = 800;
+    const PANEL: u32 = 300;
+    let mut img = image::RgbImage::from_pixel(W, 2 * PANEL, image::Rgb([255, 255, 255]));
+    draw_panel(&mut img, 0, loss, [31, 119, 180]);
+    draw_panel(&mut img, PANEL, lr, [255, 127, 14]);
+    img.save(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// One panel: a frame, light grid lines at quarters, and the series as a polyline.
+fn draw_panel(img: &mut image::RgbImage, top: u32, pts: &[(usize, f64)], color: [u8; 3]) {
+    let (w, h) = (img.width(), 300u32);
+    let (x0, x1, y0, y1) = (40.0, w as f64 - 20.0, top as f64 + 20.0, (top + h) as f64 - 30.0);
+    let grey = image::Rgb([200, 200, 200]);
+    for i in 0..=4 {
+        let y = y0 + (y1 - y0) * i as f64 / 4.0;
+        line(img, (x0, y), (x1, y), grey);
+        let x = x0 + (x1 - x0) * i as f64 / 4.0;
+        line(img, (x, y0), (x, y1), grey);
+    }
+    let pts: Vec<(f64, f64)> = pts.iter().filter(|p| p.1.is_finite()).map(|&(s, v)| (s as f64, v)).collect();
+    if pts.len() < 2 {
+        return;
+    }
+    let (smin, smax) = (pts[0].0, pts[pts.len() - 1].0.max(pts[0].0 + 1.0));
+    let vmin = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let vmax = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let span = (vmax - vmin).max(1e-12);
+    let map = |(s, v): (f64, f64)| (x0 + (s - smin) / (smax - smin) * (x1 - x0), y1 - (v - vmin) / span * (y1 - y0));
+    for p in pts.windows(2) {
+        line(img, map(p[0]), map(p[1]), image::Rgb(color));
+    }
+}
+
+fn line(img: &mut image::RgbImage, a: (f64, f64), b: (f64, f64), c: image::Rgb<u8>) {
+    let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
+    for i in 0..=n {
+        let t = i as f64 / n as f64;
+        let (x, y) = (a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t);
+        if x >= 0.0 && y >= 0.0 && (x as u32) < img.width() && (y as u32) < img.height() {
+            img.put_pixel(x as u32, y as u32, c);
+        }
+    }
+}
