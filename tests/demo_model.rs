@@ -88,8 +88,9 @@ fn demo_model_loads_through_config_tokenizer_and_weights() {
     let std = (emb.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
     assert!(mean.abs() < 5e-4, "mean {mean}");
     assert!((std - 0.02).abs() < 5e-4, "std {std}");
+    let final_norm = weights["model.norm.weight"].to_vec1::<f32>().unwrap();
+    assert_eq!(final_norm, vec![ftrun::model::demo::DEMO_FINAL_NORM; 128]);
     for name in [
-        "model.norm.weight",
         "model.layers.1.input_layernorm.weight",
         "model.layers.2.post_attention_layernorm.weight",
     ] {

@@ -254,7 +254,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
                 step + 1,
                 if cfg.train.on_nan == "stop" { "stopping" } else { "update skipped" }
             );
-            bar.println(&msg);
+            say(&bar, &msg);
             if cfg.train.on_nan == "stop" || nan_streak >= cfg.train.max_nan_steps {
                 bail!("{msg}; {nan_streak} non-finite step(s) in a row");
             }
@@ -282,7 +282,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         bar.set_message(format!("loss {loss:.4} | {:.0} tok/s | {:.0} MiB", log.tokens_per_sec, log.memory_mib));
         bar.inc(1);
         if done % cfg.log.every_steps == 0 || done == total_steps {
-            bar.println(metrics::log_line(&log, eta));
+            say(&bar, &metrics::log_line(&log, eta));
         }
 
         let save_now = (cfg.checkpoint.save_steps > 0 && done % cfg.checkpoint.save_steps == 0) || done == total_steps;
@@ -309,7 +309,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
                 config_toml: cfg.to_toml(),
             };
             let dir = checkpoint::save(work_dir, &ck, cfg.checkpoint.keep_last)?;
-            bar.println(format!("saved checkpoint {}", dir.display()));
+            say(&bar, &format!("saved checkpoint {}", dir.display()));
             last_ckpt = Some(dir);
         }
     }
@@ -326,6 +326,16 @@ fn eta(started: Instant, done_here: usize, left: usize) -> Duration {
         return Duration::ZERO;
     }
     started.elapsed().mul_f64(left as f64 / done_here as f64)
+}
+
+/// A line above the bar; plain stderr when the bar is hidden (not a terminal), where indicatif
+/// would drop it.
+fn say(bar: &ProgressBar, line: &str) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 fn progress_bar(total: u64, pos: u64) -> ProgressBar {
