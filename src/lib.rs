@@ -6,4 +6,5 @@ pub mod config;
 pub mod data;
 pub mod infer;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
