@@ -129,7 +129,11 @@ impl Nf4Tensor {
     /// Checks that lengths agree with the shape and blocksize (for tensors built by hand or loaded).
     pub fn validate(&self) -> Result<()> {
         let numel = self.numel();
-        ensure!(numel > 0, "NF4 tensor has no elements (shape {:?})", self.shape);
+        ensure!(
+            numel > 0,
+            "NF4 tensor has no elements (shape {:?})",
+            self.shape
+        );
         ensure!(
             self.blocksize > 0 && self.blocksize % 2 == 0,
             "NF4 blocksize must be a positive even number, got {}",
@@ -277,10 +281,7 @@ impl Nf4Tensor {
         };
         let dtype = field("dtype")?;
         ensure!(
-            matches!(
-                dtype.as_str(),
-                Some("float32" | "float16" | "bfloat16")
-            ),
+            matches!(dtype.as_str(), Some("float32" | "float16" | "bfloat16")),
             "`{state_key}`: dtype is {dtype}, expected float32, float16 or bfloat16"
         );
 
@@ -306,7 +307,8 @@ impl Nf4Tensor {
         let absmax_key = format!("{name}.absmax");
         let absmax_tensor = get("absmax")?;
         let absmax = if state.contains_key("nested_offset") {
-            let nested_blocksize = json_usize(field("nested_blocksize")?, &state_key, "nested_blocksize")?;
+            let nested_blocksize =
+                json_usize(field("nested_blocksize")?, &state_key, "nested_blocksize")?;
             ensure!(
                 nested_blocksize == NESTED_BLOCKSIZE,
                 "`{state_key}`: nested_blocksize is {nested_blocksize}, only {NESTED_BLOCKSIZE} is supported"
@@ -356,7 +358,10 @@ impl Nf4Tensor {
 ///
 /// Errors on an empty input, a shape that does not match the length, and NaN or infinite values.
 pub fn quantize_nf4(values: &[f32], shape: &[usize], double_quant: bool) -> Result<Nf4Tensor> {
-    ensure!(!values.is_empty(), "cannot quantize an empty tensor to NF4 (shape {shape:?})");
+    ensure!(
+        !values.is_empty(),
+        "cannot quantize an empty tensor to NF4 (shape {shape:?})"
+    );
     let numel: usize = shape.iter().product();
     ensure!(
         numel == values.len(),
@@ -381,7 +386,10 @@ pub fn quantize_nf4(values: &[f32], shape: &[usize], double_quant: bool) -> Resu
     if codes.len() % 2 == 1 {
         codes.push(NF4_ZERO_CODE);
     }
-    let packed = codes.chunks_exact(2).map(|pair| (pair[0] << 4) | pair[1]).collect();
+    let packed = codes
+        .chunks_exact(2)
+        .map(|pair| (pair[0] << 4) | pair[1])
+        .collect();
 
     let absmax = if double_quant {
         let offset = absmax_mean(&absmax);
@@ -503,7 +511,11 @@ pub fn double_quantize_absmax(absmax: &[f32], offset: f32) -> Absmax {
     for block in centered.chunks(NESTED_BLOCKSIZE) {
         let block_absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let inverse = 1.0f32 / block_absmax;
-        codes.extend(block.iter().map(|&v| dynamic_code_index(&code, v * inverse)));
+        codes.extend(
+            block
+                .iter()
+                .map(|&v| dynamic_code_index(&code, v * inverse)),
+        );
         scales.push(block_absmax);
     }
     Absmax::Double {
@@ -599,17 +611,18 @@ pub fn dynamic_map_signed() -> [f32; 256] {
     code
 }
 
-/// torch's fp32 `linspace`: `start + step * i` on the first half, `end - step * (n - 1 - i)` on
-/// the second.
+/// torch's fp32 `linspace` on CPU: `start + step * i` on the first half and
+/// `end - step * (n - 1 - i)` on the second, each as a fused multiply-add (one rounding; plain
+/// multiply-then-add differs from torch in the last bit for some entries).
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
         .map(|i| {
             if i < halfway {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (steps - i - 1) as f32
+                (-step).mul_add((steps - i - 1) as f32, end)
             }
         })
         .collect()
@@ -646,7 +659,12 @@ fn python_json_dumps(state: &Map<String, Value>, offset: f64) -> String {
 /// [-4, 16) and as `d.ddde-XX` otherwise.
 fn python_float_repr(value: f64) -> String {
     if value == 0.0 {
-        return if value.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+        return if value.is_sign_negative() {
+            "-0.0"
+        } else {
+            "0.0"
+        }
+        .into();
     }
     // `{:e}` gives the shortest round-trip digits: "1.2345e-5".
     let scientific = format!("{value:e}");
@@ -680,7 +698,9 @@ fn json_usize(value: &Value, key_path: &str, key: &str) -> Result<usize> {
     value
         .as_u64()
         .and_then(|v| usize::try_from(v).ok())
-        .with_context(|| format!("`{key_path}`: {key} has {value}, expected a non-negative integer"))
+        .with_context(|| {
+            format!("`{key_path}`: {key} has {value}, expected a non-negative integer")
+        })
 }
 
 fn u8_values(tensor: &Tensor, key: &str) -> Result<Vec<u8>> {
@@ -713,8 +733,16 @@ mod tests {
             let mid = (NF4_CODE[code] + NF4_CODE[code + 1]) / 2.0;
             let below = mid - 1e-4;
             let above = mid + 1e-4;
-            assert_eq!(usize::from(nf4_code_index(below)), code, "below midpoint {mid}");
-            assert_eq!(usize::from(nf4_code_index(above)), code + 1, "above midpoint {mid}");
+            assert_eq!(
+                usize::from(nf4_code_index(below)),
+                code,
+                "below midpoint {mid}"
+            );
+            assert_eq!(
+                usize::from(nf4_code_index(above)),
+                code + 1,
+                "above midpoint {mid}"
+            );
         }
         assert_eq!(nf4_code_index(f32::NAN), 0);
         assert_eq!(nf4_code_index(0.0), NF4_ZERO_CODE);
@@ -740,7 +768,11 @@ mod tests {
     fn dynamic_code_search_finds_nearest_entry() {
         let code = dynamic_map_signed();
         for (i, &c) in code.iter().enumerate() {
-            assert_eq!(usize::from(dynamic_code_index(&code, c)), i, "entry {i} = {c}");
+            assert_eq!(
+                usize::from(dynamic_code_index(&code, c)),
+                i,
+                "entry {i} = {c}"
+            );
         }
     }
 }
