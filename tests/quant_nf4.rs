@@ -20,14 +20,13 @@ fn fixture_path(file: &str) -> PathBuf {
 }
 
 struct Case {
-    name: &'static str,
     shape: Vec<usize>,
     input: Vec<f32>,
     tensors: HashMap<String, Tensor>,
 }
 
 impl Case {
-    fn load(name: &'static str) -> Case {
+    fn load(name: &str) -> Case {
         let tensors = candle_core::safetensors::load(
             fixture_path(&format!("{name}.safetensors")),
             &Device::Cpu,
@@ -43,7 +42,6 @@ impl Case {
             .to_vec1::<f32>()
             .unwrap();
         Case {
-            name,
             shape,
             input,
             tensors,

@@ -49,6 +49,8 @@ pub const NESTED_BLOCKSIZE: usize = 256;
 const NF4_ZERO_CODE: u8 = 0b0111;
 
 /// Per-block scales of an [`Nf4Tensor`].
+// `code` is inline as the task's API fixes it; one 1 KiB map per weight is negligible.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Absmax {
     /// One fp32 absmax per block of `blocksize` values.
