@@ -7,5 +7,6 @@ pub mod data;
 pub mod export;
 pub mod infer;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;
