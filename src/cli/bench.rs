@@ -54,7 +54,8 @@ pub struct BenchArgs {
 fn device_used_mib(device: &Device) -> f64 {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        {
             return (total - free) as f64 / (1u64 << 20) as f64;
         }
     }
@@ -71,19 +72,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // The batches: random tokens, every position trained (as transformers with labels = ids).
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let batches: Vec<Vec<Vec<u32>>> = (0..a.steps)
-        .map(|_| (0..a.batch).map(|_| (0..a.seq_len).map(|_| rng.random_range(3..mcfg.vocab_size as u32)).collect()).collect())
+        .map(|_| {
+            (0..a.batch)
+                .map(|_| {
+                    (0..a.seq_len)
+                        .map(|_| rng.random_range(3..mcfg.vocab_size as u32))
+                        .collect()
+                })
+                .collect()
+        })
         .collect();
-    let as_json: Vec<_> = batches.iter().map(|rows| json!({"input_ids": rows, "labels": rows})).collect();
+    let as_json: Vec<_> = batches
+        .iter()
+        .map(|rows| json!({"input_ids": rows, "labels": rows}))
+        .collect();
     std::fs::write(a.out.join("batches.json"), serde_json::to_string(&as_json)?)?;
 
     let before = device_used_mib(&device);
     let t_load = Instant::now();
     let mut w = load_weights(&a.model, dtype, &device, |_| true)?;
-    let lora = LoraConfig { r: a.r, alpha: a.alpha, dropout: 0.0, target_modules: vec![] };
+    let lora = LoraConfig {
+        r: a.r,
+        alpha: a.alpha,
+        dropout: 0.0,
+        target_modules: vec![],
+    };
     let mode = if a.method == "full" {
         TrainMode::Full
     } else {
-        TrainMode::Lora(LoraSpec { r: a.r, alpha: a.alpha, dropout: 0.0, targets: vec![] })
+        TrainMode::Lora(LoraSpec {
+            r: a.r,
+            alpha: a.alpha,
+            dropout: 0.0,
+            targets: vec![],
+        })
     };
     let mut model = Decoder::new(&mcfg, &mut w, mode, dtype, &device, a.seed)?;
     drop(w);
@@ -96,7 +118,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut params = FlatParams::from_values(&init, &decay)?;
     drop(init);
-    let optim = OptimConfig { lr: a.lr, weight_decay: 0.0, ..OptimConfig::default() };
+    let optim = OptimConfig {
+        lr: a.lr,
+        weight_decay: 0.0,
+        ..OptimConfig::default()
+    };
     let mut opt = AdamW::new(&optim, &params)?;
     device.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -106,7 +132,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut peak = after_load;
     let mut timed = 0.0;
     for (step, rows_tokens) in batches.iter().enumerate() {
-        let mut b = Batch { input_ids: vec![], labels: vec![], position_ids: vec![], cu_seqlens: vec![0] };
+        let mut b = Batch {
+            input_ids: vec![],
+            labels: vec![],
+            position_ids: vec![],
+            cu_seqlens: vec![0],
+        };
         for r in rows_tokens {
             let start = b.input_ids.len();
             b.input_ids.extend(r);
@@ -122,7 +153,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         model.set_trainable(&params.views(dtype)?)?;
         let mut grads = model.new_grads();
-        let s = model.forward_backward(&b, 1.0 / n as f64, &mut grads, a.seed + step as u64, !a.no_checkpointing)?;
+        let s = model.forward_backward(
+            &b,
+            1.0 / n as f64,
+            &mut grads,
+            a.seed + step as u64,
+            !a.no_checkpointing,
+        )?;
         let flat = params.flatten_grads(&grads.slots)?;
         drop(grads);
         let (flat, gn) = clip_grad_norm(&flat, 1.0)?;
@@ -153,7 +190,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "model_params": mcfg.num_params(),
         "checkpointing": !a.no_checkpointing,
     });
-    std::fs::write(a.out.join(format!("ftrun_{}.json", a.method)), serde_json::to_string_pretty(&res)?)?;
+    std::fs::write(
+        a.out.join(format!("ftrun_{}.json", a.method)),
+        serde_json::to_string_pretty(&res)?,
+    )?;
     eprintln!(
         "ftrun {}: {:.0} tokens/s, peak {:.0} MiB ({:.0} after load), {} trainable",
         a.method,

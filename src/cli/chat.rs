@@ -28,11 +28,19 @@ pub fn run(a: ChatArgs) -> Result<()> {
         },
     };
     let (model, tokenizer) = load_for_inference(&a.model, a.adapter.as_deref(), &a.device)?;
-    let options = ChatOptions { max_context: Some(model.config().max_position_embeddings), ..options };
+    let options = ChatOptions {
+        max_context: Some(model.config().max_position_embeddings),
+        ..options
+    };
     let mut session = ChatSession::new(&model, &tokenizer, format, options)?;
     let (mut out, mut log) = (std::io::stdout(), std::io::stderr());
     match a.prompt {
         Some(p) => answer_once(&mut session, &p, &mut out, &mut log).map(|_| ()),
-        None => run_repl(&mut session, &mut std::io::stdin().lock(), &mut out, &mut log),
+        None => run_repl(
+            &mut session,
+            &mut std::io::stdin().lock(),
+            &mut out,
+            &mut log,
+        ),
     }
 }

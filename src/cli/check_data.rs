@@ -11,12 +11,20 @@ use crate::tokenizer::Tokenizer;
 
 /// Build (or reuse) the packed dataset, print `n` sequences and the summary.
 pub fn run(cfg: &Config, work_dir: &Path, show: Show, n: usize) -> Result<()> {
-    let tok_path = cfg.model.tokenizer.clone().unwrap_or_else(|| cfg.model.path.clone());
+    let tok_path = cfg
+        .model
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| cfg.model.path.clone());
     let tokenizer = Tokenizer::from_path(&tok_path)?;
     let (ds, report, _) = crate::data::build_dataset(cfg, &tokenizer, work_dir, true)?;
     for i in 0..n.min(ds.len()) {
         let seq = ds.get_owned(i);
-        println!("━━ packed sequence {i} ({} tokens, {} pieces) ━━", seq.input_ids.len(), seq.cu_seqlens.len() - 1);
+        println!(
+            "━━ packed sequence {i} ({} tokens, {} pieces) ━━",
+            seq.input_ids.len(),
+            seq.cu_seqlens.len() - 1
+        );
         for (p, w) in seq.cu_seqlens.windows(2).enumerate() {
             let (a, b) = (w[0] as usize, w[1] as usize);
             println!("── piece {p}: tokens {a}..{b}");
@@ -34,7 +42,10 @@ fn print_piece(tok: &Tokenizer, seq: &PackedSeq, a: usize, b: usize, show: Show)
         println!("[text]\n{}", tok.decode(ids, false)?);
     }
     if matches!(show, Show::Masked | Show::All) {
-        println!("[masked] (⟦…⟧ = not trained)\n{}", render_masked(tok, ids, labels)?);
+        println!(
+            "[masked] (⟦…⟧ = not trained)\n{}",
+            render_masked(tok, ids, labels)?
+        );
     }
     if matches!(show, Show::Ids | Show::All) {
         println!("[input_ids]\n{ids:?}");

@@ -30,20 +30,33 @@ pub fn run(dir: &Path, steps: usize, prompt: Option<&str>) -> Result<()> {
     eprintln!("[3/4] training (LoRA, CPU)");
     let sets = vec![
         format!("model.path=\"{}\"", model_dir.display()),
-        format!("data.files=[{{path=\"{}\", format=\"conversation\"}}]", data.display()),
+        format!(
+            "data.files=[{{path=\"{}\", format=\"conversation\"}}]",
+            data.display()
+        ),
         format!("train.max_steps={steps}"),
     ];
-    let cfg = config::load_str(builtin::get("tiny_demo_assistant").expect("built-in demo config"), "<built-in tiny_demo_assistant>", &sets)?;
+    let cfg = config::load_str(
+        builtin::get("tiny_demo_assistant").expect("built-in demo config"),
+        "<built-in tiny_demo_assistant>",
+        &sets,
+    )?;
     let work_dir = dir.join("work");
     if work_dir.exists() {
         std::fs::remove_dir_all(&work_dir)?;
     }
     let summary = train(&cfg, &work_dir, Resume::No)?;
-    let ckpt = summary.final_checkpoint.context("training wrote no checkpoint")?;
+    let ckpt = summary
+        .final_checkpoint
+        .context("training wrote no checkpoint")?;
     let adapter = dir.join("adapter");
     crate::export::export_checkpoint(&ckpt, &adapter)?;
 
-    eprintln!("[4/4] chat (greedy): ftrun chat {} --adapter {} --template internlm2_chat", model_dir.display(), adapter.display());
+    eprintln!(
+        "[4/4] chat (greedy): ftrun chat {} --adapter {} --template internlm2_chat",
+        model_dir.display(),
+        adapter.display()
+    );
     let question = prompt.unwrap_or(assistant::QUESTIONS[0]);
     let interactive = prompt.is_none() && std::io::stdin().is_terminal();
     let args = super::ChatArgs {
@@ -59,7 +72,11 @@ pub fn run(dir: &Path, steps: usize, prompt: Option<&str>) -> Result<()> {
         seed: 0,
         stop_words: vec![],
         greedy: true,
-        prompt: if interactive { None } else { Some(question.to_string()) },
+        prompt: if interactive {
+            None
+        } else {
+            Some(question.to_string())
+        },
         device: "cpu".into(),
     };
     if !interactive {

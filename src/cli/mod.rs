@@ -189,9 +189,17 @@ pub fn run(cli: Cli) -> Result<()> {
             assistant::write(&name, n, &output)
         }
         Command::Export { checkpoint, out } => crate::export::export_checkpoint(&checkpoint, &out),
-        Command::Merge { base, adapter, out, max_shard_size } => {
-            crate::export::merge(&base, &adapter, &out, crate::model::weights::parse_size(&max_shard_size)?)
-        }
+        Command::Merge {
+            base,
+            adapter,
+            out,
+            max_shard_size,
+        } => crate::export::merge(
+            &base,
+            &adapter,
+            &out,
+            crate::model::weights::parse_size(&max_shard_size)?,
+        ),
         Command::Chat(a) => chat::run(a),
         Command::Demo { dir, steps, prompt } => demo::run(&dir, steps, prompt.as_deref()),
         Command::Bench(a) => bench::run(a),
@@ -274,13 +282,18 @@ fn copy_cfg(name: &str, dir: &Path) -> Result<()> {
 
 /// The work dir: `--work-dir`, else `train.work_dir`, else `work_dirs/<config name>`.
 pub fn work_dir_for(cfg: &config::Config, name: &str, arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| cfg.train.work_dir.clone()).unwrap_or_else(|| PathBuf::from("work_dirs").join(name))
+    arg.or_else(|| cfg.train.work_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("work_dirs").join(name))
 }
 
 fn train(a: TrainArgs) -> Result<()> {
     let (cfg, name) = load_config(&a.config, &a.set)?;
     let work_dir = work_dir_for(&cfg, &name, a.work_dir);
-    crate::train::trainer::run(&cfg, &work_dir, crate::train::trainer::Resume::parse(a.resume.as_deref()))?;
+    crate::train::trainer::run(
+        &cfg,
+        &work_dir,
+        crate::train::trainer::Resume::parse(a.resume.as_deref()),
+    )?;
     Ok(())
 }
 

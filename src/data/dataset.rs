@@ -25,7 +25,8 @@ pub fn dataset_key(cfg: &Config, tokenizer: &Tokenizer) -> Result<String> {
     let d = &cfg.data;
     let mut parts: Vec<Vec<u8>> = vec![PIPELINE_VERSION.to_vec()];
     for f in &d.files {
-        let bytes = std::fs::read(&f.path).with_context(|| format!("data file {} cannot be read", f.path.display()))?;
+        let bytes = std::fs::read(&f.path)
+            .with_context(|| format!("data file {} cannot be read", f.path.display()))?;
         parts.push(bytes);
         parts.push(format!("{}|{}", f.format, f.weight).into_bytes());
     }
@@ -33,7 +34,13 @@ pub fn dataset_key(cfg: &Config, tokenizer: &Tokenizer) -> Result<String> {
     parts.push(
         format!(
             "{}|{:?}|{}|{}|{}|{}|{}",
-            d.template, d.system, d.max_length, d.pack, d.pack_mode, d.shuffle_before_pack, cfg.train.seed
+            d.template,
+            d.system,
+            d.max_length,
+            d.pack,
+            d.pack_mode,
+            d.shuffle_before_pack,
+            cfg.train.seed
         )
         .into_bytes(),
     );
@@ -70,7 +77,11 @@ pub fn build_dataset(
 }
 
 fn report_files(cache_dir: &Path, cached: bool) -> String {
-    format!("dataset cache: {} ({})", cache_dir.display(), if cached { "reused" } else { "built" })
+    format!(
+        "dataset cache: {} ({})",
+        cache_dir.display(),
+        if cached { "reused" } else { "built" }
+    )
 }
 
 impl DataReport {
@@ -105,13 +116,21 @@ fn tokenize_and_pack(
 ) -> Result<(Vec<PackedSeq>, DataReport)> {
     let d = &cfg.data;
     let (records, read) = read_all(&d.files, cfg.train.seed)?;
-    let bar = if progress { ProgressBar::new(records.len() as u64) } else { ProgressBar::hidden() };
+    let bar = if progress {
+        ProgressBar::new(records.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} tokenizing [{bar:30}] {pos}/{len} records {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} tokenizing [{bar:30}] {pos}/{len} records {per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(d.num_workers).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(d.num_workers)
+        .build()?;
     let encoded: Vec<Result<std::result::Result<Encoded, String>>> = pool.install(|| {
         records
             .par_iter()
@@ -140,12 +159,25 @@ fn tokenize_and_pack(
     let tokens: usize = samples.iter().map(|s| s.input_ids.len()).sum();
     let trained: usize = samples.iter().map(|s| s.trained()).sum();
     let n_samples = samples.len();
-    let mode = if d.pack_mode == "whole" { PackMode::Whole } else { PackMode::Split };
+    let mode = if d.pack_mode == "whole" {
+        PackMode::Whole
+    } else {
+        PackMode::Split
+    };
     let seqs = if d.pack {
-        let (seqs, stats) = pack_with_stats(samples, d.max_length, mode, d.shuffle_before_pack, cfg.train.seed);
+        let (seqs, stats) = pack_with_stats(
+            samples,
+            d.max_length,
+            mode,
+            d.shuffle_before_pack,
+            cfg.train.seed,
+        );
         if stats.tail_tokens_dropped > 0 {
             // XTuner's split packing drops the last partial chunk; say how much.
-            dropped.insert("tokens: last partial packed chunk".into(), stats.tail_tokens_dropped);
+            dropped.insert(
+                "tokens: last partial packed chunk".into(),
+                stats.tail_tokens_dropped,
+            );
         }
         seqs
     } else {

@@ -41,7 +41,8 @@ fn copy_side_files(from: &Path, to: &Path, skip_config: bool) -> Result<()> {
         }
         let src = from.join(f);
         if src.is_file() {
-            std::fs::copy(&src, to.join(f)).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, to.join(f))
+                .with_context(|| format!("copying {}", src.display()))?;
         }
     }
     Ok(())
@@ -60,7 +61,12 @@ pub fn export_checkpoint(ckpt_dir: &Path, out: &Path) -> Result<()> {
 }
 
 /// Write `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names.
-pub fn write_peft_adapter(lora: &LoraConfig, base: &Path, trainable: &[(String, Tensor)], out: &Path) -> Result<()> {
+pub fn write_peft_adapter(
+    lora: &LoraConfig,
+    base: &Path,
+    trainable: &[(String, Tensor)],
+    out: &Path,
+) -> Result<()> {
     let mut targets = BTreeSet::new();
     let mut tensors = HashMap::new();
     for (name, t) in trainable {
@@ -95,9 +101,17 @@ pub fn write_peft_adapter(lora: &LoraConfig, base: &Path, trainable: &[(String, 
         "revision": null,
     });
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join("adapter_config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     candle_core::safetensors::save(&tensors, out.join("adapter_model.safetensors"))?;
-    println!("PEFT adapter written to {} ({} tensors, targets {:?})", out.display(), tensors.len(), targets);
+    println!(
+        "PEFT adapter written to {} ({} tensors, targets {:?})",
+        out.display(),
+        tensors.len(),
+        targets
+    );
     Ok(())
 }
 
@@ -108,7 +122,10 @@ fn export_full(cfg: &Config, trainable: &[(String, Tensor)], out: &Path) -> Resu
     let mut weights = load_weights(&cfg.model.path, dtype, &Device::Cpu, |_| true)?;
     for (name, t) in trainable {
         if !weights.contains_key(name) {
-            bail!("checkpoint tensor `{name}` is not in the base model {}", cfg.model.path.display());
+            bail!(
+                "checkpoint tensor `{name}` is not in the base model {}",
+                cfg.model.path.display()
+            );
         }
         weights.insert(name.clone(), t.to_dtype(dtype)?);
     }
@@ -132,16 +149,28 @@ pub fn storage_dtype(torch_dtype: &str) -> DType {
 /// Read a PEFT adapter directory: its config and tensors keyed by HF module path (prefix removed).
 pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: not a PEFT adapter", cfg_path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{}: not a PEFT adapter", cfg_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
     if v["peft_type"] != "LORA" {
-        bail!("{}: peft_type {} is not LORA", cfg_path.display(), v["peft_type"]);
+        bail!(
+            "{}: peft_type {} is not LORA",
+            cfg_path.display(),
+            v["peft_type"]
+        );
     }
     let r = v["r"].as_u64().context("adapter_config.json has no `r`")? as usize;
-    let alpha = v["lora_alpha"].as_f64().context("adapter_config.json has no `lora_alpha`")?;
-    let base = v["base_model_name_or_path"].as_str().unwrap_or_default().to_string();
+    let alpha = v["lora_alpha"]
+        .as_f64()
+        .context("adapter_config.json has no `lora_alpha`")?;
+    let base = v["base_model_name_or_path"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let wpath = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&wpath, &Device::Cpu).with_context(|| format!("reading {}", wpath.display()))?;
+    let tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
+        .with_context(|| format!("reading {}", wpath.display()))?;
     let tensors = tensors
         .into_iter()
         .map(|(k, t)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), t))
@@ -150,18 +179,24 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, HashMap<String, Tensor
 }
 
 /// W += (alpha / r) * B @ A for every LoRA pair, in f32, written back in W's dtype.
-pub fn merge_into(weights: &mut HashMap<String, Tensor>, adapter: &AdapterConfig, lora: &HashMap<String, Tensor>) -> Result<usize> {
+pub fn merge_into(
+    weights: &mut HashMap<String, Tensor>,
+    adapter: &AdapterConfig,
+    lora: &HashMap<String, Tensor>,
+) -> Result<usize> {
     let scale = adapter.alpha / adapter.r as f64;
     let mut merged = 0;
     for (name, a) in lora {
-        let Some(module) = name.strip_suffix(".lora_A.weight") else { continue };
+        let Some(module) = name.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
         let b = lora
             .get(&format!("{module}.lora_B.weight"))
             .with_context(|| format!("adapter has {name} but no {module}.lora_B.weight"))?;
         let wname = format!("{module}.weight");
-        let w = weights
-            .get(&wname)
-            .with_context(|| format!("adapter targets `{wname}`, which the base model does not have"))?;
+        let w = weights.get(&wname).with_context(|| {
+            format!("adapter targets `{wname}`, which the base model does not have")
+        })?;
         // [out, r] @ [r, in] -> [out, in]
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
         let new = (w.to_dtype(DType::F32)? + delta.to_device(w.device())?)?.to_dtype(w.dtype())?;
@@ -186,6 +221,10 @@ pub fn merge(base: &Path, adapter_dir: &Path, out: &Path, max_shard_bytes: usize
     list.sort_by(|a, b| a.0.cmp(&b.0));
     save_sharded(out, &list, max_shard_bytes, dtype)?;
     copy_side_files(base, out, false)?;
-    println!("merged {n} LoRA modules into {} -> {}", base.display(), out.display());
+    println!(
+        "merged {n} LoRA modules into {} -> {}",
+        base.display(),
+        out.display()
+    );
     Ok(())
 }

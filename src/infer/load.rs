@@ -10,7 +10,11 @@ use crate::tokenizer::Tokenizer;
 use crate::train::trainer::{compute_dtype, select_device};
 
 /// A decoder with no trainable tensors and the model's tokenizer.
-pub fn load_for_inference(model_dir: &Path, adapter: Option<&Path>, device: &str) -> Result<(Decoder, Tokenizer)> {
+pub fn load_for_inference(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    device: &str,
+) -> Result<(Decoder, Tokenizer)> {
     let device = select_device(device)?;
     let dtype = compute_dtype("auto", &device);
     let cfg = ModelConfig::from_dir(model_dir)?;

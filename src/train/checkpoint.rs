@@ -82,7 +82,9 @@ pub fn latest(work_dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))
+    File::open(dir)?
+        .sync_all()
+        .with_context(|| format!("fsync {}", dir.display()))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -95,7 +97,8 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))?;
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("writing {}", path.display()))?;
     File::open(path)?.sync_all()?;
     Ok(())
 }
@@ -115,7 +118,11 @@ pub fn save(work_dir: &Path, ck: &Checkpoint, keep_last: usize) -> Result<PathBu
     let dir = checkpoints_dir(work_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let final_dir = dir.join(step_dir_name(ck.state.step));
-    let tmp = dir.join(format!(".tmp-{}-{}", step_dir_name(ck.state.step), std::process::id()));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        step_dir_name(ck.state.step),
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
@@ -124,12 +131,16 @@ pub fn save(work_dir: &Path, ck: &Checkpoint, keep_last: usize) -> Result<PathBu
     save_tensors(&tmp.join("optimizer.safetensors"), &ck.optimizer)?;
     write_synced(&tmp.join("config.toml"), ck.config_toml.as_bytes())?;
     // state.json last: its presence marks a complete directory.
-    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&ck.state)?.as_bytes())?;
+    write_synced(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&ck.state)?.as_bytes(),
+    )?;
     fsync_dir(&tmp)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("committing {}", final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("committing {}", final_dir.display()))?;
     fsync_dir(&dir)?;
     if keep_last > 0 {
         let all = list(work_dir)?;
@@ -141,7 +152,8 @@ pub fn save(work_dir: &Path, ck: &Checkpoint, keep_last: usize) -> Result<PathBu
 }
 
 fn load_tensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let map = candle_core::safetensors::load(path, device).with_context(|| format!("reading {}", path.display()))?;
+    let map = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut v: Vec<_> = map.into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(v)
@@ -150,12 +162,20 @@ fn load_tensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
 /// Read a checkpoint directory.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .with_context(|| format!("{}: not a checkpoint (no readable state.json)", dir.display()))?;
-    let state: CheckpointState =
-        serde_json::from_str(&text).with_context(|| format!("{}: corrupt state.json", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path).with_context(|| {
+        format!(
+            "{}: not a checkpoint (no readable state.json)",
+            dir.display()
+        )
+    })?;
+    let state: CheckpointState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: corrupt state.json", state_path.display()))?;
     if state.format != FORMAT {
-        bail!("{}: checkpoint format {} is not supported (expected {FORMAT})", dir.display(), state.format);
+        bail!(
+            "{}: checkpoint format {} is not supported (expected {FORMAT})",
+            dir.display(),
+            state.format
+        );
     }
     Ok(Checkpoint {
         trainable: load_tensors(&dir.join("trainable.safetensors"), device)?,

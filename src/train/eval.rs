@@ -49,7 +49,12 @@ impl<'a> EvalHook<'a> {
         let mut answers = vec![];
         let mut text = String::new();
         for input in &self.inputs {
-            let mut session = ChatSession::new(model, self.tokenizer, self.format.clone(), self.options.clone())?;
+            let mut session = ChatSession::new(
+                model,
+                self.tokenizer,
+                self.format.clone(),
+                self.options.clone(),
+            )?;
             let mut sink = Vec::new();
             let reply = session.ask(input, &mut sink, &mut std::io::sink())?;
             let prompt = match &self.format {

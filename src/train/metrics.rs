@@ -95,14 +95,20 @@ pub fn plot_curves(path: &Path, loss: &[(usize, f64)], lr: &[(usize, f64)]) -> R
     let mut img = image::RgbImage::from_pixel(W, 2 * PANEL, image::Rgb([255, 255, 255]));
     draw_panel(&mut img, 0, loss, [31, 119, 180]);
     draw_panel(&mut img, PANEL, lr, [255, 127, 14]);
-    img.save(path).with_context(|| format!("writing {}", path.display()))?;
+    img.save(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// One panel: a frame, light grid lines at quarters, and the series as a polyline.
 fn draw_panel(img: &mut image::RgbImage, top: u32, pts: &[(usize, f64)], color: [u8; 3]) {
     let (w, h) = (img.width(), 300u32);
-    let (x0, x1, y0, y1) = (40.0, w as f64 - 20.0, top as f64 + 20.0, (top + h) as f64 - 30.0);
+    let (x0, x1, y0, y1) = (
+        40.0,
+        w as f64 - 20.0,
+        top as f64 + 20.0,
+        (top + h) as f64 - 30.0,
+    );
     let grey = image::Rgb([200, 200, 200]);
     for i in 0..=4 {
         let y = y0 + (y1 - y0) * i as f64 / 4.0;
@@ -110,7 +116,11 @@ fn draw_panel(img: &mut image::RgbImage, top: u32, pts: &[(usize, f64)], color: 
         let x = x0 + (x1 - x0) * i as f64 / 4.0;
         line(img, (x, y0), (x, y1), grey);
     }
-    let pts: Vec<(f64, f64)> = pts.iter().filter(|p| p.1.is_finite()).map(|&(s, v)| (s as f64, v)).collect();
+    let pts: Vec<(f64, f64)> = pts
+        .iter()
+        .filter(|p| p.1.is_finite())
+        .map(|&(s, v)| (s as f64, v))
+        .collect();
     if pts.len() < 2 {
         return;
     }
@@ -118,7 +128,12 @@ fn draw_panel(img: &mut image::RgbImage, top: u32, pts: &[(usize, f64)], color: 
     let vmin = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let vmax = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let span = (vmax - vmin).max(1e-12);
-    let map = |(s, v): (f64, f64)| (x0 + (s - smin) / (smax - smin) * (x1 - x0), y1 - (v - vmin) / span * (y1 - y0));
+    let map = |(s, v): (f64, f64)| {
+        (
+            x0 + (s - smin) / (smax - smin) * (x1 - x0),
+            y1 - (v - vmin) / span * (y1 - y0),
+        )
+    };
     for p in pts.windows(2) {
         line(img, map(p[0]), map(p[1]), image::Rgb(color));
     }

@@ -59,7 +59,11 @@ pub fn select_device(name: &str) -> Result<Device> {
             }
         }
         d => {
-            let idx = d.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose()?.unwrap_or(0);
+            let idx = d
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()?
+                .unwrap_or(0);
             if !cfg!(feature = "cuda") {
                 bail!("train.device = `{d}` but this ftrun was built without CUDA (cargo feature `cuda`)");
             }
@@ -100,7 +104,10 @@ fn sha256_file(path: &Path) -> Result<String> {
 fn method_id(cfg: &Config) -> String {
     match cfg.train.method.as_str() {
         "full" => "full".into(),
-        m => format!("{m}(r={}, alpha={}, targets={:?})", cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules),
+        m => format!(
+            "{m}(r={}, alpha={}, targets={:?})",
+            cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules
+        ),
     }
 }
 
@@ -108,7 +115,12 @@ fn method_id(cfg: &Config) -> String {
 /// first is masked: inside a row it is never a target (nothing precedes it), and across rows the
 /// shift must not make one row's last token predict the next row's first.
 pub fn make_batch(seqs: &[crate::data::pack::PackedSeq]) -> Batch {
-    let mut b = Batch { input_ids: vec![], labels: vec![], position_ids: vec![], cu_seqlens: vec![0] };
+    let mut b = Batch {
+        input_ids: vec![],
+        labels: vec![],
+        position_ids: vec![],
+        cu_seqlens: vec![0],
+    };
     for s in seqs {
         let off = b.input_ids.len() as u32;
         let first_label = b.labels.len();
@@ -118,19 +130,25 @@ pub fn make_batch(seqs: &[crate::data::pack::PackedSeq]) -> Batch {
             b.labels[first_label] = IGNORE_INDEX;
         }
         b.position_ids.extend_from_slice(&s.position_ids);
-        b.cu_seqlens.extend(s.cu_seqlens.iter().skip(1).map(|c| c + off));
+        b.cu_seqlens
+            .extend(s.cu_seqlens.iter().skip(1).map(|c| c + off));
     }
     b
 }
 
 /// Tokens that are targets after the shift (labels[1..] that are trained).
 pub fn trained_targets(b: &Batch) -> usize {
-    b.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    b.labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
 }
 
 /// Train a config to the end. `work_dir` receives checkpoints, logs and the dataset cache.
 pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> {
-    std::fs::create_dir_all(work_dir).with_context(|| format!("creating work dir {}", work_dir.display()))?;
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("creating work dir {}", work_dir.display()))?;
     let device = select_device(&cfg.train.device)?;
     let dtype = compute_dtype(&cfg.model.dtype, &device);
     if cfg.train.method == "qlora" {
@@ -138,7 +156,11 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
     }
 
     // Data: tokenized and packed once, cached in the work dir.
-    let tok_path = cfg.model.tokenizer.clone().unwrap_or_else(|| cfg.model.path.clone());
+    let tok_path = cfg
+        .model
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| cfg.model.path.clone());
     let tokenizer = Tokenizer::from_path(&tok_path)?;
     let (dataset, report, data_key) = crate::data::build_dataset(cfg, &tokenizer, work_dir, true)?;
     eprintln!("{}", report.summary());
@@ -151,7 +173,14 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         method: method_id(cfg),
     };
     let mut w = weights::load_weights(&cfg.model.path, dtype, &device, |_| true)?;
-    let mut model = Decoder::new(&model_cfg, &mut w, train_mode(cfg), dtype, &device, cfg.train.seed)?;
+    let mut model = Decoder::new(
+        &model_cfg,
+        &mut w,
+        train_mode(cfg),
+        dtype,
+        &device,
+        cfg.train.seed,
+    )?;
     drop(w);
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
     let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
@@ -170,7 +199,10 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
     let per_step = cfg.train.batch_size * cfg.train.grad_accum;
     let sampler = DistributedSampler::new(dataset.len(), 0, 1, 1, cfg.train.seed, true, false)?;
     let steps_per_epoch = sampler.per_rank().div_ceil(per_step).max(1);
-    let total_steps = cfg.train.max_steps.unwrap_or(cfg.train.epochs * steps_per_epoch);
+    let total_steps = cfg
+        .train
+        .max_steps
+        .unwrap_or(cfg.train.epochs * steps_per_epoch);
     let schedule = LrSchedule::new(&cfg.schedule, cfg.optim.lr, total_steps)?;
 
     let mut sampler_state = SamplerState::default();
@@ -185,18 +217,27 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         let ck = checkpoint::load(&dir, &device)?;
         checkpoint::check_identity(&dir, &ck.state.identity, &identity)?;
         if ck.state.trainable != names {
-            bail!("{}: its trainable tensors do not match this model's", dir.display());
+            bail!(
+                "{}: its trainable tensors do not match this model's",
+                dir.display()
+            );
         }
         let by_name: std::collections::HashMap<_, _> = ck.trainable.into_iter().collect();
         let values = names.iter().map(|n| by_name[n].clone()).collect::<Vec<_>>();
         params = FlatParams::from_values(&values, &decay)?;
         opt.load_state(&ck.optimizer.iter().cloned().collect())?;
-        sampler_state = ck.state.sampler.clone();
+        sampler_state = ck.state.sampler;
         start_step = ck.state.step;
         history = ck.state.history.clone();
-        eprintln!("resumed from {} at step {start_step}/{total_steps}", dir.display());
+        eprintln!(
+            "resumed from {} at step {start_step}/{total_steps}",
+            dir.display()
+        );
     } else if resume == Resume::Auto {
-        eprintln!("--resume auto: no checkpoint in {}, starting from scratch", work_dir.display());
+        eprintln!(
+            "--resume auto: no checkpoint in {}, starting from scratch",
+            work_dir.display()
+        );
     }
 
     let mut eval = EvalHook::new(cfg, work_dir, &tokenizer)?;
@@ -205,7 +246,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         eval.run(&model, 0)?;
     }
     let mut scalars = ScalarLog::open(work_dir)?;
-    let mut indices = sampler.iter_from(sampler_state.clone());
+    let mut indices = sampler.iter_from(sampler_state);
     let bar = progress_bar(total_steps as u64, start_step as u64);
     let started = Instant::now();
     let mut last_ckpt = None;
@@ -234,7 +275,13 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         let mut loss_sum = 0.0;
         for (i, b) in micro.iter().enumerate() {
             let seed = cfg.train.seed ^ ((step as u64) << 20) ^ i as u64;
-            let s = model.forward_backward(b, 1.0 / n_targets.max(1) as f64, &mut grads, seed, cfg.train.activation_checkpointing)?;
+            let s = model.forward_backward(
+                b,
+                1.0 / n_targets.max(1) as f64,
+                &mut grads,
+                seed,
+                cfg.train.activation_checkpointing,
+            )?;
             loss_sum += s.loss_sum;
         }
         let loss = loss_sum / n_targets.max(1) as f64;
@@ -279,13 +326,17 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         history.push((done, loss));
         lr_points.push((done, lr));
         let eta = eta(started, done - start_step, total_steps - done);
-        bar.set_message(format!("loss {loss:.4} | {:.0} tok/s | {:.0} MiB", log.tokens_per_sec, log.memory_mib));
+        bar.set_message(format!(
+            "loss {loss:.4} | {:.0} tok/s | {:.0} MiB",
+            log.tokens_per_sec, log.memory_mib
+        ));
         bar.inc(1);
         if done % cfg.log.every_steps == 0 || done == total_steps {
             say(&bar, &metrics::log_line(&log, eta));
         }
 
-        let save_now = (cfg.checkpoint.save_steps > 0 && done % cfg.checkpoint.save_steps == 0) || done == total_steps;
+        let save_now = (cfg.checkpoint.save_steps > 0 && done % cfg.checkpoint.save_steps == 0)
+            || done == total_steps;
         let eval_now = (cfg.eval.every_steps > 0 && done % cfg.eval.every_steps == 0) || save_now;
         if eval_now && !cfg.eval.inputs.is_empty() {
             model.set_trainable(&params.views(dtype)?)?;
@@ -298,13 +349,17 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
                     ftrun_version: env!("CARGO_PKG_VERSION").into(),
                     step: done,
                     total_steps,
-                    sampler: sampler_state.clone(),
+                    sampler: sampler_state,
                     seed: cfg.train.seed,
                     identity: identity.clone(),
                     trainable: names.clone(),
                     history: history.clone(),
                 },
-                trainable: names.iter().cloned().zip(params.views(DType::F32)?).collect(),
+                trainable: names
+                    .iter()
+                    .cloned()
+                    .zip(params.views(DType::F32)?)
+                    .collect(),
                 optimizer: opt.state_tensors()?,
                 config_toml: cfg.to_toml(),
             };
@@ -317,8 +372,17 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
     if cfg.log.plot && !history.is_empty() {
         metrics::plot_curves(&work_dir.join("curves.png"), &history, &lr_points)?;
     }
-    eprintln!("training done: {} steps in {:.1}s; work dir {}", total_steps - start_step, started.elapsed().as_secs_f64(), work_dir.display());
-    Ok(RunSummary { losses: history, final_checkpoint: last_ckpt, steps: total_steps })
+    eprintln!(
+        "training done: {} steps in {:.1}s; work dir {}",
+        total_steps - start_step,
+        started.elapsed().as_secs_f64(),
+        work_dir.display()
+    );
+    Ok(RunSummary {
+        losses: history,
+        final_checkpoint: last_ckpt,
+        steps: total_steps,
+    })
 }
 
 fn eta(started: Instant, done_here: usize, left: usize) -> Duration {
