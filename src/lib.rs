@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod export;
+pub mod fsutil;
 pub mod infer;
 pub mod model;
 pub mod quant;

@@ -11,12 +11,7 @@ use crate::tokenizer::Tokenizer;
 
 /// Build (or reuse) the packed dataset, print `n` sequences and the summary.
 pub fn run(cfg: &Config, work_dir: &Path, show: Show, n: usize) -> Result<()> {
-    let tok_path = cfg
-        .model
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| cfg.model.path.clone());
-    let tokenizer = Tokenizer::from_path(&tok_path)?;
+    let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
     let (ds, report, _) = crate::data::build_dataset(cfg, &tokenizer, work_dir, true)?;
     for i in 0..n.min(ds.len()) {
         let seq = ds.get_owned(i);

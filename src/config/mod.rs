@@ -55,6 +55,13 @@ pub struct ModelConfig {
     pub dtype: String,
 }
 
+impl ModelConfig {
+    /// The tokenizer to load: `model.tokenizer`, else the model directory.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.tokenizer.clone().unwrap_or_else(|| self.path.clone())
+    }
+}
+
 fn default_dtype() -> String {
     "auto".into()
 }

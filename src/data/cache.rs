@@ -22,6 +22,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::fsutil::sync_dir;
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -599,17 +600,6 @@ fn acquire_lock(path: &Path, timeout: Duration) -> Result<LockGuard> {
         }
         std::thread::sleep(Duration::from_millis(50).min(timeout));
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    // Makes the renames durable; directories cannot be opened this way on Windows.
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -958,11 +958,17 @@ impl Decoder {
         })
     }
 
-    /// Loss without gradients (no dropout).
-    pub fn loss(&self, batch: &Batch) -> Result<StepStats> {
+    /// The final norm's output `[tokens, hidden]` without gradients (no dropout).
+    fn final_hidden(&self, batch: &Batch) -> Result<Tensor> {
         let ctx = self.batch_ctx(batch)?;
         let x = self.forward_hidden(&ctx)?;
         let (hf, _) = rmsnorm_forward(&x, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
+        Ok(hf)
+    }
+
+    /// Loss without gradients (no dropout).
+    pub fn loss(&self, batch: &Batch) -> Result<StepStats> {
+        let hf = self.final_hidden(batch)?;
         let ce = lm_head_ce(
             &hf,
             &self.params[self.head],
@@ -978,9 +984,7 @@ impl Decoder {
 
     /// Full logits `[tokens, vocab]` f32 (no dropout). For parity checks on small inputs only.
     pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
-        let ctx = self.batch_ctx(batch)?;
-        let x = self.forward_hidden(&ctx)?;
-        let (hf, _) = rmsnorm_forward(&x, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
+        let hf = self.final_hidden(batch)?;
         Ok(hf
             .matmul(&self.params[self.head].t()?)?
             .to_dtype(DType::F32)?)

@@ -1,6 +1,7 @@
 //! Hugging Face safetensors checkpoints: loading (single file or sharded with an index, memory
 //! mapped, tensor by tensor) and writing (sharded like `save_pretrained`, atomically).
 
+use crate::fsutil::sync_dir;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors, TensorInfo};
@@ -358,17 +359,6 @@ pub(crate) fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
     }
     result.with_context(|| format!("{}: writing failed", path.display()))
-}
-
-/// fsync a directory so renames in it survive a crash (no-op where directories cannot be opened).
-fn sync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("{}: cannot fsync the directory", dir.display()))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 /// A byte size as `--max-shard-size` takes it: `2GB`, `500MB`, `1.5GiB`, `4096` (bytes).

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::data::sampler::SamplerState;
+use crate::fsutil::{sync_dir, write_synced};
 
 /// What a run must match to resume from a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -81,20 +82,6 @@ pub fn latest(work_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(work_dir)?.pop().map(|(_, p)| p))
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?
-        .sync_all()
-        .with_context(|| format!("fsync {}", dir.display()))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = File::create(path).with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
 fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     candle_core::safetensors::save(&map, path)
@@ -135,13 +122,13 @@ pub fn save(work_dir: &Path, ck: &Checkpoint, keep_last: usize) -> Result<PathBu
         &tmp.join("state.json"),
         serde_json::to_string_pretty(&ck.state)?.as_bytes(),
     )?;
-    fsync_dir(&tmp)?;
+    sync_dir(&tmp)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("committing {}", final_dir.display()))?;
-    fsync_dir(&dir)?;
+    sync_dir(&dir)?;
     if keep_last > 0 {
         let all = list(work_dir)?;
         for (_, old) in all.iter().take(all.len().saturating_sub(keep_last)) {

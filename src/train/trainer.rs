@@ -156,12 +156,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
     }
 
     // Data: tokenized and packed once, cached in the work dir.
-    let tok_path = cfg
-        .model
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| cfg.model.path.clone());
-    let tokenizer = Tokenizer::from_path(&tok_path)?;
+    let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
     let (dataset, report, data_key) = crate::data::build_dataset(cfg, &tokenizer, work_dir, true)?;
     eprintln!("{}", report.summary());
 
