@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod check_data;
 mod demo;
+mod logits;
 
 use crate::config::{self, builtin};
 use anyhow::{bail, Context, Result};
@@ -70,6 +71,9 @@ pub enum Command {
     /// Train a fixed number of steps on random tokens: GPU parity runs and tokens/s, memory figures.
     #[command(hide = true)]
     Bench(bench::BenchArgs),
+    /// Dump a model's logits for a text as JSON (interop checks against transformers / peft).
+    #[command(hide = true)]
+    Logits(logits::LogitsArgs),
     /// Print the version.
     Version,
     /// Print a shell completion script.
@@ -203,6 +207,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Demo { dir, steps, prompt } => demo::run(&dir, steps, prompt.as_deref()),
         Command::Bench(a) => bench::run(a),
+        Command::Logits(a) => logits::run(a),
         Command::Version => {
             println!("ftrun {} ({})", env!("CARGO_PKG_VERSION"), build_flavour());
             Ok(())
