@@ -12,7 +12,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use train_support::*;
 
-const SHORT: &[&str] = &["train.max_steps=3", "checkpoint.save_steps=0", "eval.every_steps=0", "log.plot=false"];
+const SHORT: &[&str] = &[
+    "train.max_steps=3",
+    "checkpoint.save_steps=0",
+    "eval.every_steps=0",
+    "log.plot=false",
+];
 
 /// A probe batch of the question, as ids.
 fn probe(model_dir: &Path) -> Batch {
@@ -33,7 +38,11 @@ fn trained(base: &Path, mode: TrainMode, values: &HashMap<String, Tensor>) -> De
     let cfg = ModelConfig::from_dir(base).unwrap();
     let mut w = load_weights(base, DType::F32, &Device::Cpu, |_| true).unwrap();
     let mut d = Decoder::new(&cfg, &mut w, mode, DType::F32, &Device::Cpu, 0).unwrap();
-    let v: Vec<Tensor> = d.trainable().iter().map(|t| values[&t.name].clone()).collect();
+    let v: Vec<Tensor> = d
+        .trainable()
+        .iter()
+        .map(|t| values[&t.name].clone())
+        .collect();
     d.set_trainable(&v).unwrap();
     d
 }
@@ -49,7 +58,8 @@ fn lora_checkpoint_exports_a_peft_adapter() {
     assert!(ok, "{err}");
 
     let c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(c["peft_type"], "LORA");
     assert_eq!(c["task_type"], "CAUSAL_LM");
     assert_eq!(c["r"], 16);
@@ -57,12 +67,29 @@ fn lora_checkpoint_exports_a_peft_adapter() {
     assert_eq!(c["bias"], "none");
     assert_eq!(c["fan_in_fan_out"], false);
     assert_eq!(c["base_model_name_or_path"], s.model.display().to_string());
-    let mut targets: Vec<&str> = c["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let mut targets: Vec<&str> = c["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
     targets.sort();
-    assert_eq!(targets, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
+    assert_eq!(
+        targets,
+        [
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj"
+        ]
+    );
 
     // PEFT's names and shapes: lora_A [r, in], lora_B [out, r].
-    let t = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
     let (h, kv, inter, r) = (128, 64, 352, 16);
     let modules = [
         ("self_attn.q_proj", h, h),
@@ -88,7 +115,11 @@ fn lora_checkpoint_exports_a_peft_adapter() {
     // The values are the checkpoint's fp32 masters.
     let ck = ftrun::train::checkpoint::load(&ckpt, &Device::Cpu).unwrap();
     for (name, v) in &ck.trainable {
-        assert_eq!(max_abs_diff(v, &t[&format!("base_model.model.{name}")]), 0.0, "{name}");
+        assert_eq!(
+            max_abs_diff(v, &t[&format!("base_model.model.{name}")]),
+            0.0,
+            "{name}"
+        );
     }
 }
 
@@ -106,7 +137,10 @@ fn full_checkpoint_exports_a_loadable_hf_model_with_the_trained_logits() {
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    assert_eq!(ModelConfig::from_dir(&out).unwrap(), ModelConfig::from_dir(&s.model).unwrap());
+    assert_eq!(
+        ModelConfig::from_dir(&out).unwrap(),
+        ModelConfig::from_dir(&s.model).unwrap()
+    );
 
     let ck = ftrun::train::checkpoint::load(&ckpt, &Device::Cpu).unwrap();
     let values: HashMap<String, Tensor> = ck.trainable.into_iter().collect();
@@ -114,7 +148,11 @@ fn full_checkpoint_exports_a_loadable_hf_model_with_the_trained_logits() {
     let got = frozen(&out);
     let batch = probe(&s.model);
     let (lw, lg) = (want.logits(&batch).unwrap(), got.logits(&batch).unwrap());
-    assert!(max_abs_diff(&lw, &lg) <= 1e-6, "exported logits differ by {}", max_abs_diff(&lw, &lg));
+    assert!(
+        max_abs_diff(&lw, &lg) <= 1e-6,
+        "exported logits differ by {}",
+        max_abs_diff(&lw, &lg)
+    );
     // And training changed them (the check is not comparing the base with itself).
     assert!(max_abs_diff(&frozen(&s.model).logits(&batch).unwrap(), &lg) > 1e-3);
 }
@@ -137,32 +175,58 @@ fn merge_writes_shards_and_equals_base_plus_adapter() {
     ]);
     assert!(ok, "{err}");
 
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     let map = index["weight_map"].as_object().unwrap();
     let mut shards: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
     shards.sort();
     shards.dedup();
-    assert!(shards.len() > 1, "a model of a few MB in 1MB shards: {shards:?}");
+    assert!(
+        shards.len() > 1,
+        "a model of a few MB in 1MB shards: {shards:?}"
+    );
     for sh in &shards {
         assert!(out.join(sh).is_file(), "{sh} missing");
-        assert!(sh.starts_with("model-") && sh.ends_with(&format!("-of-{:05}.safetensors", shards.len())), "{sh}");
+        assert!(
+            sh.starts_with("model-")
+                && sh.ends_with(&format!("-of-{:05}.safetensors", shards.len())),
+            "{sh}"
+        );
     }
     let base_names = load_weights(&s.model, DType::F32, &Device::Cpu, |_| true).unwrap();
-    assert_eq!(map.len(), base_names.len(), "every base tensor, nothing else");
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    assert_eq!(
+        map.len(),
+        base_names.len(),
+        "every base tensor, nothing else"
+    );
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
 
     // base + adapter as the trainer computes it (unmerged LoRA) vs the merged model.
     let (acfg, lora) = ftrun::export::read_adapter(&adapter).unwrap();
     assert_eq!((acfg.r, acfg.alpha), (16, 32.0));
-    let spec = LoraSpec { r: acfg.r, alpha: acfg.alpha, dropout: 0.0, targets: vec![] };
+    let spec = LoraSpec {
+        r: acfg.r,
+        alpha: acfg.alpha,
+        dropout: 0.0,
+        targets: vec![],
+    };
     let want = trained(&s.model, TrainMode::Lora(spec), &lora);
     let (merged, _) = ftrun::infer::load::load_for_inference(&out, None, "cpu").unwrap();
     let batch = probe(&s.model);
     let (lw, lm) = (want.logits(&batch).unwrap(), merged.logits(&batch).unwrap());
     let d = max_abs_diff(&lw, &lm);
     assert!(d <= 1e-5, "merged logits differ from base + adapter by {d}");
-    assert!(max_abs_diff(&frozen(&s.model).logits(&batch).unwrap(), &lm) > 1e-3, "the adapter changed the model");
+    assert!(
+        max_abs_diff(&frozen(&s.model).logits(&batch).unwrap(), &lm) > 1e-3,
+        "the adapter changed the model"
+    );
 }

@@ -26,7 +26,11 @@ pub fn setup(root: &Path, n: usize) -> Setup {
         .collect();
     ftrun::model::demo::make_demo_model(&model, &corpus, 0).expect("demo model");
     write_data(&data, n);
-    Setup { root: root.to_path_buf(), model, data }
+    Setup {
+        root: root.to_path_buf(),
+        model,
+        data,
+    }
 }
 
 /// `n` conversation records cycling through the questions, all answered with [`ANSWER`].
@@ -45,7 +49,10 @@ pub fn write_data(path: &Path, n: usize) {
 pub fn sets(s: &Setup, extra: &[&str]) -> Vec<String> {
     let mut v = vec![
         format!("model.path=\"{}\"", s.model.display()),
-        format!("data.files=[{{path=\"{}\", format=\"conversation\"}}]", s.data.display()),
+        format!(
+            "data.files=[{{path=\"{}\", format=\"conversation\"}}]",
+            s.data.display()
+        ),
         // Short sequences keep a step in the dev profile in the tens of milliseconds.
         "data.max_length=96".to_string(),
         "eval.max_new_tokens=8".to_string(),
@@ -56,12 +63,16 @@ pub fn sets(s: &Setup, extra: &[&str]) -> Vec<String> {
 
 pub fn config(s: &Setup, extra: &[&str]) -> ftrun::config::Config {
     let text = ftrun::config::builtin::get("tiny_demo_assistant").unwrap();
-    ftrun::config::load_str(text, "<built-in tiny_demo_assistant>", &sets(s, extra)).expect("config")
+    ftrun::config::load_str(text, "<built-in tiny_demo_assistant>", &sets(s, extra))
+        .expect("config")
 }
 
 /// Run the `ftrun` binary: (success, stdout, stderr, exit code).
 pub fn ftrun(args: &[&str]) -> (bool, String, String, Option<i32>) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ftrun")).args(args).output().expect("run ftrun");
+    let out = Command::new(env!("CARGO_BIN_EXE_ftrun"))
+        .args(args)
+        .output()
+        .expect("run ftrun");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -71,7 +82,12 @@ pub fn ftrun(args: &[&str]) -> (bool, String, String, Option<i32>) {
 }
 
 /// `ftrun <cmd> tiny_demo_assistant --set ...` for `s` with `extra` arguments after the sets.
-pub fn ftrun_cfg(cmd: &str, s: &Setup, sets_extra: &[&str], extra: &[&str]) -> (bool, String, String, Option<i32>) {
+pub fn ftrun_cfg(
+    cmd: &str,
+    s: &Setup,
+    sets_extra: &[&str],
+    extra: &[&str],
+) -> (bool, String, String, Option<i32>) {
     let sets = sets(s, sets_extra);
     let mut args: Vec<String> = vec![cmd.into(), "tiny_demo_assistant".into()];
     for v in &sets {
@@ -102,5 +118,8 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let a = ftrun::train::trainer::to_vec_f64(a).unwrap();
     let b = ftrun::train::trainer::to_vec_f64(b).unwrap();
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
