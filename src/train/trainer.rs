@@ -191,7 +191,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         let values = names.iter().map(|n| by_name[n].clone()).collect::<Vec<_>>();
         params = FlatParams::from_values(&values, &decay)?;
         opt.load_state(&ck.optimizer.iter().cloned().collect())?;
-        sampler_state = ck.state.sampler.clone();
+        sampler_state = ck.state.sampler;
         start_step = ck.state.step;
         history = ck.state.history.clone();
         eprintln!("resumed from {} at step {start_step}/{total_steps}", dir.display());
@@ -205,7 +205,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         eval.run(&model, 0)?;
     }
     let mut scalars = ScalarLog::open(work_dir)?;
-    let mut indices = sampler.iter_from(sampler_state.clone());
+    let mut indices = sampler.iter_from(sampler_state);
     let bar = progress_bar(total_steps as u64, start_step as u64);
     let started = Instant::now();
     let mut last_ckpt = None;
@@ -307,7 +307,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
                     ftrun_version: env!("CARGO_PKG_VERSION").into(),
                     step: done,
                     total_steps,
-                    sampler: sampler_state.clone(),
+                    sampler: sampler_state,
                     seed: cfg.train.seed,
                     identity: identity.clone(),
                     trainable: names.clone(),
