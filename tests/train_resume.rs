@@ -211,3 +211,26 @@ fn resuming_another_model_or_dataset_is_refused_naming_the_difference() {
         .collect();
     assert_eq!(kept, vec![2]);
 }
+
+#[test]
+fn a_checkpoint_missing_a_tensor_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = setup(tmp.path(), 8);
+    let work = tmp.path().join("work");
+    let extra = [
+        "train.max_steps=2",
+        "checkpoint.save_steps=2",
+        "eval.every_steps=0",
+        "log.plot=false",
+    ];
+    run(&config(&s, &extra), &work, Resume::No).unwrap();
+    let file = checkpoint::checkpoints_dir(&work).join("step-000002/trainable.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let gone = "model.layers.1.mlp.up_proj.lora_B.weight";
+    assert!(t.remove(gone).is_some());
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let mut cfg = config(&s, &extra);
+    cfg.train.max_steps = Some(4);
+    let err = format!("{:#}", run(&cfg, &work, Resume::Auto).unwrap_err());
+    assert!(err.contains(gone) && err.contains("step-000002"), "{err}");
+}

@@ -188,7 +188,14 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             bail!("{}: its trainable tensors do not match this model's", dir.display());
         }
         let by_name: std::collections::HashMap<_, _> = ck.trainable.into_iter().collect();
-        let values = names.iter().map(|n| by_name[n].clone()).collect::<Vec<_>>();
+        let values = names
+            .iter()
+            .map(|n| {
+                by_name.get(n).cloned().with_context(|| {
+                    format!("{}: trainable.safetensors has no tensor `{n}` (incomplete checkpoint)", dir.display())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         params = FlatParams::from_values(&values, &decay)?;
         opt.load_state(&ck.optimizer.iter().cloned().collect())?;
         sampler_state = ck.state.sampler;
