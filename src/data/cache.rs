@@ -512,7 +512,15 @@ pub fn load_or_build_with_timeout(
     }
     remove_stale_temps(dir, key)?;
 
-    let (seqs, report) = build().context("building the packed dataset")?;
+    let (seqs, report) = match build() {
+        Ok(built) => built,
+        Err(e) => {
+            // Bad input (a malformed line, ...) must leave nothing behind. We still hold the
+            // lock; a rank waiting on this file would fail the same deterministic build.
+            let _ = fs::remove_file(&lock_path);
+            return Err(e.context("building the packed dataset"));
+        }
+    };
     let tmp_bin = TempFile(dir.join(format!("pack-{key}.bin.tmp-{}", std::process::id())));
     write(&tmp_bin.0, &seqs, &report)?;
     drop(seqs);

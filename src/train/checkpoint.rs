@@ -172,25 +172,33 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     })
 }
 
-/// Refuse to resume a checkpoint made by a different model, dataset or method.
+/// Refuse to resume a checkpoint made by a different model, dataset or method, naming each
+/// difference with the checkpoint's value and this run's.
 pub fn check_identity(dir: &Path, saved: &RunIdentity, now: &RunIdentity) -> Result<()> {
+    let short = |h: &str| h.chars().take(12).collect::<String>();
     let mut diffs = vec![];
     if saved.model != now.model {
-        diffs.push("the base model (config.json differs)");
+        diffs.push(format!(
+            "the base model (config.json sha256 {} in the checkpoint, {} now)",
+            short(&saved.model),
+            short(&now.model)
+        ));
     }
     if saved.data != now.data {
-        diffs.push("the dataset (data files, tokenizer, template, max_length or packing differ)");
+        diffs.push(format!(
+            "the dataset (data files, tokenizer, template, max_length or packing differ: key {} in the checkpoint, {} now)",
+            short(&saved.data),
+            short(&now.data)
+        ));
     }
     if saved.method != now.method {
-        diffs.push("the training method");
+        diffs.push(format!("the training method ({} in the checkpoint, {} now)", saved.method, now.method));
     }
     if !diffs.is_empty() {
         bail!(
-            "{} was made by another run: {} ({} vs {}); start a new work dir or resume the matching config",
+            "{} was made by another run: {}; start a new work dir or resume the matching config",
             dir.display(),
-            diffs.join(", "),
-            saved.method,
-            now.method
+            diffs.join("; ")
         );
     }
     Ok(())

@@ -218,7 +218,14 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             );
         }
         let by_name: std::collections::HashMap<_, _> = ck.trainable.into_iter().collect();
-        let values = names.iter().map(|n| by_name[n].clone()).collect::<Vec<_>>();
+        let values = names
+            .iter()
+            .map(|n| {
+                by_name.get(n).cloned().with_context(|| {
+                    format!("{}: trainable.safetensors has no tensor `{n}` (incomplete checkpoint)", dir.display())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         params = FlatParams::from_values(&values, &decay)?;
         opt.load_state(&ck.optimizer.iter().cloned().collect())?;
         sampler_state = ck.state.sampler;
@@ -286,19 +293,24 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         let (flat, grad_norm) = clip_grad_norm(&flat, cfg.optim.max_grad_norm)?;
         let lr = schedule.lr_at(step);
         let finite = loss.is_finite() && grad_norm.is_finite();
+        // Set when this step ends the run; raised after the step's scalars are logged.
+        let mut stop_error = None;
         if finite {
             opt.step(&mut params, &flat, lr)?;
             nan_streak = 0;
         } else {
             nan_streak += 1;
-            let msg = format!(
-                "step {}: loss {loss} / grad_norm {grad_norm} is not finite (lr {lr:.3e}); {} (check the learning rate, the data at this step, or use f32)",
-                step + 1,
-                if cfg.train.on_nan == "stop" { "stopping" } else { "update skipped" }
-            );
-            say(&bar, &msg);
-            if cfg.train.on_nan == "stop" || nan_streak >= cfg.train.max_nan_steps {
-                bail!("{msg}; {nan_streak} non-finite step(s) in a row");
+            let what = format!("step {}: loss {loss} / grad_norm {grad_norm} is not finite (lr {lr:.3e})", step + 1);
+            let hint = "check the learning rate, the data at this step, or use f32";
+            if cfg.train.on_nan == "stop" {
+                stop_error = Some(format!("{what}; stopping (train.on_nan = \"stop\"); {hint}"));
+            } else if nan_streak >= cfg.train.max_nan_steps {
+                stop_error = Some(format!(
+                    "{what}; stopping after {nan_streak} non-finite step(s) in a row (train.max_nan_steps = {}); {hint}",
+                    cfg.train.max_nan_steps
+                ));
+            } else {
+                say(&bar, &format!("{what}; update skipped ({hint})"));
             }
         }
         let done = step + 1;
@@ -318,6 +330,10 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             skipped: !finite,
         };
         scalars.write(&log)?;
+        if let Some(msg) = stop_error {
+            bar.finish_and_clear();
+            bail!("{msg}");
+        }
         history.push((done, loss));
         lr_points.push((done, lr));
         let eta = eta(started, done - start_step, total_steps - done);
