@@ -28,7 +28,13 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     let logits = model.logits(&Batch::single(ids.clone(), labels))?; // [tokens, vocab] f32
     let rows = logits.to_vec2::<f32>()?;
     let json = serde_json::json!({"input_ids": ids, "logits": rows});
-    std::fs::write(&a.out, serde_json::to_string(&json)?).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("logits [{} x {}] -> {}", rows.len(), rows.first().map_or(0, |r| r.len()), a.out.display());
+    std::fs::write(&a.out, serde_json::to_string(&json)?)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "logits [{} x {}] -> {}",
+        rows.len(),
+        rows.first().map_or(0, |r| r.len()),
+        a.out.display()
+    );
     Ok(())
 }

@@ -192,7 +192,10 @@ pub fn check_identity(dir: &Path, saved: &RunIdentity, now: &RunIdentity) -> Res
         ));
     }
     if saved.method != now.method {
-        diffs.push(format!("the training method ({} in the checkpoint, {} now)", saved.method, now.method));
+        diffs.push(format!(
+            "the training method ({} in the checkpoint, {} now)",
+            saved.method, now.method
+        ));
     }
     if !diffs.is_empty() {
         bail!(

@@ -222,7 +222,10 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             .iter()
             .map(|n| {
                 by_name.get(n).cloned().with_context(|| {
-                    format!("{}: trainable.safetensors has no tensor `{n}` (incomplete checkpoint)", dir.display())
+                    format!(
+                        "{}: trainable.safetensors has no tensor `{n}` (incomplete checkpoint)",
+                        dir.display()
+                    )
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -300,10 +303,15 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             nan_streak = 0;
         } else {
             nan_streak += 1;
-            let what = format!("step {}: loss {loss} / grad_norm {grad_norm} is not finite (lr {lr:.3e})", step + 1);
+            let what = format!(
+                "step {}: loss {loss} / grad_norm {grad_norm} is not finite (lr {lr:.3e})",
+                step + 1
+            );
             let hint = "check the learning rate, the data at this step, or use f32";
             if cfg.train.on_nan == "stop" {
-                stop_error = Some(format!("{what}; stopping (train.on_nan = \"stop\"); {hint}"));
+                stop_error = Some(format!(
+                    "{what}; stopping (train.on_nan = \"stop\"); {hint}"
+                ));
             } else if nan_streak >= cfg.train.max_nan_steps {
                 stop_error = Some(format!(
                     "{what}; stopping after {nan_streak} non-finite step(s) in a row (train.max_nan_steps = {}); {hint}",
