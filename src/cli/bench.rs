@@ -3,7 +3,6 @@
 //! adapter) and for tokens/s and memory figures. Not a test: a measurement tool.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::path::PathBuf;
@@ -12,6 +11,7 @@ use std::time::Instant;
 use crate::config::{LoraConfig, OptimConfig};
 use crate::model::decoder::{Batch, Decoder, LoraSpec, TrainMode};
 use crate::model::{weights::load_weights, ModelConfig};
+use crate::train::metrics::device_memory_mib;
 use crate::train::optim::{clip_grad_norm, AdamW, FlatParams};
 use crate::train::trainer::{compute_dtype, select_device, trained_targets};
 
@@ -50,19 +50,6 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
-/// Device memory in use (MiB) as the driver reports it: everything this process holds.
-fn device_used_mib(device: &Device) -> f64 {
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
-        {
-            return (total - free) as f64 / (1u64 << 20) as f64;
-        }
-    }
-    let _ = device;
-    crate::train::metrics::peak_rss_mib()
-}
-
 pub fn run(a: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = select_device(&a.device)?;
@@ -88,7 +75,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect();
     std::fs::write(a.out.join("batches.json"), serde_json::to_string(&as_json)?)?;
 
-    let before = device_used_mib(&device);
+    let before = device_memory_mib(&device);
     let t_load = Instant::now();
     let mut w = load_weights(&a.model, dtype, &device, |_| true)?;
     let lora = LoraConfig {
@@ -126,7 +113,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut opt = AdamW::new(&optim, &params)?;
     device.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let after_load = device_used_mib(&device);
+    let after_load = device_memory_mib(&device);
 
     let mut rows = vec![];
     let mut peak = after_load;
@@ -169,7 +156,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if step >= a.warmup {
             timed += dt;
         }
-        peak = peak.max(device_used_mib(&device));
+        peak = peak.max(device_memory_mib(&device));
         let loss = s.loss_sum / n as f64;
         let row = json!({"step": step + 1, "loss": loss, "grad_norm": gn, "time": dt});
         println!("{row}");

@@ -88,6 +88,20 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Memory in use (MiB): on a GPU what the driver reports as used on the device (everything the
+/// process holds, allocator caches included); on CPU the process' peak resident set.
+pub fn device_memory_mib(device: &candle_core::Device) -> f64 {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        {
+            return (total - free) as f64 / (1u64 << 20) as f64;
+        }
+    }
+    let _ = device;
+    peak_rss_mib()
+}
+
 /// Draw loss (top) and learning rate (bottom) against the step into a PNG.
 pub fn plot_curves(path: &Path, loss: &[(usize, f64)], lr: &[(usize, f64)]) -> Result<()> {
     const W: u32 = 800;

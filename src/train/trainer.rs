@@ -334,7 +334,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             data_time,
             tokens,
             tokens_per_sec: tokens as f64 / time.max(1e-9),
-            memory_mib: memory_mib(&device),
+            memory_mib: metrics::device_memory_mib(&device),
             skipped: !finite,
         };
         scalars.write(&log)?;
@@ -430,12 +430,6 @@ fn progress_bar(total: u64, pos: u64) -> ProgressBar {
             .progress_chars("=> "),
     );
     bar
-}
-
-/// Peak memory: the GPU's used memory when on one, else the process' peak RSS.
-fn memory_mib(device: &Device) -> f64 {
-    let _ = device;
-    metrics::peak_rss_mib()
 }
 
 /// A tensor's values as f64 (tests and logs).
