@@ -7,3 +7,4 @@ pub mod data;
 pub mod infer;
 pub mod model;
 pub mod tokenizer;
+pub mod dist;
