@@ -4,7 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod infer;
 pub mod model;
 pub mod tokenizer;
-pub mod dist;

@@ -20,7 +20,10 @@ fn run_world<T: Send + 'static>(
     let listeners: Vec<_> = (0..world)
         .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().to_string())
+        .collect();
     let body = Arc::new(body);
     let handles: Vec<_> = listeners
         .into_iter()
@@ -39,7 +42,9 @@ fn run_world<T: Send + 'static>(
 /// Rank `rank`'s input: non-integer values so that summation order changes the bits.
 fn input(rank: usize, len: usize) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1000 + rank as u64);
-    (0..len).map(|_| rng.random_range(-1.0f32..1.0) * 1e3).collect()
+    (0..len)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 1e3)
+        .collect()
 }
 
 /// The documented ring order: chunk j (balanced bounds) is ((x[j+1] + x[j+2]) + ...) + x[j].
@@ -71,8 +76,14 @@ fn all_reduce_matches_serial_sum_bit_for_bit_on_every_rank() {
             let inputs: Vec<_> = (0..world).map(|r| input(r, len)).collect();
             let expected = serial_ring_sum(&inputs);
             for (rank, got) in results.iter().enumerate() {
-                let same_bits = got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same_bits && got.len() == len, "world {world} len {len} rank {rank}");
+                let same_bits = got
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same_bits && got.len() == len,
+                    "world {world} len {len} rank {rank}"
+                );
             }
             // Independent sanity check against an f64 sum.
             for e in 0..len {
@@ -107,7 +118,11 @@ fn reduce_scatter_gives_each_rank_its_shard_of_the_sum_with_padding() {
         let n = padded / world;
         for (rank, shard) in results.iter().enumerate() {
             assert_eq!(shard.len(), n);
-            assert_eq!(shard.as_slice(), &expected[rank * n..(rank + 1) * n], "world {world}");
+            assert_eq!(
+                shard.as_slice(),
+                &expected[rank * n..(rank + 1) * n],
+                "world {world}"
+            );
         }
         if world > 1 {
             assert!(padded > len || len % world == 0);
@@ -122,7 +137,10 @@ fn reduce_scatter_refuses_a_length_not_divisible_by_world() {
         ring.reduce_scatter_sum(&t).unwrap_err().to_string()
     });
     for e in errors {
-        assert!(e.contains("10 elements") && e.contains("pad it to 12"), "{e}");
+        assert!(
+            e.contains("10 elements") && e.contains("pad it to 12"),
+            "{e}"
+        );
     }
 }
 
@@ -170,8 +188,8 @@ fn all_to_all_delivers_chunk_j_to_rank_j() {
     for world in 1..=4 {
         let n = 3;
         let results = run_world(world, TIMEOUT, move |ring| {
-            let t = Tensor::from_vec(input(ring.rank(), world * n), world * n, &Device::Cpu)
-                .unwrap();
+            let t =
+                Tensor::from_vec(input(ring.rank(), world * n), world * n, &Device::Cpu).unwrap();
             ring.all_to_all(&t).unwrap().to_vec1::<f32>().unwrap()
         });
         for (rank, got) in results.iter().enumerate() {
@@ -195,7 +213,10 @@ fn barrier_releases_no_rank_before_the_last_arrives() {
     });
     let last_entry = times.iter().map(|t| t.0).max().unwrap();
     for (entered, left) in times {
-        assert!(left >= last_entry, "left at {left:?} before the last entry {last_entry:?} (entered {entered:?})");
+        assert!(
+            left >= last_entry,
+            "left at {left:?} before the last entry {last_entry:?} (entered {entered:?})"
+        );
     }
 }
 
@@ -207,8 +228,18 @@ fn dp_and_sp_groups_reduce_over_their_own_members() {
             let rank = ring.rank();
             let groups = layout.split(&ring).unwrap();
             let x = Tensor::from_vec(input(rank, 6), 6, &Device::Cpu).unwrap();
-            let sp_sum = groups.sp.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
-            let dp_sum = groups.dp.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+            let sp_sum = groups
+                .sp
+                .all_reduce_sum(&x)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let dp_sum = groups
+                .dp
+                .all_reduce_sum(&x)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             // The world ring still works after the splits.
             ring.barrier().unwrap();
             (
@@ -228,8 +259,16 @@ fn dp_and_sp_groups_reduce_over_their_own_members() {
             let sum_of = |members: &[usize]| {
                 serial_ring_sum(&members.iter().map(|&r| input(r, 6)).collect::<Vec<_>>())
             };
-            assert_eq!(sp_sum, sum_of(&sp_members), "world {world} sp {sp} rank {rank}");
-            assert_eq!(dp_sum, sum_of(&dp_members), "world {world} sp {sp} rank {rank}");
+            assert_eq!(
+                sp_sum,
+                sum_of(&sp_members),
+                "world {world} sp {sp} rank {rank}"
+            );
+            assert_eq!(
+                dp_sum,
+                sum_of(&dp_members),
+                "world {world} sp {sp} rank {rank}"
+            );
         }
     }
 }
@@ -240,7 +279,10 @@ fn setup_times_out_when_a_rank_never_joins() {
     let listeners: Vec<_> = (0..3)
         .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().to_string())
+        .collect();
     let start = Instant::now();
     // Rank 2 never joins; rank 0 waits for it as its predecessor.
     let handles: Vec<_> = listeners
@@ -258,8 +300,14 @@ fn setup_times_out_when_a_rank_never_joins() {
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(start.elapsed() < Duration::from_secs(3));
     let rank0 = format!("{:#}", results[0].as_ref().unwrap_err());
-    assert!(rank0.contains("timed out") && rank0.contains("waiting for rank 2"), "{rank0}");
-    assert!(results[1].is_err(), "rank 1 cannot finish a barrier without rank 2");
+    assert!(
+        rank0.contains("timed out") && rank0.contains("waiting for rank 2"),
+        "{rank0}"
+    );
+    assert!(
+        results[1].is_err(),
+        "rank 1 cannot finish a barrier without rank 2"
+    );
 }
 
 #[test]
@@ -278,7 +326,10 @@ fn collective_times_out_when_a_peer_never_calls_it() {
         }
     });
     let err = results[0].as_ref().unwrap_err();
-    assert!(err.contains("timed out after 400ms") && err.contains("rank 1"), "{err}");
+    assert!(
+        err.contains("timed out after 400ms") && err.contains("rank 1"),
+        "{err}"
+    );
     assert!(start.elapsed() < Duration::from_secs(4));
 }
 
@@ -296,7 +347,10 @@ fn mismatched_collectives_fail_with_a_clear_error() {
         }
     });
     let err = results[1].as_ref().unwrap_err();
-    assert!(err.contains("expected all_to_all") && err.contains("got broadcast"), "{err}");
+    assert!(
+        err.contains("expected all_to_all") && err.contains("got broadcast"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -305,5 +359,9 @@ fn non_f32_tensors_are_refused() {
         let t = Tensor::zeros(4, DType::F16, &Device::Cpu).unwrap();
         ring.all_reduce_sum(&t).unwrap_err().to_string()
     });
-    assert!(errors[0].contains("f32") && errors[0].contains("F16"), "{}", errors[0]);
+    assert!(
+        errors[0].contains("f32") && errors[0].contains("F16"),
+        "{}",
+        errors[0]
+    );
 }

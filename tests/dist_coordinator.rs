@@ -108,14 +108,25 @@ fn a_worker_with_a_different_dataset_is_refused_naming_the_difference() {
     let mut odd = info(0, 1);
     odd.dataset_fingerprint = "data-999".into();
     odd.binary_version = "ftrun 0.2.0".into();
-    let err = format!("{:#}", Worker::register(&addr, odd, Duration::from_secs(5)).err().unwrap());
+    let err = format!(
+        "{:#}",
+        Worker::register(&addr, odd, Duration::from_secs(5))
+            .err()
+            .unwrap()
+    );
     assert!(err.contains("FailedPrecondition"), "{err}");
     assert!(
         err.contains(r#"dataset fingerprint "data-999" differs from "data-123""#),
         "{err}"
     );
-    assert!(err.contains(r#"binary version "ftrun 0.2.0" differs"#), "{err}");
-    assert!(!err.contains("config hash"), "the config hash matches: {err}");
+    assert!(
+        err.contains(r#"binary version "ftrun 0.2.0" differs"#),
+        "{err}"
+    );
+    assert!(
+        !err.contains("config hash"),
+        "the config hash matches: {err}"
+    );
     // The first worker gives up once the wait timeout passes, naming the missing rank.
     let err = format!("{:#}", first.join().unwrap().err().unwrap());
     assert!(err.contains("ranks [1] did not register"), "{err}");
@@ -128,14 +139,22 @@ fn duplicate_and_out_of_range_workers_are_refused() {
     cfg.wait_timeout = Duration::from_millis(600);
     let coord = CoordinatorHandle::start(cfg, "127.0.0.1:0").unwrap();
     let addr = coord.addr().to_string();
-    let err = Worker::register(&addr, info(1, 0), Duration::from_secs(5)).err().unwrap();
-    assert!(err.to_string().contains("outside the job's 1 nodes x 2 processes"), "{err}");
+    let err = Worker::register(&addr, info(1, 0), Duration::from_secs(5))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("outside the job's 1 nodes x 2 processes"),
+        "{err}"
+    );
     let first = {
         let addr = addr.clone();
         std::thread::spawn(move || Worker::register(&addr, info(0, 0), Duration::from_secs(5)))
     };
     std::thread::sleep(Duration::from_millis(150));
-    let err = Worker::register(&addr, info(0, 0), Duration::from_secs(5)).err().unwrap();
+    let err = Worker::register(&addr, info(0, 0), Duration::from_secs(5))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("rank 0 (node 0 local 0"), "{err}");
     assert!(err.to_string().contains("already registered"), "{err}");
     assert!(first.join().unwrap().is_err());
@@ -171,7 +190,10 @@ fn a_silent_worker_stops_the_job() {
             continue;
         }
         let stop = stop.unwrap_or_else(|| panic!("rank {rank} was never told to stop"));
-        assert!(stop.contains("rank 2 (node 0 local 2") && stop.contains("heartbeat"), "{stop}");
+        assert!(
+            stop.contains("rank 2 (node 0 local 2") && stop.contains("heartbeat"),
+            "{stop}"
+        );
         let barrier = barrier.expect("a barrier after the stop must fail");
         assert!(barrier.contains("the job was stopped"), "{barrier}");
     }
@@ -202,7 +224,10 @@ fn barriers_release_together_and_can_be_reused() {
         let entries: Vec<_> = results.iter().map(|r| r[round].1).collect();
         let last_entry = *entries.iter().max().unwrap();
         for r in &results {
-            assert!(r[round].2 >= last_entry, "round {round}: left before the last entry");
+            assert!(
+                r[round].2 >= last_entry,
+                "round {round}: left before the last entry"
+            );
         }
     }
 }
@@ -218,7 +243,11 @@ fn metrics_are_aggregated_into_one_line_per_step() {
             let w = w.unwrap();
             // Rank 1 reports second, so its report completes the step.
             std::thread::sleep(Duration::from_millis(100 * w.rank() as u64));
-            let (loss, tokens) = if w.rank() == 0 { (2.5, 100) } else { (1.5, 300) };
+            let (loss, tokens) = if w.rank() == 0 {
+                (2.5, 100)
+            } else {
+                (1.5, 300)
+            };
             w.report_metrics(4, loss, tokens).unwrap()
         },
     );
@@ -226,7 +255,10 @@ fn metrics_are_aggregated_into_one_line_per_step() {
     let line = results[1].clone().unwrap();
     // Token-weighted: (2.5*100 + 1.5*300) / 400 = 1.75.
     assert!(line.starts_with("step 4 | loss 1.7500"), "{line}");
-    assert!(line.contains("tokens 400") && line.contains("ranks 2"), "{line}");
+    assert!(
+        line.contains("tokens 400") && line.contains("ranks 2"),
+        "{line}"
+    );
     assert_eq!(coord.metric_lines(), vec![line]);
 }
 
@@ -247,7 +279,10 @@ fn manifest_is_written_only_after_every_shard_is_durable() {
             // Ranks report one after another; before the last, no manifest may exist.
             std::thread::sleep(Duration::from_millis(150 * rank as u64));
             if rank < 2 {
-                assert!(!check_path.exists(), "manifest written before rank 2 reported");
+                assert!(
+                    !check_path.exists(),
+                    "manifest written before rank 2 reported"
+                );
                 let committed = w.shard_durable(10, files, false).unwrap();
                 assert!(!committed);
                 assert!(!check_path.exists());
@@ -256,8 +291,7 @@ fn manifest_is_written_only_after_every_shard_is_durable() {
             }
             // Everyone then learns of the commit (from heartbeats) ...
             let start = Instant::now();
-            while w.last_committed_step() != Some(10) && start.elapsed() < Duration::from_secs(3)
-            {
+            while w.last_committed_step() != Some(10) && start.elapsed() < Duration::from_secs(3) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let learned = w.last_committed_step();
@@ -301,7 +335,12 @@ fn blobs_are_shared_from_the_leader() {
                 std::thread::sleep(Duration::from_millis(200));
             }
             let id = w
-                .share_id("nccl/world", leader, || Ok(vec![7u8; 128]), Duration::from_secs(3))
+                .share_id(
+                    "nccl/world",
+                    leader,
+                    || Ok(vec![7u8; 128]),
+                    Duration::from_secs(3),
+                )
                 .unwrap();
             let clash = leader.then(|| w.publish_blob("nccl/world", vec![1u8]).unwrap_err());
             (id, clash.map(|e| e.to_string()))

@@ -51,7 +51,10 @@ fn slurm_one_task_per_node_spawns_locally() {
     let spec = resolve(&cli, &vars).unwrap();
     assert_eq!((spec.nnodes, spec.node_rank, spec.nproc), (4, 2, 8));
     assert_eq!(spec.coordinator, "gpu07:29400");
-    assert_eq!(spec.local_rank, None, "one task per node spawns its workers");
+    assert_eq!(
+        spec.local_rank, None,
+        "one task per node spawns its workers"
+    );
 }
 
 #[test]
@@ -74,8 +77,13 @@ fn slurm_one_task_per_gpu_is_one_worker() {
     // A SLURM_PROCID that disagrees with the node-major layout is an error.
     let mut bad = vars.to_vec();
     bad[5] = ("SLURM_PROCID", "5");
-    let err = resolve(&LaunchArgs::default(), &bad).unwrap_err().to_string();
-    assert!(err.contains("SLURM_PROCID=5") && err.contains("= 7"), "{err}");
+    let err = resolve(&LaunchArgs::default(), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("SLURM_PROCID=5") && err.contains("= 7"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -103,7 +111,10 @@ fn torchrun_variables_beat_slurm_and_cli_beats_both() {
     };
     let spec = resolve(&cli, &vars).unwrap();
     assert_eq!(spec.coordinator, "head:1234");
-    assert_eq!(spec.nproc, 4, "fields the CLI leaves unset still come from the environment");
+    assert_eq!(
+        spec.nproc, 4,
+        "fields the CLI leaves unset still come from the environment"
+    );
 }
 
 #[test]
@@ -139,10 +150,20 @@ fn bad_values_name_the_variable() {
     };
     let err = resolve(&cli, &[]).unwrap_err().to_string();
     assert!(err.contains("node rank 2 is outside 2 nodes"), "{err}");
-    let err = resolve(&LaunchArgs::default(), &[("RANK", "1"), ("WORLD_SIZE", "6"), ("LOCAL_WORLD_SIZE", "4")])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("WORLD_SIZE=6") && err.contains("LOCAL_WORLD_SIZE=4"), "{err}");
+    let err = resolve(
+        &LaunchArgs::default(),
+        &[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "6"),
+            ("LOCAL_WORLD_SIZE", "4"),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("WORLD_SIZE=6") && err.contains("LOCAL_WORLD_SIZE=4"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -63,7 +63,10 @@ pub struct WorldLayout {
 impl WorldLayout {
     pub fn new(world: usize, sp: usize) -> Result<Self> {
         ensure!(world >= 1, "world size must be at least 1, got {world}");
-        ensure!(sp >= 1, "sequence-parallel size must be at least 1, got {sp}");
+        ensure!(
+            sp >= 1,
+            "sequence-parallel size must be at least 1, got {sp}"
+        );
         if world % sp != 0 {
             bail!("sequence-parallel size {sp} does not divide the world size {world}");
         }
@@ -93,7 +96,9 @@ impl WorldLayout {
 
     /// The world ranks of DP group `color`, in group-rank order.
     pub fn dp_group(&self, color: u64) -> Vec<usize> {
-        (0..self.dp()).map(|k| k * self.sp + color as usize).collect()
+        (0..self.dp())
+            .map(|k| k * self.sp + color as usize)
+            .collect()
     }
 
     /// Splits `world` into this rank's (dp, sp) communicators; every rank must call it.
@@ -166,6 +171,9 @@ mod tests {
         assert_eq!(padded_len(12, 4), 12);
         assert_eq!(chunk_len(12, 4, "x").unwrap(), 3);
         let err = chunk_len(10, 4, "reduce_scatter").unwrap_err().to_string();
-        assert!(err.contains("10 elements") && err.contains("pad it to 12"), "{err}");
+        assert!(
+            err.contains("10 elements") && err.contains("pad it to 12"),
+            "{err}"
+        );
     }
 }

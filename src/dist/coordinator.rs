@@ -472,11 +472,10 @@ impl Coordinator for Service {
                 if inner.committed.contains(&step) {
                     Some(Ok(()))
                 } else {
-                    inner.commit_errors.get(&step).map(|e| {
-                        Err(Status::internal(format!(
-                            "ShardDurable: step {step}: {e}"
-                        )))
-                    })
+                    inner
+                        .commit_errors
+                        .get(&step)
+                        .map(|e| Err(Status::internal(format!("ShardDurable: step {step}: {e}"))))
                 }
             })
             .await?;
@@ -526,17 +525,19 @@ impl Coordinator for Service {
 fn metrics_line(step: u64, per_rank: &BTreeMap<u32, (f64, u64)>) -> String {
     let tokens: u64 = per_rank.values().map(|&(_, t)| t).sum();
     let mean = if tokens > 0 {
-        per_rank
-            .values()
-            .map(|&(l, t)| l * t as f64)
-            .sum::<f64>()
-            / tokens as f64
+        per_rank.values().map(|&(l, t)| l * t as f64).sum::<f64>() / tokens as f64
     } else {
         per_rank.values().map(|&(l, _)| l).sum::<f64>() / per_rank.len() as f64
     };
     let by_loss = |a: &(&u32, &(f64, u64)), b: &(&u32, &(f64, u64))| a.1 .0.total_cmp(&b.1 .0);
-    let (min_rank, min) = per_rank.iter().min_by(by_loss).map_or((0, 0.0), |(r, v)| (*r, v.0));
-    let (max_rank, max) = per_rank.iter().max_by(by_loss).map_or((0, 0.0), |(r, v)| (*r, v.0));
+    let (min_rank, min) = per_rank
+        .iter()
+        .min_by(by_loss)
+        .map_or((0, 0.0), |(r, v)| (*r, v.0));
+    let (max_rank, max) = per_rank
+        .iter()
+        .max_by(by_loss)
+        .map_or((0, 0.0), |(r, v)| (*r, v.0));
     format!(
         "step {step} | loss {mean:.4} (min {min:.4} rank {min_rank}, max {max:.4} rank {max_rank}) | tokens {tokens} | ranks {}",
         per_rank.len()

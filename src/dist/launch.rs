@@ -214,7 +214,11 @@ pub struct LocalWorkers {
 
 /// Spawns `n` workers, worker i with `FTRUN_LOCAL_RANK=i`; every line they print goes to our
 /// stdout/stderr prefixed with `[rank R]`, R = `first_rank + i` (the global rank).
-pub fn spawn_local_workers(n: usize, cmd: &WorkerCommand, first_rank: usize) -> Result<LocalWorkers> {
+pub fn spawn_local_workers(
+    n: usize,
+    cmd: &WorkerCommand,
+    first_rank: usize,
+) -> Result<LocalWorkers> {
     let out: Sink = Arc::new(Mutex::new(std::io::stdout()));
     let err: Sink = Arc::new(Mutex::new(std::io::stderr()));
     spawn_local_workers_to(n, cmd, first_rank, out, err)
@@ -256,7 +260,11 @@ pub fn spawn_local_workers_to(
 
 /// Copies `source` line by line into `sink`, each line prefixed; a whole line is written
 /// under the lock so lines of different workers never interleave.
-fn pump(source: impl Read + Send + 'static, prefix: String, sink: Sink) -> std::thread::JoinHandle<()> {
+fn pump(
+    source: impl Read + Send + 'static,
+    prefix: String,
+    sink: Sink,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(source);
         let mut line = Vec::new();
@@ -269,7 +277,9 @@ fn pump(source: impl Read + Send + 'static, prefix: String, sink: Sink) -> std::
                         line.push(b'\n');
                     }
                     let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = s.write_all(prefix.as_bytes()).and_then(|_| s.write_all(&line));
+                    let _ = s
+                        .write_all(prefix.as_bytes())
+                        .and_then(|_| s.write_all(&line));
                     let _ = s.flush();
                 }
             }
@@ -293,7 +303,9 @@ impl LocalWorkers {
                     running[i] = false;
                     if !status.success() && failure.is_none() {
                         let code = status.code().unwrap_or(1);
-                        eprintln!("ftrun: worker rank {rank} failed ({status}); stopping the others");
+                        eprintln!(
+                            "ftrun: worker rank {rank} failed ({status}); stopping the others"
+                        );
                         failure = Some((*rank, if code == 0 { 1 } else { code }));
                     }
                 }

@@ -61,7 +61,14 @@ impl NcclComm {
         exchange: Rc<dyn IdExchange>,
         timeout: Duration,
     ) -> Result<Self> {
-        Self::init(device, rank, world, exchange, "nccl/world".to_string(), timeout)
+        Self::init(
+            device,
+            rank,
+            world,
+            exchange,
+            "nccl/world".to_string(),
+            timeout,
+        )
     }
 
     fn init(
@@ -73,9 +80,9 @@ impl NcclComm {
         timeout: Duration,
     ) -> Result<Self> {
         let bytes = exchange.share(&key, rank == 0, &mut || {
-            Ok(id_to_bytes(
-                &Id::new().map_err(|e| anyhow!("NCCL: cannot make a unique id: {e:?}"))?,
-            ))
+            Ok(id_to_bytes(&Id::new().map_err(|e| {
+                anyhow!("NCCL: cannot make a unique id: {e:?}")
+            })?))
         })?;
         let id = id_from_bytes(&bytes).with_context(|| format!("NCCL id under {key:?}"))?;
         let comm = Comm::from_rank(device.cuda_stream(), rank, world, id).map_err(|e| {

@@ -55,7 +55,13 @@ impl RingListener {
     }
 
     /// Waits for the connection that rank `from` of ring `tag` makes to us.
-    fn accept_from(&self, tag: u64, from: u32, world: u32, deadline: Instant) -> io::Result<TcpStream> {
+    fn accept_from(
+        &self,
+        tag: u64,
+        from: u32,
+        world: u32,
+        deadline: Instant,
+    ) -> io::Result<TcpStream> {
         loop {
             if let Some(s) = self.lock_parked().remove(&(tag, from)) {
                 return Ok(s);
@@ -107,7 +113,9 @@ fn read_handshake(mut s: &TcpStream) -> io::Result<(u64, u32, u32)> {
     s.read_exact(&mut b)?;
     let word = |r: Range<usize>| u32::from_le_bytes(b[r].try_into().expect("4-byte range"));
     if word(0..4) != MAGIC {
-        return Err(io::Error::other("a connection that is not an ftrun TcpRing peer"));
+        return Err(io::Error::other(
+            "a connection that is not an ftrun TcpRing peer",
+        ));
     }
     let tag = u64::from_le_bytes(b[4..12].try_into().expect("8-byte range"));
     Ok((tag, word(12..16), word(16..20)))
@@ -150,7 +158,7 @@ pub struct TcpRing {
     next: Option<TcpStream>,
     prev: Option<TcpStream>,
     /// Number of splits made from this ring so far; part of the children's tags.
-    splits: std::cell::Cell<u64>,
+    splits: std::sync::atomic::AtomicU64,
 }
 
 impl TcpRing {
@@ -170,7 +178,9 @@ impl TcpRing {
                 a.to_socket_addrs()
                     .with_context(|| format!("TcpRing: rank {r}'s address {a:?} is not host:port"))?
                     .next()
-                    .with_context(|| format!("TcpRing: rank {r}'s address {a:?} resolves to nothing"))
+                    .with_context(|| {
+                        format!("TcpRing: rank {r}'s address {a:?} resolves to nothing")
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         ensure!(
@@ -205,7 +215,7 @@ impl TcpRing {
             addrs,
             next: None,
             prev: None,
-            splits: std::cell::Cell::new(0),
+            splits: std::sync::atomic::AtomicU64::new(0),
         };
         if world == 1 {
             return Ok(ring);
@@ -309,7 +319,10 @@ impl TcpRing {
 
     fn io_error(&self, op: Op, what: &str, peer: usize, e: io::Error) -> anyhow::Error {
         let op = Op::name(op as u32);
-        if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
             anyhow!(
                 "TcpRing {op}: rank {} of {} timed out after {:?} {what} rank {peer}",
                 self.rank,
@@ -352,7 +365,8 @@ impl TcpRing {
                 bytemuck::cast_slice_mut(incoming),
             )?;
             for (own, partial) in data[recv].iter_mut().zip(incoming.iter()) {
-                *own = *partial + *own;
+                // IEEE addition is commutative: this is partial + own, the documented order.
+                *own += *partial;
             }
         }
         Ok(mine)
@@ -472,8 +486,9 @@ impl TcpRing {
             .iter()
             .position(|&q| q == self.rank)
             .expect("this rank has its own color");
-        let split_index = self.splits.get();
-        self.splits.set(split_index + 1);
+        let split_index = self
+            .splits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let tag = mix(mix(self.tag ^ mix(split_index + 1)) ^ color);
         let addrs = members.iter().map(|&q| self.addrs[q]).collect();
         Self::join(self.listener.clone(), group_rank, addrs, tag, self.timeout)

@@ -42,7 +42,11 @@ pub struct Worker {
 
 /// Turns a gRPC status into an error that keeps the coordinator's message.
 fn status_error(call: &str, s: tonic::Status) -> anyhow::Error {
-    anyhow!("coordinator {call} failed ({:?}): {}", s.code(), s.message())
+    anyhow!(
+        "coordinator {call} failed ({:?}): {}",
+        s.code(),
+        s.message()
+    )
 }
 
 /// This machine's host name (for WorkerInfo.host and error messages).
