@@ -80,8 +80,7 @@ impl Worker {
             loop {
                 match endpoint.connect().await {
                     Ok(c) => return Ok(c),
-                    Err(e) if Instant::now() < deadline => {
-                        let _ = e;
+                    Err(_) if Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Err(e) => {
