@@ -16,7 +16,8 @@ fn config(nnodes: usize, nproc: usize, sp: usize, out: &Path) -> CoordinatorConf
         nproc,
         sp,
         heartbeat_interval: Duration::from_millis(50),
-        heartbeat_timeout: Duration::from_millis(400),
+        // Generous: a loaded CI machine must not fake a dead worker.
+        heartbeat_timeout: Duration::from_secs(3),
         wait_timeout: Duration::from_secs(5),
         output_dir: out.to_path_buf(),
     }
@@ -163,14 +164,16 @@ fn duplicate_and_out_of_range_workers_are_refused() {
 #[test]
 fn a_silent_worker_stops_the_job() {
     let dir = tempfile::tempdir().unwrap();
-    let coord = CoordinatorHandle::start(config(1, 3, 1, dir.path()), "127.0.0.1:0").unwrap();
+    let mut cfg = config(1, 3, 1, dir.path());
+    cfg.heartbeat_timeout = Duration::from_secs(1);
+    let coord = CoordinatorHandle::start(cfg, "127.0.0.1:0").unwrap();
     let results = run_workers(
         coord.addr().to_string(),
         vec![info(0, 0), info(0, 1), info(0, 2)],
         |w| {
             let mut w = w.unwrap();
-            // Beating keeps every rank alive well past the 400 ms heartbeat timeout ...
-            std::thread::sleep(Duration::from_millis(800));
+            // Beating keeps every rank alive well past the 1 s heartbeat timeout ...
+            std::thread::sleep(Duration::from_millis(1800));
             assert_eq!(w.should_stop(), None, "rank {} stopped too early", w.rank());
             // ... until rank 2 goes silent.
             if w.rank() == 2 {
