@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod export;
 pub mod fsutil;
 pub mod infer;
