@@ -9,11 +9,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::config::{LoraConfig, OptimConfig};
-use crate::model::decoder::{Batch, Decoder, LoraSpec, TrainMode};
+use crate::data::pack::PackedSeq;
+use crate::model::decoder::Decoder;
 use crate::model::{weights::load_weights, ModelConfig};
 use crate::train::metrics::device_memory_mib;
 use crate::train::optim::{clip_grad_norm, AdamW, FlatParams};
-use crate::train::trainer::{compute_dtype, select_device, trained_targets};
+use crate::train::trainer::{
+    compute_dtype, make_batch, select_device, train_mode_for, trained_targets,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -84,16 +87,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dropout: 0.0,
         target_modules: vec![],
     };
-    let mode = if a.method == "full" {
-        TrainMode::Full
-    } else {
-        TrainMode::Lora(LoraSpec {
-            r: a.r,
-            alpha: a.alpha,
-            dropout: 0.0,
-            targets: vec![],
-        })
-    };
+    let mode = train_mode_for(&a.method, &lora);
     let mut model = Decoder::new(&mcfg, &mut w, mode, dtype, &device, a.seed)?;
     drop(w);
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
@@ -119,22 +113,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut peak = after_load;
     let mut timed = 0.0;
     for (step, rows_tokens) in batches.iter().enumerate() {
-        let mut b = Batch {
-            input_ids: vec![],
-            labels: vec![],
-            position_ids: vec![],
-            cu_seqlens: vec![0],
-        };
-        for r in rows_tokens {
-            let start = b.input_ids.len();
-            b.input_ids.extend(r);
-            b.labels.extend(r.iter().map(|&t| t as i32));
-            if start > 0 {
-                b.labels[start] = crate::data::IGNORE_INDEX;
-            }
-            b.position_ids.extend(0..r.len() as u32);
-            b.cu_seqlens.push(b.input_ids.len() as u32);
-        }
+        // Each row one sequence, every position trained (labels = ids, as transformers).
+        let seqs: Vec<PackedSeq> = rows_tokens
+            .iter()
+            .map(|r| PackedSeq {
+                input_ids: r.clone(),
+                labels: r.iter().map(|&t| t as i32).collect(),
+                position_ids: (0..r.len() as u32).collect(),
+                cu_seqlens: vec![0, r.len() as u32],
+            })
+            .collect();
+        let b = make_batch(&seqs);
         let n = trained_targets(&b);
         device.synchronize()?;
         let t0 = Instant::now();

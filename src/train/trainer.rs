@@ -85,13 +85,18 @@ pub fn compute_dtype(name: &str, device: &Device) -> DType {
 
 /// The train mode the config asks for.
 pub fn train_mode(cfg: &Config) -> TrainMode {
-    match cfg.train.method.as_str() {
+    train_mode_for(&cfg.train.method, &cfg.lora)
+}
+
+/// "full" trains every weight; "lora" / "qlora" train adapters of the given shape.
+pub fn train_mode_for(method: &str, lora: &crate::config::LoraConfig) -> TrainMode {
+    match method {
         "full" => TrainMode::Full,
         _ => TrainMode::Lora(LoraSpec {
-            r: cfg.lora.r,
-            alpha: cfg.lora.alpha,
-            dropout: cfg.lora.dropout,
-            targets: cfg.lora.target_modules.clone(),
+            r: lora.r,
+            alpha: lora.alpha,
+            dropout: lora.dropout,
+            targets: lora.target_modules.clone(),
         }),
     }
 }
