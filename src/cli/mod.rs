@@ -117,6 +117,9 @@ pub struct ChatArgs {
     /// A PEFT LoRA adapter to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Load the block linears as 4-bit NF4 (as QLoRA trains them); only 4 is supported.
+    #[arg(long)]
+    pub bits: Option<u32>,
     /// Chat template (internlm2_chat, qwen_chat, llama3_chat, llama2_chat); none = plain continuation.
     #[arg(long, alias = "prompt-template")]
     pub template: Option<String>,

@@ -21,9 +21,10 @@ use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
 use crate::model::layers::swiglu::{swiglu_backward, swiglu_forward};
 use crate::model::layers::{acc_dtype, mix_seed};
+use crate::model::weights::WeightSource;
+use crate::quant::Nf4Weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 
 /// Rows of the LM head + cross-entropy processed at once: bounds the f32 logits to
 /// `rows × vocab` (1024 × 152k × 4 B ≈ 620 MB for Qwen2).
@@ -48,6 +49,14 @@ pub struct LoraSpec {
     pub dropout: f64,
     /// Leaf module names (`q_proj`, `wqkv`, `w1`, ...). Empty = every linear but the LM head.
     pub targets: Vec<String>,
+}
+
+/// QLoRA base weights: every linear of every block stored as NF4 (bitsandbytes layout), the
+/// embedding, norms and LM head kept in the compute dtype, as bitsandbytes QLoRA does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantSpec {
+    /// Quantize the NF4 block scales too (4.127 instead of 4.5 bits per parameter).
+    pub double_quant: bool,
 }
 
 /// Packed token batch: samples concatenated, `cu_seqlens` their boundaries (`[0, l0, l0+l1, ...]`),
@@ -139,6 +148,8 @@ pub struct Decoder {
     dtype: DType,
     device: Device,
     params: Vec<Tensor>,
+    /// Parameter index -> its NF4 form; `params` then holds an empty placeholder.
+    nf4: Vec<Option<Nf4Weight>>,
     names: Vec<String>,
     /// Parameter index -> gradient slot (None = frozen).
     slot_of: Vec<Option<usize>>,
@@ -175,13 +186,15 @@ fn linear_leaves(arch: Arch) -> &'static [&'static str] {
 
 /// Builds the parameter table while the decoder is assembled.
 struct Builder<'a> {
-    weights: &'a mut HashMap<String, Tensor>,
+    weights: &'a mut dyn WeightSource,
     dtype: DType,
     device: Device,
     full: bool,
     lora: Option<LoraSpec>,
+    quant: Option<QuantSpec>,
     seed: u64,
     params: Vec<Tensor>,
+    nf4: Vec<Option<Nf4Weight>>,
     names: Vec<String>,
     slot_of: Vec<Option<usize>>,
     slot_param: Vec<usize>,
@@ -203,14 +216,15 @@ impl Builder<'_> {
         } else {
             self.slot_of.push(None);
         }
+        self.nf4.push(None);
         self.params.push(value);
         self.names.push(name);
         idx
     }
 
-    /// Takes `name` out of the weight map, checks its shape, casts it to the compute dtype.
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
-        let t = self.weights.remove(name).with_context(|| {
+    /// Takes `name` out of the weight source and checks its shape.
+    fn take_raw(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.weights.take(name)?.with_context(|| {
             format!("weight `{name}` (shape {shape:?}) is missing from the checkpoint")
         })?;
         if t.dims() != shape {
@@ -219,9 +233,31 @@ impl Builder<'_> {
                 t.dims()
             );
         }
+        Ok(t)
+    }
+
+    /// Takes `name`, casts it to the compute dtype on the device.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        let t = self.take_raw(name, shape)?;
         let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
         let full = self.full;
         Ok(self.push(name.to_string(), t, full))
+    }
+
+    /// A linear weight: NF4 under QLoRA (quantized on the host as it is streamed in, so only
+    /// the packed form reaches the device), else as [`Builder::take`].
+    fn take_linear(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        let Some(q) = self.quant else {
+            return self.take(name, shape);
+        };
+        let t = self.take_raw(name, shape)?;
+        let w = Nf4Weight::quantize(&t, q.double_quant, &self.device)
+            .with_context(|| format!("quantizing `{name}` to NF4"))?;
+        drop(t);
+        let placeholder = Tensor::zeros(0, self.dtype, &self.device)?;
+        let idx = self.push(name.to_string(), placeholder, false);
+        self.nf4[idx] = Some(w);
+        Ok(idx)
     }
 
     /// `{prefix}.weight [out, in]` (+ `{prefix}.bias`), with a LoRA adapter when `leaf` is targeted.
@@ -234,7 +270,7 @@ impl Builder<'_> {
         in_f: usize,
         bias: bool,
     ) -> Result<Proj> {
-        let weight = self.take(&format!("{prefix}.weight"), &[out_f, in_f])?;
+        let weight = self.take_linear(&format!("{prefix}.weight"), &[out_f, in_f])?;
         let bias = if bias {
             Some(self.take(&format!("{prefix}.bias"), &[out_f])?)
         } else {
@@ -325,12 +361,31 @@ impl Decoder {
     /// `compute_dtype` on `device`. LoRA `A` matrices are drawn from `seed`.
     pub fn new(
         cfg: &ModelConfig,
-        weights: &mut HashMap<String, Tensor>,
+        weights: &mut dyn WeightSource,
         mode: TrainMode,
         compute_dtype: DType,
         device: &Device,
         seed: u64,
     ) -> Result<Decoder> {
+        Self::new_quantized(cfg, weights, mode, None, compute_dtype, device, seed)
+    }
+
+    /// [`Decoder::new`] with the block linears stored as NF4 when `quant` is given (QLoRA, or a
+    /// 4-bit model for inference). Full fine-tuning cannot train quantized weights.
+    pub fn new_quantized(
+        cfg: &ModelConfig,
+        weights: &mut dyn WeightSource,
+        mode: TrainMode,
+        quant: Option<QuantSpec>,
+        compute_dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Decoder> {
+        if quant.is_some() && mode == TrainMode::Full {
+            bail!(
+                "full fine-tuning cannot train 4-bit weights: use method \"qlora\" or drop [quant]"
+            );
+        }
         let leaves = linear_leaves(cfg.arch);
         let (full, lora) = match mode {
             TrainMode::Frozen => (false, None),
@@ -365,8 +420,10 @@ impl Decoder {
             device: device.clone(),
             full,
             lora,
+            quant,
             seed,
             params: Vec::new(),
+            nf4: Vec::new(),
             names: Vec::new(),
             slot_of: Vec::new(),
             slot_param: Vec::new(),
@@ -457,6 +514,7 @@ impl Decoder {
             dtype: compute_dtype,
             device: device.clone(),
             params: b.params,
+            nf4: b.nf4,
             names: b.names,
             slot_of: b.slot_of,
             slot_param: b.slot_param,
@@ -526,11 +584,11 @@ impl Decoder {
         Ok(())
     }
 
-    /// Frozen parameters under their HF names (for merging and export).
-    pub fn frozen_weights(&self) -> Vec<(String, Tensor)> {
+    /// Frozen parameters under their HF names, NF4 weights dequantized (for merging and export).
+    pub fn frozen_weights(&self) -> Result<Vec<(String, Tensor)>> {
         (0..self.params.len())
             .filter(|&i| self.slot_of[i].is_none())
-            .map(|i| (self.names[i].clone(), self.params[i].clone()))
+            .map(|i| Ok((self.names[i].clone(), self.weight(i)?)))
             .collect()
     }
 
@@ -555,6 +613,30 @@ impl Decoder {
             None => g,
         });
         Ok(())
+    }
+
+    /// Parameter `idx` in the compute dtype: NF4 weights are dequantized into a temporary that
+    /// lives only as long as the caller's matmul.
+    fn weight(&self, idx: usize) -> Result<Tensor> {
+        match &self.nf4[idx] {
+            Some(w) => w.dequantize(self.dtype),
+            None => Ok(self.params[idx].clone()),
+        }
+    }
+
+    /// Whether the block linears are NF4.
+    pub fn is_quantized(&self) -> bool {
+        self.nf4.iter().any(Option::is_some)
+    }
+
+    /// Bytes of device memory held by the base weights (NF4 codes and scales counted as stored).
+    pub fn weight_bytes(&self) -> usize {
+        (0..self.params.len())
+            .map(|i| match &self.nf4[i] {
+                Some(w) => w.device_bytes(),
+                None => self.params[i].elem_count() * self.params[i].dtype().size_in_bytes(),
+            })
+            .sum()
     }
 
     fn trains(&self, param: usize) -> bool {
@@ -612,7 +694,7 @@ impl Decoder {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let y = linear_forward(x, &self.params[p.weight], p.bias.map(|b| &self.params[b]))?;
+        let y = linear_forward(x, &self.weight(p.weight)?, p.bias.map(|b| &self.params[b]))?;
         let Some((a, b)) = p.lora else {
             return Ok((y, None));
         };
@@ -644,15 +726,16 @@ impl Decoder {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor> {
-        let w = &self.params[p.weight];
+        let w = self.weight(p.weight)?;
         let lg = linear_backward(
             x,
-            w,
+            &w,
             dy,
             true,
             self.trains(p.weight),
             p.bias.is_some_and(|b| self.trains(b)),
         )?;
+        drop(w); // a dequantized NF4 weight dies here, before the adapter's backward
         if let Some(dw) = &lg.dw {
             self.accumulate(grads, p.weight, dw)?;
         }
