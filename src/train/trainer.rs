@@ -163,6 +163,7 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
     let device = select_device(&cfg.train.device)?;
+    metrics::keep_memory_pool(&device)?;
     let quant = quant_spec(cfg);
     let dtype = match quant {
         // QLoRA computes in `quant.compute_dtype` on a GPU; on CPU `model.dtype` rules as usual.
