@@ -9,6 +9,7 @@ pub mod export;
 pub mod fsutil;
 pub mod infer;
 pub mod model;
+pub mod profile;
 pub mod quant;
 pub mod tokenizer;
 pub mod train;

@@ -131,7 +131,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let n = trained_targets(&b);
         device.synchronize()?;
         let t0 = Instant::now();
-        model.set_trainable(&params.views(dtype)?)?;
+        crate::profile::scope(&device, "set_trainable", || {
+            model.set_trainable(&params.views(dtype)?)
+        })?;
         let mut grads = model.new_grads();
         let s = model.forward_backward(
             &b,
@@ -140,10 +142,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.seed + step as u64,
             !a.no_checkpointing,
         )?;
-        let flat = params.flatten_grads(&grads.slots)?;
-        drop(grads);
-        let (flat, gn) = clip_grad_norm(&flat, 1.0)?;
-        opt.step(&mut params, &flat, a.lr)?;
+        let gn = crate::profile::scope(&device, "optimizer", || {
+            let flat = params.flatten_grads(&grads.slots)?;
+            drop(grads);
+            let (flat, gn) = clip_grad_norm(&flat, 1.0)?;
+            opt.step(&mut params, &flat, a.lr)?;
+            anyhow::Ok(gn)
+        })?;
         device.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         if step >= a.warmup {
@@ -154,6 +159,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let row = json!({"step": step + 1, "loss": loss, "grad_norm": gn, "time": dt});
         println!("{row}");
         rows.push(row);
+    }
+    let profile = crate::profile::take_report();
+    if !profile.is_empty() {
+        eprintln!("profile (FTRUN_PROFILE=1; synchronized per phase, so slower than a plain run):\n{profile}");
     }
     let tokens = (a.seq_len * a.batch) as f64;
     let measured = a.steps.saturating_sub(a.warmup).max(1) as f64;

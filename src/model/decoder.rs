@@ -22,6 +22,7 @@ use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
 use crate::model::layers::swiglu::{swiglu_backward, swiglu_forward};
 use crate::model::layers::{acc_dtype, mix_seed};
 use crate::model::weights::WeightSource;
+use crate::profile::scope;
 use crate::quant::Nf4Weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -619,7 +620,7 @@ impl Decoder {
     /// lives only as long as the caller's matmul.
     fn weight(&self, idx: usize) -> Result<Tensor> {
         match &self.nf4[idx] {
-            Some(w) => w.dequantize(self.dtype),
+            Some(w) => scope(&self.device, "nf4_dequant", || w.dequantize(self.dtype)),
             None => Ok(self.params[idx].clone()),
         }
     }
@@ -694,7 +695,11 @@ impl Decoder {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let y = linear_forward(x, &self.weight(p.weight)?, p.bias.map(|b| &self.params[b]))?;
+        let w = self.weight(p.weight)?;
+        let y = scope(&self.device, "linear_fwd", || {
+            linear_forward(x, &w, p.bias.map(|b| &self.params[b]))
+        })?;
+        drop(w);
         let Some((a, b)) = p.lora else {
             return Ok((y, None));
         };
@@ -712,8 +717,9 @@ impl Decoder {
             }
             None => None,
         };
-        let (delta, saved) =
-            lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)?;
+        let (delta, saved) = scope(&self.device, "lora_fwd", || {
+            lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)
+        })?;
         Ok(((y + delta)?, Some(saved)))
     }
 
@@ -727,14 +733,16 @@ impl Decoder {
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let w = self.weight(p.weight)?;
-        let lg = linear_backward(
-            x,
-            &w,
-            dy,
-            true,
-            self.trains(p.weight),
-            p.bias.is_some_and(|b| self.trains(b)),
-        )?;
+        let lg = scope(&self.device, "linear_bwd", || {
+            linear_backward(
+                x,
+                &w,
+                dy,
+                true,
+                self.trains(p.weight),
+                p.bias.is_some_and(|b| self.trains(b)),
+            )
+        })?;
         drop(w); // a dequantized NF4 weight dies here, before the adapter's backward
         if let Some(dw) = &lg.dw {
             self.accumulate(grads, p.weight, dw)?;
@@ -744,14 +752,16 @@ impl Decoder {
         }
         let mut dx = lg.dx.context("linear backward returned no dx")?;
         if let (Some((a, b)), Some(saved)) = (p.lora, saved) {
-            let g = lora_backward(
-                x,
-                &self.params[a],
-                &self.params[b],
-                self.lora_scale,
-                saved,
-                dy,
-            )?;
+            let g = scope(&self.device, "lora_bwd", || {
+                lora_backward(
+                    x,
+                    &self.params[a],
+                    &self.params[b],
+                    self.lora_scale,
+                    saved,
+                    dy,
+                )
+            })?;
             self.accumulate(grads, a, &g.da)?;
             self.accumulate(grads, b, &g.db)?;
             dx = (dx + g.dx)?;
@@ -856,10 +866,12 @@ impl Decoder {
         let attn_flat = attn.reshape((n, self.cfg.num_heads * self.cfg.head_dim))?;
         let (o, o_saved) = self.proj_forward(&blk.o, &attn_flat, seed)?;
         let x2 = (x + o)?; // [n, h]
-        let (h2, rstd2) = rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)?;
+        let (h2, rstd2) = scope(&self.device, "rmsnorm_fwd", || {
+            rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)
+        })?;
         let (g, gate_saved) = self.proj_forward(&blk.gate, &h2, seed)?; // [n, inter]
         let (u, up_saved) = self.proj_forward(&blk.up, &h2, seed)?;
-        let m = swiglu_forward(&g, &u)?;
+        let m = scope(&self.device, "swiglu_fwd", || swiglu_forward(&g, &u))?;
         let (down, down_saved) = self.proj_forward(&blk.down, &m, seed)?; // [n, h]
         let out = (&x2 + down)?;
         Ok((
@@ -888,11 +900,20 @@ impl Decoder {
         ctx: &BatchCtx,
         seed: Option<u64>,
     ) -> Result<(Tensor, BlockActs)> {
-        let (h1, rstd1) = rmsnorm_forward(x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
+        let dev = &self.device;
+        let (h1, rstd1) = scope(dev, "rmsnorm_fwd", || {
+            rmsnorm_forward(x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)
+        })?;
         let (q, k, v, qkv_saved) = self.qkv_forward(&blk.qkv, &h1, seed)?;
-        let q = rope_forward(&q, &ctx.cos, &ctx.sin)?;
-        let k = rope_forward(&k, &ctx.cos, &ctx.sin)?;
-        let (attn, lse) = attention_forward(&q, &k, &v, ctx.cu_seqlens)?;
+        let (q, k) = scope(dev, "rope_fwd", || {
+            Ok::<_, candle_core::Error>((
+                rope_forward(&q, &ctx.cos, &ctx.sin)?,
+                rope_forward(&k, &ctx.cos, &ctx.sin)?,
+            ))
+        })?;
+        let (attn, lse) = scope(dev, "attn_fwd", || {
+            attention_forward(&q, &k, &v, ctx.cu_seqlens)
+        })?;
         let (out, tail) = self.tail_forward(blk, x, &attn, seed)?;
         let acts = BlockActs {
             x: x.clone(),
@@ -923,12 +944,15 @@ impl Decoder {
         let (t, a) = (&acts.tail, &acts.attn);
         // MLP half: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
         let dm = self.proj_backward(&blk.down, &t.m, t.down_saved.as_ref(), dout, grads)?;
-        let (dg, du) = swiglu_backward(&t.g, &t.u, &dm)?;
+        let (dg, du) = scope(&self.device, "swiglu_bwd", || {
+            swiglu_backward(&t.g, &t.u, &dm)
+        })?;
         let dh2 = (self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?
             + self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads)?)?;
         let ffn_w = &self.params[blk.ffn_norm];
-        let (dx2_norm, dw2) =
-            rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))?;
+        let (dx2_norm, dw2) = scope(&self.device, "rmsnorm_bwd", || {
+            rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))
+        })?;
         if let Some(dw) = dw2 {
             self.accumulate(grads, blk.ffn_norm, &dw)?;
         }
@@ -937,14 +961,20 @@ impl Decoder {
         let dattn_flat =
             self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
         let dattn = dattn_flat.reshape(a.attn.shape())?;
-        let (dq, dk, dv) =
-            attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)?;
-        let dq = rope_backward(&dq, &ctx.cos, &ctx.sin)?;
-        let dk = rope_backward(&dk, &ctx.cos, &ctx.sin)?;
+        let (dq, dk, dv) = scope(&self.device, "attn_bwd", || {
+            attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)
+        })?;
+        let (dq, dk) = scope(&self.device, "rope_bwd", || {
+            Ok::<_, candle_core::Error>((
+                rope_backward(&dq, &ctx.cos, &ctx.sin)?,
+                rope_backward(&dk, &ctx.cos, &ctx.sin)?,
+            ))
+        })?;
         let dh1 = self.qkv_backward(&blk.qkv, &a.h1, &a.qkv_saved, (&dq, &dk, &dv), grads)?;
         let attn_w = &self.params[blk.attn_norm];
-        let (dx_norm, dw1) =
-            rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))?;
+        let (dx_norm, dw1) = scope(&self.device, "rmsnorm_bwd", || {
+            rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))
+        })?;
         if let Some(dw) = dw1 {
             self.accumulate(grads, blk.attn_norm, &dw)?;
         }
@@ -1004,13 +1034,15 @@ impl Decoder {
             loss_scale,
             need_dw: self.trains(self.head),
         };
-        let ce = lm_head_ce(
-            &hf,
-            &self.params[self.head],
-            &batch.labels,
-            self.ce_chunk_rows,
-            Some(&req),
-        )?;
+        let ce = scope(&self.device, "lm_head_ce", || {
+            lm_head_ce(
+                &hf,
+                &self.params[self.head],
+                &batch.labels,
+                self.ce_chunk_rows,
+                Some(&req),
+            )
+        })?;
         if let Some(dw) = &ce.dw {
             self.accumulate(grads, self.head, dw)?;
         }
