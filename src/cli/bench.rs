@@ -175,6 +175,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "peak_abs_mib": peak,
         "before_mib": before,
         "weight_mib": model.weight_bytes() as f64 / (1u64 << 20) as f64,
+        // Host memory high-water mark of the whole run (loading included).
+        "peak_rss_mib": crate::train::metrics::peak_rss_mib(),
         "after_load_mib": after_load - before,
         "load_s": load_s,
         "device": format!("{device:?}"),
