@@ -12,7 +12,7 @@ use crate::config::{LoraConfig, OptimConfig};
 use crate::data::pack::PackedSeq;
 use crate::model::decoder::{Decoder, QuantSpec};
 use crate::model::{weights::LazyCheckpoint, ModelConfig};
-use crate::train::metrics::{device_memory_mib, keep_memory_pool};
+use crate::train::metrics::{device_memory_mib, keep_memory_pool, pool_used_high_mib};
 use crate::train::optim::{clip_grad_norm, AdamW, FlatParams};
 use crate::train::trainer::{
     compute_dtype, make_batch, select_device, train_mode_for, trained_targets,
@@ -112,6 +112,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     device.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let after_load = device_memory_mib(&device);
+    let load_used_high = pool_used_high_mib(&device)?;
 
     let mut rows = vec![];
     let mut peak = after_load;
@@ -160,6 +161,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{row}");
         rows.push(row);
     }
+    let steps_used_high = pool_used_high_mib(&device)?;
     let profile = crate::profile::take_report();
     if !profile.is_empty() {
         eprintln!("profile (FTRUN_PROFILE=1; synchronized per phase, so slower than a plain run):\n{profile}");
@@ -175,6 +177,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "peak_abs_mib": peak,
         "before_mib": before,
         "weight_mib": model.weight_bytes() as f64 / (1u64 << 20) as f64,
+        // Allocated-at-once peaks from the pool (no fragmentation, no context): loading, steps.
+        "pool_used_high_load_mib": load_used_high,
+        "pool_used_high_steps_mib": steps_used_high,
         // Host memory high-water mark of the whole run (loading included).
         "peak_rss_mib": crate::train::metrics::peak_rss_mib(),
         "after_load_mib": after_load - before,

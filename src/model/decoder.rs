@@ -27,9 +27,15 @@ use crate::quant::Nf4Weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Rows of the LM head + cross-entropy processed at once: bounds the f32 logits to
-/// `rows × vocab` (1024 × 152k × 4 B ≈ 620 MB for Qwen2).
-pub const DEFAULT_CE_CHUNK_ROWS: usize = 1024;
+/// Bytes of f32 logits one LM head + cross-entropy chunk may hold: the rows per chunk follow
+/// from the vocabulary (InternLM2's 92544 -> 181 rows, Llama-2's 32000 -> 524), so the head never
+/// adds more than a few such temporaries to the step's peak memory.
+pub const CE_CHUNK_BYTES: usize = 64 << 20;
+
+/// Rows per LM-head chunk for `vocab` under [`CE_CHUNK_BYTES`] (at least 64, at most 1024).
+pub fn ce_chunk_rows_for(vocab: usize) -> usize {
+    (CE_CHUNK_BYTES / (vocab.max(1) * 4)).clamp(64, 1024)
+}
 
 /// What is trained.
 #[derive(Debug, Clone, PartialEq)]
@@ -527,7 +533,7 @@ impl Decoder {
             blocks,
             final_norm,
             head,
-            ce_chunk_rows: DEFAULT_CE_CHUNK_ROWS,
+            ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size),
         })
     }
 
@@ -539,7 +545,7 @@ impl Decoder {
         self.dtype
     }
 
-    /// Rows per LM-head/cross-entropy chunk (default [`DEFAULT_CE_CHUNK_ROWS`]).
+    /// Rows per LM-head/cross-entropy chunk (default [`ce_chunk_rows_for`] the vocabulary).
     pub fn set_ce_chunk_rows(&mut self, rows: usize) {
         self.ce_chunk_rows = rows.max(1);
     }
