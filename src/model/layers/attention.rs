@@ -29,9 +29,9 @@ pub fn check_cu_seqlens(cu_seqlens: &[u32], n: usize) -> Result<()> {
 }
 
 /// Bytes of f32 scores one chunk of KV heads may materialize: long samples are processed a few KV
-/// heads at a time so a 2048-token sample of a 32-head model needs ~128 MiB, not 512 MiB, per
-/// score-sized temporary.
-const SCORE_BUDGET_BYTES: usize = 128 << 20;
+/// heads at a time so a 2048-token sample of a 32-head model needs ~64 MiB, not 512 MiB, per
+/// score-sized temporary (the backward holds several at once).
+const SCORE_BUDGET_BYTES: usize = 64 << 20;
 
 /// `(first KV head, count)` chunks covering `kv_heads` for a sample of `l` tokens.
 fn kv_chunks(kv_heads: usize, group: usize, l: usize, budget: usize) -> Vec<(usize, usize)> {
@@ -285,6 +285,6 @@ mod tests {
         assert!(same(&g1.1, &g2.1) < 1e-12);
         assert!(same(&g1.2, &g2.2) < 1e-12);
         assert_eq!(kv_chunks(3, 2, 19, 1), vec![(0, 1), (1, 1), (2, 1)]);
-        assert_eq!(kv_chunks(8, 2, 2048, 128 << 20), vec![(0, 4), (4, 4)]);
+        assert_eq!(kv_chunks(8, 2, 2048, 64 << 20), vec![(0, 2), (2, 2), (4, 2), (6, 2)]);
     }
 }
