@@ -285,6 +285,9 @@ mod tests {
         assert!(same(&g1.1, &g2.1) < 1e-12);
         assert!(same(&g1.2, &g2.2) < 1e-12);
         assert_eq!(kv_chunks(3, 2, 19, 1), vec![(0, 1), (1, 1), (2, 1)]);
-        assert_eq!(kv_chunks(8, 2, 2048, 64 << 20), vec![(0, 2), (2, 2), (4, 2), (6, 2)]);
+        assert_eq!(
+            kv_chunks(8, 2, 2048, 64 << 20),
+            vec![(0, 2), (2, 2), (4, 2), (6, 2)]
+        );
     }
 }
