@@ -135,11 +135,10 @@ pub fn run<M: CausalLm>(
             match advance(models, &mut seq, stats) {
                 Ok(Outcome::Running) => batch.push(seq),
                 Ok(Outcome::Finished) => {
-                    if let Err(e) = finish(seq) {
+                    let events = seq.events.clone();
+                    if let Err(e) = finish(seq, stats) {
                         stats.failed.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("serve: finishing an answer failed: {e:#}");
-                    } else {
-                        stats.finished.fetch_add(1, Ordering::SeqCst);
+                        let _ = events.send(Event::Failed(format!("{e:#}")));
                     }
                 }
                 Ok(Outcome::Cancelled) => {
@@ -223,8 +222,9 @@ fn advance<M: CausalLm>(models: &[M], seq: &mut Sequence<'_, M>, stats: &Stats) 
     })
 }
 
-/// Send the end of the answer the display still held, then `Done`.
-fn finish<M: CausalLm>(mut seq: Sequence<'_, M>) -> Result<()> {
+/// Send the end of the answer the display still held, then `Done` (counted first, so a
+/// client that has its answer sees it in the counters).
+fn finish<M: CausalLm>(mut seq: Sequence<'_, M>, stats: &Stats) -> Result<()> {
     let generation = seq.decoding.into_generation(false)?;
     let text = generation.text.unwrap_or_default();
     // What the answer has beyond the text shown: a split character completed at the end,
@@ -236,6 +236,7 @@ fn finish<M: CausalLm>(mut seq: Sequence<'_, M>) -> Result<()> {
     if !tail.is_empty() {
         let _ = seq.events.send(Event::Delta(tail));
     }
+    stats.finished.fetch_add(1, Ordering::SeqCst);
     let _ = seq.events.send(Event::Done {
         finish_reason: generation.finish_reason,
         completion_tokens: generation.ids.len(),

@@ -23,9 +23,10 @@ pub const BASE_ID: &str = "base";
 /// The demo model's context length (DEMO_MAX_POSITIONS).
 pub const CONTEXT: usize = 512;
 
-/// The demo model and a random adapter for it, made once per test binary.
+/// The demo model and a random adapter for it, made once per test binary in
+/// `$CARGO_TARGET_TMPDIR/<test binary>-fixture` (replaced on every run; a static is never
+/// dropped, so a temporary directory would be left behind).
 pub struct Fixture {
-    _dir: tempfile::TempDir,
     pub model: PathBuf,
     pub adapter: PathBuf,
 }
@@ -33,8 +34,14 @@ pub struct Fixture {
 pub fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("tiny-llama");
+        let exe = std::env::current_exe().unwrap();
+        let binary = exe.file_stem().unwrap().to_string_lossy();
+        let binary = binary.split('-').next().unwrap();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{binary}-fixture"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        let model = dir.join("tiny-llama");
         let corpus: Vec<String> = [
             "Who are you? I am the assistant of ftrun.",
             "你好，请介绍一下你自己。我是ftrun的小助手。",
@@ -45,14 +52,41 @@ pub fn fixture() -> &'static Fixture {
         .map(|s| s.to_string())
         .collect();
         ftrun::model::demo::make_demo_model(&model, &corpus, 0).unwrap();
-        let adapter = dir.path().join("adapter");
+        keep_to_readable_tokens(&model);
+        let adapter = dir.join("adapter");
         write_random_adapter(&model, &adapter);
         Fixture {
-            _dir: dir,
             model,
             adapter,
         }
     })
+}
+
+/// Zero the LM-head rows of every token that is not whole printable text on its own (byte
+/// pieces of a multi-byte character, control bytes, special tokens). The untrained model's
+/// greedy answers then are readable text of many tokens instead of stray bytes that decode
+/// to U+FFFD, so streaming, stop strings and the page's text can be checked; the other
+/// logits keep their random values, and a zero logit is below the largest of them.
+fn keep_to_readable_tokens(model: &Path) {
+    let tokenizer = ftrun::tokenizer::Tokenizer::from_path(model).unwrap();
+    let file = model.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let head = &tensors["lm_head.weight"]; // [vocab, hidden]
+    let (vocab, hidden) = head.dims2().unwrap();
+    let mut rows: Vec<Vec<f32>> = head.to_vec2().unwrap();
+    for (id, row) in rows.iter_mut().enumerate() {
+        let text = tokenizer.decode(&[id as u32], false).unwrap();
+        let readable = !tokenizer.is_special(id as u32)
+            && !text.is_empty()
+            && text.chars().all(|c| c != '\u{FFFD}' && !c.is_control());
+        if !readable {
+            row.iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+    let flat: Vec<f32> = rows.into_iter().flatten().collect();
+    let head = Tensor::from_vec(flat, (vocab, hidden), &Device::Cpu).unwrap();
+    tensors.insert("lm_head.weight".into(), head);
+    candle_core::safetensors::save(&tensors, &file).unwrap();
 }
 
 /// A LoRA adapter on every q_proj and v_proj with uniform random A and B (seeded), large
