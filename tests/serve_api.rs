@@ -92,7 +92,10 @@ fn streaming_sends_openai_chunks_that_add_up_to_the_answer() {
     for chunk in &chunks {
         assert_eq!(chunk["object"], "chat.completion.chunk");
         assert_eq!(chunk["id"], id, "every chunk of a completion has its id");
-        assert_eq!(chunk["model"], TUNED_ID, "no model named: the first one answers");
+        assert_eq!(
+            chunk["model"], TUNED_ID,
+            "no model named: the first one answers"
+        );
     }
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let contents: Vec<&str> = chunks
@@ -259,8 +262,22 @@ fn bad_requests_get_openai_error_bodies_and_the_server_keeps_serving() {
     };
     let ok_messages = r#"[{"role": "user", "content": "hi"}]"#;
     let cases = vec![
-        case("malformed JSON", r#"{"messages": [}"#.into(), 400, None, None, "not valid JSON"),
-        case("not an object", "[1]".into(), 400, None, None, "must be a JSON object"),
+        case(
+            "malformed JSON",
+            r#"{"messages": [}"#.into(),
+            400,
+            None,
+            None,
+            "not valid JSON",
+        ),
+        case(
+            "not an object",
+            "[1]".into(),
+            400,
+            None,
+            None,
+            "must be a JSON object",
+        ),
         case(
             "wrong type",
             format!(r#"{{"messages": {ok_messages}, "temperature": "hot"}}"#),
@@ -401,7 +418,12 @@ fn bad_requests_get_openai_error_bodies_and_the_server_keeps_serving() {
         let body = (!c.body.is_empty()).then_some(c.body.as_bytes());
         let response = request(addr, c.method, c.path, &[], body);
         assert_eq!(response.status, c.status, "{}: {}", c.name, response.text());
-        assert_eq!(response.header("content-type"), Some("application/json"), "{}", c.name);
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/json"),
+            "{}",
+            c.name
+        );
         let error = &response.json()["error"];
         let message = error["message"].as_str().unwrap();
         assert!(message.contains(c.message), "{}: {message}", c.name);
@@ -436,7 +458,13 @@ fn with_an_api_key_every_api_request_needs_it() {
             .as_str()
             .unwrap()
             .contains("Authorization: Bearer"));
-        let wrong = request(addr, method, path, &[("Authorization", "Bearer sk-wrong")], body);
+        let wrong = request(
+            addr,
+            method,
+            path,
+            &[("Authorization", "Bearer sk-wrong")],
+            body,
+        );
         assert_eq!(wrong.status, 401, "{path}");
         let right = request(addr, method, path, &[("Authorization", &bearer)], body);
         assert_eq!(right.status, 200, "{path}: {}", right.text());
@@ -459,7 +487,10 @@ fn the_page_and_its_assets_are_embedded() {
     ] {
         let response = request(addr, "GET", path, &[], None);
         assert_eq!(response.status, 200, "{path}");
-        assert!(response.header("content-type").unwrap().starts_with(kind), "{path}");
+        assert!(
+            response.header("content-type").unwrap().starts_with(kind),
+            "{path}"
+        );
         assert!(response.text().contains(marker), "{path}");
         // No CDN: nothing is loaded from another host.
         assert!(!response.text().contains("https://"), "{path}");
@@ -476,7 +507,10 @@ fn the_command_line_refuses_bits_4_for_now_and_compare_base_without_an_adapter()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--bits 4") && stderr.contains("not yet supported"), "{stderr}");
+    assert!(
+        stderr.contains("--bits 4") && stderr.contains("not yet supported"),
+        "{stderr}"
+    );
 
     let out = Command::new(ftrun)
         .args(["serve", model, "--compare-base", "--port", "0"])

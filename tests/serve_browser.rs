@@ -119,6 +119,14 @@ impl Driver {
     }
 }
 
+impl Drop for Driver {
+    /// End the session (chromium with it), also when an assertion failed.
+    fn drop(&mut self) {
+        let path = format!("/session/{}", self.session);
+        let _ = std::panic::catch_unwind(|| request(self.addr, "DELETE", &path, &[], None));
+    }
+}
+
 /// One WebDriver command; returns its `value`, panicking on a WebDriver error.
 fn webdriver(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Value {
     let body = body.map(|b| b.to_string());
@@ -282,7 +290,11 @@ fn the_chat_page_streams_answers_and_compares_fine_tuned_with_base() {
     assert_eq!(ids.len(), 2, "compare mode serves two models: {ids:?}");
     let (_driver_process, driver) = start_driver(&chromium, &chromedriver);
 
-    driver.call("POST", "/url", Some(json!({"url": format!("http://{addr}/")})));
+    driver.call(
+        "POST",
+        "/url",
+        Some(json!({"url": format!("http://{addr}/")})),
+    );
     driver.wait_until(
         "the page to load its settings",
         Duration::from_secs(10),
@@ -340,7 +352,10 @@ fn the_chat_page_streams_answers_and_compares_fine_tuned_with_base() {
     }
 
     let screenshot = base64_decode(driver.call("GET", "/screenshot", None).as_str().unwrap());
-    assert!(screenshot.starts_with(b"\x89PNG"), "the screenshot is a PNG");
+    assert!(
+        screenshot.starts_with(b"\x89PNG"),
+        "the screenshot is a PNG"
+    );
     let path = concat!(env!("CARGO_TARGET_TMPDIR"), "/serve-page.png");
     std::fs::write(path, &screenshot).unwrap();
     println!("screenshot: {path}");
@@ -351,5 +366,4 @@ fn the_chat_page_streams_answers_and_compares_fine_tuned_with_base() {
         json!(0),
         "Clear history empties both columns"
     );
-    driver.call("DELETE", "", None);
 }

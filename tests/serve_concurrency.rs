@@ -33,7 +33,11 @@ fn parallel_answers_match(max_batch: usize, clients: usize) -> ftrun::serve::wor
         .map(|p| content(&chat(addr, &greedy_request(p, false))))
         .collect();
     assert!(
-        single.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+        single
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1,
         "the prompts must get different answers for the test to see a mix-up: {single:?}"
     );
     let barrier = Arc::new(Barrier::new(clients));

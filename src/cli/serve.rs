@@ -80,18 +80,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .unwrap_or_else(|| "model".to_string())
     };
     let base_name = dir_name(&a.model);
-    let tuned_name = a.served_model_name.clone().unwrap_or_else(|| match &a.adapter {
-        Some(adapter) => dir_name(adapter),
-        None => base_name.clone(),
-    });
-    let tuned_label = match &a.adapter {
-        Some(adapter) => format!("fine-tuned ({})", adapter.display()),
-        None => a.model.display().to_string(),
+    let tuned_name = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| match &a.adapter {
+            Some(adapter) => dir_name(adapter),
+            None => base_name.clone(),
+        });
+    let tuned_label = if a.adapter.is_some() {
+        "fine-tuned"
+    } else {
+        "model"
     };
     let mut models = vec![(
         ModelInfo {
             id: tuned_name.clone(),
-            label: tuned_label,
+            label: tuned_label.to_string(),
         },
         tuned,
     )];
@@ -102,7 +106,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         } else {
             base_name
         };
-        let label = format!("base ({})", a.model.display());
+        let label = "base".to_string();
         models.push((ModelInfo { id, label }, base));
     }
 
@@ -129,7 +133,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     )?;
     let url = format!("http://{}", server.addr());
     // One line scripts (and the browser test) can wait for: the address is known here.
-    println!("ftrun serve: listening on {url} (models: {})", ids.join(", "));
+    println!(
+        "ftrun serve: listening on {url} (models: {})",
+        ids.join(", ")
+    );
     eprintln!(
         "  web chat: {url}/\n  API:      {url}/v1/chat/completions  (OpenAI-compatible){}",
         if a.api_key.is_some() {
@@ -147,8 +154,8 @@ fn chat_format(a: &ServeArgs, tokenizer: &dyn TextCodec) -> Result<ChatFormat> {
     let name = match a.template.as_deref() {
         Some(name) => name.to_string(),
         None => {
-            let detected = model_chat_template(&a.model)?
-                .and_then(|t| detect_template(&t, tokenizer));
+            let detected =
+                model_chat_template(&a.model)?.and_then(|t| detect_template(&t, tokenizer));
             match detected {
                 Some(name) => {
                     eprintln!(

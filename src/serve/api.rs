@@ -181,10 +181,7 @@ impl ChatRequest {
     /// an invalid-request error naming the field (`messages[1].role`) and what was wrong.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
         let value: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::invalid(
-                None,
-                format!("the request body is not valid JSON: {e}"),
-            )
+            ApiError::invalid(None, format!("the request body is not valid JSON: {e}"))
         })?;
         if !value.is_object() {
             return Err(ApiError::invalid(
@@ -396,8 +393,8 @@ mod tests {
 
     #[test]
     fn wrong_types_and_unknown_fields_name_the_field() {
-        let e = ChatRequest::parse(br#"{"messages": [{"role": "user", "content": 5}]}"#)
-            .unwrap_err();
+        let e =
+            ChatRequest::parse(br#"{"messages": [{"role": "user", "content": 5}]}"#).unwrap_err();
         assert_eq!(e.status, 400);
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
 
@@ -443,18 +440,35 @@ mod tests {
                 .check_settings()
                 .map_err(|e| e.param.unwrap_or_default())
         };
-        assert_eq!(check(r#"{"messages": [], "temperature": 2.5}"#), Err("temperature".into()));
-        assert_eq!(check(r#"{"messages": [], "top_p": 1.5}"#), Err("top_p".into()));
-        assert_eq!(check(r#"{"messages": [], "max_tokens": 0}"#), Err("max_tokens".into()));
+        assert_eq!(
+            check(r#"{"messages": [], "temperature": 2.5}"#),
+            Err("temperature".into())
+        );
+        assert_eq!(
+            check(r#"{"messages": [], "top_p": 1.5}"#),
+            Err("top_p".into())
+        );
+        assert_eq!(
+            check(r#"{"messages": [], "max_tokens": 0}"#),
+            Err("max_tokens".into())
+        );
         assert_eq!(check(r#"{"messages": [], "n": 2}"#), Err("n".into()));
         assert_eq!(
             check(r#"{"messages": [], "presence_penalty": 0.5}"#),
             Err("presence_penalty".into())
         );
-        assert_eq!(check(r#"{"messages": [], "stop": ["x", ""]}"#), Err("stop[1]".into()));
-        assert_eq!(check(r#"{"messages": [], "tools": []}"#), Err("tools".into()));
         assert_eq!(
-            check(r#"{"messages": [], "temperature": 0, "top_p": 1, "n": 1, "presence_penalty": 0}"#),
+            check(r#"{"messages": [], "stop": ["x", ""]}"#),
+            Err("stop[1]".into())
+        );
+        assert_eq!(
+            check(r#"{"messages": [], "tools": []}"#),
+            Err("tools".into())
+        );
+        assert_eq!(
+            check(
+                r#"{"messages": [], "temperature": 0, "top_p": 1, "n": 1, "presence_penalty": 0}"#
+            ),
             Ok(())
         );
     }

@@ -92,7 +92,9 @@ impl Server {
         if models.is_empty() {
             return Err(anyhow!("serve needs at least one model"));
         }
-        let addr = listener.local_addr().context("reading the listen address")?;
+        let addr = listener
+            .local_addr()
+            .context("reading the listen address")?;
         listener
             .set_nonblocking(true)
             .context("making the listener non-blocking")?;
@@ -505,7 +507,10 @@ fn sse_response(
     let stream = futures_util::stream::unfold(initial, move |state| async move {
         let (mut events, first, meta) = state?;
         if let Some(frame) = first {
-            return Some((Ok::<_, Infallible>(Bytes::from(frame)), Some((events, None, meta))));
+            return Some((
+                Ok::<_, Infallible>(Bytes::from(frame)),
+                Some((events, None, meta)),
+            ));
         }
         let frame = match events.recv().await {
             Some(Event::Delta(text)) => {

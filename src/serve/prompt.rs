@@ -256,15 +256,21 @@ mod tests {
             "messages"
         );
         assert_eq!(
-            param(r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#),
+            param(
+                r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#
+            ),
             "messages"
         );
         assert_eq!(
-            param(r#"{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}"#),
+            param(
+                r#"{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}"#
+            ),
             "messages[0].role"
         );
         assert_eq!(
-            param(r#"{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}"#),
+            param(
+                r#"{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}"#
+            ),
             "messages[1].role"
         );
         assert_eq!(
@@ -272,7 +278,9 @@ mod tests {
             "messages[0].content"
         );
         assert_eq!(
-            param(r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#),
+            param(
+                r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#
+            ),
             "messages[0].content[0].type"
         );
     }
@@ -321,7 +329,8 @@ mod tests {
 
     #[test]
     fn a_multi_turn_prompt_is_laid_out_as_xtuner_chat_history() {
-        let format = ChatFormat::from(&crate::data::template::Template::by_name("internlm2_chat").unwrap());
+        let format =
+            ChatFormat::from(&crate::data::template::Template::by_name("internlm2_chat").unwrap());
         let c = conversation(
             r#"{"messages": [{"role": "system", "content": "SYS"},
                 {"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
@@ -337,23 +346,33 @@ mod tests {
              <|im_start|>assistant\n"
         );
         // Without a suffix (llama2_chat) an earlier answer ends with EOS, then SEP.
-        let llama2 = ChatFormat::from(&crate::data::template::Template::by_name("llama2_chat").unwrap());
+        let llama2 =
+            ChatFormat::from(&crate::data::template::Template::by_name("llama2_chat").unwrap());
         let ids = c.encode(&llama2, &CharCodec).unwrap();
         let text = CharCodec.decode(&ids, false).unwrap();
-        assert!(text.contains("[INST] hi [/INST]A1</s>\n[INST] q2 [/INST]"), "{text}");
+        assert!(
+            text.contains("[INST] hi [/INST]A1</s>\n[INST] q2 [/INST]"),
+            "{text}"
+        );
     }
 
     #[test]
     fn chat_templates_map_to_the_xtuner_template_with_their_markers() {
         assert_eq!(
-            detect_template("{{ bos_token }}{{'<|im_start|>' + message['role']}}", &CharCodec),
+            detect_template(
+                "{{ bos_token }}{{'<|im_start|>' + message['role']}}",
+                &CharCodec
+            ),
             Some("internlm2_chat")
         );
         assert_eq!(
             detect_template("<|start_header_id|>{{ role }}<|end_header_id|>", &CharCodec),
             Some("llama3_chat")
         );
-        assert_eq!(detect_template("[INST] {{ m }} [/INST]", &CharCodec), Some("llama2_chat"));
+        assert_eq!(
+            detect_template("[INST] {{ m }} [/INST]", &CharCodec),
+            Some("llama2_chat")
+        );
         assert_eq!(detect_template("{{ messages }}", &CharCodec), None);
     }
 }

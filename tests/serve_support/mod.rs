@@ -55,10 +55,7 @@ pub fn fixture() -> &'static Fixture {
         keep_to_readable_tokens(&model);
         let adapter = dir.join("adapter");
         write_random_adapter(&model, &adapter);
-        Fixture {
-            model,
-            adapter,
-        }
+        Fixture { model, adapter }
     })
 }
 
@@ -112,8 +109,12 @@ fn write_random_adapter(model: &Path, out: &Path) {
         for (module, out_features) in [("q_proj", hidden), ("v_proj", kv_out)] {
             let name = format!("model.layers.{layer}.self_attn.{module}");
             let a = Tensor::from_vec(uniform(rank * hidden), (rank, hidden), &Device::Cpu).unwrap();
-            let b = Tensor::from_vec(uniform(out_features * rank), (out_features, rank), &Device::Cpu)
-                .unwrap();
+            let b = Tensor::from_vec(
+                uniform(out_features * rank),
+                (out_features, rank),
+                &Device::Cpu,
+            )
+            .unwrap();
             tensors.push((format!("{name}.lora_A.weight"), a));
             tensors.push((format!("{name}.lora_B.weight"), b));
         }
@@ -177,9 +178,12 @@ pub fn chat_answer(adapter: bool, system: Option<&str>, prompt: &str, max_tokens
         gen: GenConfig::greedy(max_tokens),
         ..ChatOptions::default()
     };
-    let mut session = ChatSession::new(&model, &tokenizer, Some(internlm2_chat()), options).unwrap();
+    let mut session =
+        ChatSession::new(&model, &tokenizer, Some(internlm2_chat()), options).unwrap();
     let (mut out, mut log) = (Vec::new(), Vec::new());
-    answer_once(&mut session, prompt, &mut out, &mut log).unwrap().text
+    answer_once(&mut session, prompt, &mut out, &mut log)
+        .unwrap()
+        .text
 }
 
 #[derive(Debug)]
@@ -228,10 +232,45 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> HttpResponse {
-    let mut stream = send_request(addr, method, path, headers, body);
+    let stream = send_request(addr, method, path, headers, body);
+    parse_response(&read_response(stream))
+}
+
+/// The raw bytes of one response: up to its Content-Length, its last chunk, or the end of
+/// the connection (some servers, such as chromedriver, keep it open after answering).
+fn read_response(stream: TcpStream) -> Vec<u8> {
+    let mut reader = BufReader::new(stream);
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    parse_response(&raw)
+    let mut content_length = None;
+    let mut chunked = false;
+    loop {
+        let start = raw.len();
+        if reader.read_until(b'\n', &mut raw).unwrap() == 0 {
+            return raw;
+        }
+        let line = String::from_utf8_lossy(&raw[start..]).to_ascii_lowercase();
+        if let Some(v) = line.strip_prefix("content-length:") {
+            content_length = Some(v.trim().parse::<usize>().unwrap());
+        }
+        chunked |= line.starts_with("transfer-encoding:") && line.contains("chunked");
+        if line == "\r\n" {
+            break;
+        }
+    }
+    if let Some(n) = content_length {
+        let start = raw.len();
+        raw.resize(start + n, 0);
+        reader.read_exact(&mut raw[start..]).unwrap();
+    } else if chunked {
+        while !raw.ends_with(b"\r\n0\r\n\r\n") {
+            if reader.read_until(b'\n', &mut raw).unwrap() == 0 {
+                break;
+            }
+        }
+    } else {
+        reader.read_to_end(&mut raw).unwrap();
+    }
+    raw
 }
 
 /// POST a JSON body to /v1/chat/completions.
@@ -365,7 +404,9 @@ pub fn streamed_content(response: &HttpResponse) -> String {
         .filter(|d| *d != "[DONE]")
         .filter_map(|d| {
             let v: Value = serde_json::from_str(d).unwrap();
-            v["choices"][0]["delta"]["content"].as_str().map(String::from)
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
         })
         .collect()
 }
