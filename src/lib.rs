@@ -11,5 +11,6 @@ pub mod infer;
 pub mod model;
 pub mod profile;
 pub mod quant;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

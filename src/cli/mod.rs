@@ -6,6 +6,7 @@ mod chat;
 mod check_data;
 mod demo;
 mod logits;
+mod serve;
 
 use crate::config::{self, builtin};
 use anyhow::{bail, Context, Result};
@@ -56,6 +57,8 @@ pub enum Command {
     },
     /// Chat with a model in the terminal (streamed; EXIT quits, RESET clears the history).
     Chat(ChatArgs),
+    /// Serve an OpenAI-compatible chat API and a web chat page (fine-tuned vs base with --compare-base).
+    Serve(serve::ServeArgs),
     /// The embedded demo: make a tiny model and dataset, train the assistant on CPU, then chat.
     Demo {
         /// Where the demo's model, data and work dir go.
@@ -208,6 +211,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::model::weights::parse_size(&max_shard_size)?,
         ),
         Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Demo { dir, steps, prompt } => demo::run(&dir, steps, prompt.as_deref()),
         Command::Bench(a) => bench::run(a),
         Command::Logits(a) => logits::run(a),
