@@ -410,6 +410,9 @@ fn load_shards(
             offset += n;
         }
     }
+    // Sorted by name, as a single-process checkpoint's tensors are.
+    trainable.sort_by(|a, b| a.0.cmp(&b.0));
+    optimizer.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((trainable, optimizer))
 }
 
