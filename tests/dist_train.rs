@@ -259,6 +259,50 @@ fn a_hung_worker_becomes_a_restart_through_the_collective_timeout() {
 }
 
 #[test]
+fn a_frozen_worker_is_caught_by_missed_heartbeats() {
+    let r = runs();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("frozen");
+    // Collectives would wait 300 s: only the heartbeat watch can stop this run quickly.
+    let out = ftrun_nproc(
+        2,
+        &r.setup,
+        &work,
+        &[TWO_RANKS, "parallel.heartbeat_timeout_s=2"],
+        &[],
+        &[("FTRUN_FAULT", "freeze:1:3")],
+    );
+    assert_success(&out, "the run with a frozen worker");
+    let err = stderr(&out);
+    assert!(
+        err.contains("the coordinator stopped the job: rank 1") && err.contains("sent no heartbeat"),
+        "{err}"
+    );
+    assert!(err.contains("restart 1 of 3"), "{err}");
+    let (hist, _) = final_state(&work, 6);
+    let (base_hist, _) = final_state(&r.two, 6);
+    assert_histories_close(&hist, &base_hist, 1e-6, "frozen-and-restarted vs undisturbed");
+}
+
+#[test]
+fn a_one_rank_checkpoint_resumes_on_two_ranks() {
+    let r = runs();
+    let tmp = tempfile::tempdir().unwrap();
+    let cut = tmp.path().join("cut");
+    copy_dir(&r.one, &cut);
+    for step in [4, 6] {
+        std::fs::remove_dir_all(checkpoint::step_dir(&cut, step)).unwrap();
+    }
+    let out = ftrun_nproc(2, &r.setup, &cut, &[TWO_RANKS], &["--resume", "auto"], &[]);
+    assert_success(&out, "1 -> 2 rank resume");
+    assert!(stderr(&out).contains("step-000002 at step 2/6"));
+    let (hist, w) = final_state(&cut, 6);
+    let (one_hist, one_w) = final_state(&r.one, 6);
+    assert_histories_close(&hist, &one_hist, 1e-4, "1 -> 2 rank resume");
+    assert_tensors_close(&w, &one_w, 1e-4, "final weights after 1 -> 2 resume");
+}
+
+#[test]
 fn a_two_rank_checkpoint_resumes_on_one_rank() {
     let r = runs();
     let tmp = tempfile::tempdir().unwrap();

@@ -22,9 +22,10 @@ use crate::config::ParallelConfig;
 pub const ENV_SUPERVISED: &str = "FTRUN_SUPERVISED";
 /// Which attempt of the job this is (0 = first; restarts resume from the last checkpoint).
 pub const ENV_ATTEMPT: &str = "FTRUN_RESTART_ATTEMPT";
-/// Test hook: `exit:RANK:STEP` makes that rank exit abruptly (code 137, as if killed) and
-/// `hang:RANK:STEP` makes it stop responding, right before optimizer step STEP+1 of the first
-/// attempt only.
+/// Test hook, right before optimizer step STEP+1 of the first attempt only: `exit:RANK:STEP`
+/// makes that rank exit abruptly (code 137, as if killed), `hang:RANK:STEP` makes its training
+/// thread stop (its heartbeats go on: the peers' collectives time out) and `freeze:RANK:STEP`
+/// suspends the whole process with SIGSTOP (heartbeats stop: the coordinator notices).
 pub const ENV_FAULT: &str = "FTRUN_FAULT";
 
 /// What a worker tells the coordinator about itself (all workers must agree on it).
@@ -63,6 +64,7 @@ pub fn coordinator_config(
 enum FaultKind {
     Exit,
     Hang,
+    Freeze,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,13 +76,14 @@ struct Fault {
 
 fn parse_fault(text: &str) -> Result<Fault> {
     let parts: Vec<&str> = text.split(':').collect();
-    let bad = || format!("{ENV_FAULT}={text:?} is not `exit:RANK:STEP` or `hang:RANK:STEP`");
+    let bad = || format!("{ENV_FAULT}={text:?} is not `exit|hang|freeze:RANK:STEP`");
     let [kind, rank, step] = parts.as_slice() else {
         bail!(bad());
     };
     let kind = match *kind {
         "exit" => FaultKind::Exit,
         "hang" => FaultKind::Hang,
+        "freeze" => FaultKind::Freeze,
         _ => bail!(bad()),
     };
     Ok(Fault {
@@ -285,6 +288,12 @@ impl Parallel {
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
                 }
+            }
+            FaultKind::Freeze => {
+                eprintln!("{ENV_FAULT}: rank {} freezes before step {}", f.rank, step + 1);
+                let _ = std::process::Command::new("kill")
+                    .args(["-STOP", &std::process::id().to_string()])
+                    .status();
             }
         }
     }
