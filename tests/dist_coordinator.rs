@@ -128,9 +128,13 @@ fn a_worker_with_a_different_dataset_is_refused_naming_the_difference() {
         !err.contains("config hash"),
         "the config hash matches: {err}"
     );
-    // The first worker gives up once the wait timeout passes, naming the missing rank.
+    // The refusal stops the job: the first worker fails at once with the same reason.
     let err = format!("{:#}", first.join().unwrap().err().unwrap());
-    assert!(err.contains("ranks [1] did not register"), "{err}");
+    assert!(
+        err.contains("the job was stopped") && err.contains("differs from"),
+        "{err}"
+    );
+    assert!(coord.stop_reason().unwrap().contains("dataset fingerprint"));
 }
 
 #[test]

@@ -20,6 +20,19 @@ use std::path::{Path, PathBuf};
     about = "Fine-tune LLMs: LoRA, QLoRA and full, on one GPU, many GPUs or a CPU"
 )]
 pub struct Cli {
+    /// Worker processes on this node, one per GPU: `ftrun --nproc 2 train cfg.toml` runs a
+    /// data-parallel (ZeRO-2) job with a coordinator. Also from torchrun/SLURM variables.
+    #[arg(long)]
+    pub nproc: Option<usize>,
+    /// Number of nodes of the job.
+    #[arg(long)]
+    pub nnodes: Option<usize>,
+    /// This node's index, 0..nnodes.
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// The coordinator's HOST:PORT (node 0 runs it; default 127.0.0.1:29400).
+    #[arg(long)]
+    pub coordinator: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -190,8 +203,14 @@ pub fn main() -> Result<()> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let launch = crate::dist::launch::LaunchArgs {
+        nnodes: cli.nnodes,
+        node_rank: cli.node_rank,
+        nproc: cli.nproc,
+        coordinator: cli.coordinator.clone(),
+    };
     match cli.command {
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(a, &launch),
         Command::ListCfg { pattern } => list_cfg(pattern.as_deref()),
         Command::CopyCfg { name, dir } => copy_cfg(&name, &dir),
         Command::CheckData(a) => check_data(a),
@@ -298,15 +317,50 @@ pub fn work_dir_for(cfg: &config::Config, name: &str, arg: Option<PathBuf>) -> P
         .unwrap_or_else(|| PathBuf::from("work_dirs").join(name))
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+/// `ftrun train`: in this process (world 1), as the node's launcher of `--nproc` workers, or as
+/// one worker of a distributed job (started by that launcher, torchrun or SLURM).
+fn train(a: TrainArgs, launch: &crate::dist::launch::LaunchArgs) -> Result<()> {
+    use crate::dist::{launch::LaunchSpec, parallel, supervise};
+    use crate::train::trainer::{self, Resume};
     let (cfg, name) = load_config(&a.config, &a.set)?;
     let work_dir = work_dir_for(&cfg, &name, a.work_dir);
-    crate::train::trainer::run(
-        &cfg,
-        &work_dir,
-        crate::train::trainer::Resume::parse(a.resume.as_deref()),
+    let resume = Resume::parse(a.resume.as_deref());
+    let spec = LaunchSpec::from_env(launch)?;
+    if spec.world() == 1 {
+        trainer::run(&cfg, &work_dir, resume)?;
+        return Ok(());
+    }
+    if spec.local_rank.is_none() {
+        // The launcher: the workers get our own arguments and find their rank in the env.
+        let sup = supervise::Supervision {
+            max_restarts: cfg.parallel.max_restarts,
+            coordinator: parallel::coordinator_config(&spec, &cfg.parallel, &work_dir),
+        };
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let code = supervise::supervise(&spec, &sup, &args)?;
+        if code != 0 {
+            bail!("distributed training failed (a worker exited with code {code})");
+        }
+        return Ok(());
+    }
+    let (config_hash, dataset_fingerprint) = trainer::worker_identity(&cfg)?;
+    let mut par = parallel::Parallel::join(
+        &spec,
+        &parallel::JoinOptions {
+            config_hash,
+            dataset_fingerprint,
+            work_dir: work_dir.clone(),
+            parallel: cfg.parallel.clone(),
+        },
     )?;
-    Ok(())
+    // A restarted job continues from its last committed checkpoint.
+    let resume = if par.attempt() > 0 {
+        Resume::Auto
+    } else {
+        resume
+    };
+    trainer::run_parallel(&cfg, &work_dir, resume, &par)?;
+    par.finish()
 }
 
 fn check_data(a: CheckDataArgs) -> Result<()> {

@@ -402,6 +402,16 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
         format!("{} is not 0 or 2", c.parallel.zero_stage),
     )?;
     check(
+        c.parallel.heartbeat_timeout_s > 0.0,
+        "parallel.heartbeat_timeout_s",
+        format!("must be positive, got {}", c.parallel.heartbeat_timeout_s),
+    )?;
+    check(
+        c.parallel.collective_timeout_s > 0.0,
+        "parallel.collective_timeout_s",
+        format!("must be positive, got {}", c.parallel.collective_timeout_s),
+    )?;
+    check(
         c.log.every_steps >= 1,
         "log.every_steps",
         "must be at least 1",

@@ -388,6 +388,10 @@ pub struct ParallelConfig {
     /// Seconds without a heartbeat before a worker counts as dead.
     #[serde(default = "default_hb")]
     pub heartbeat_timeout_s: f64,
+    /// Seconds a collective (all-reduce, ...) may wait on a peer before the run fails and is
+    /// restarted: a hung rank never stalls the job silently.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: f64,
 }
 
 fn default_zero() -> u32 {
@@ -402,6 +406,9 @@ fn default_restarts() -> usize {
 fn default_hb() -> f64 {
     5.0
 }
+fn default_collective_timeout() -> f64 {
+    300.0
+}
 
 impl Default for ParallelConfig {
     fn default() -> Self {
@@ -411,6 +418,7 @@ impl Default for ParallelConfig {
             bucket_mb: default_bucket(),
             max_restarts: default_restarts(),
             heartbeat_timeout_s: default_hb(),
+            collective_timeout_s: default_collective_timeout(),
         }
     }
 }

@@ -122,6 +122,89 @@ pub struct Groups {
     pub sp: Box<dyn Collectives>,
 }
 
+/// The communicator of a single-process run: rank 0 of 1, every collective returns its input.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SoloComm;
+
+impl Collectives for SoloComm {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn all_to_all(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn split(&self, _color: u64) -> Result<Box<dyn Collectives>> {
+        Ok(Box::new(SoloComm))
+    }
+}
+
+/// Sums f64 scalars over the ranks (through one f32 all-reduce: about 7 significant digits;
+/// exact on one rank). Every rank gets the same values. `device` is where the communicator
+/// takes its tensors (NCCL: the rank's GPU).
+pub fn sum_f64s(
+    comm: &dyn Collectives,
+    values: &[f64],
+    device: &candle_core::Device,
+) -> Result<Vec<f64>> {
+    if comm.world() == 1 {
+        return Ok(values.to_vec());
+    }
+    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    let t = Tensor::from_vec(v, values.len(), device)?;
+    let sum = comm.all_reduce_sum(&t)?.to_vec1::<f32>()?;
+    Ok(sum.into_iter().map(f64::from).collect())
+}
+
+/// Sums counts over the ranks exactly: each count is split into 12-bit digits so that the
+/// f32 sums stay integers below 2^24 for up to 4096 ranks.
+pub fn sum_counts(
+    comm: &dyn Collectives,
+    counts: &[u64],
+    device: &candle_core::Device,
+) -> Result<Vec<u64>> {
+    if comm.world() == 1 {
+        return Ok(counts.to_vec());
+    }
+    const DIGITS: usize = 6; // 72 bits >= any u64
+    let mut v = Vec::with_capacity(counts.len() * DIGITS);
+    for &c in counts {
+        for d in 0..DIGITS {
+            v.push(((c >> (12 * d)) & 0xfff) as f32);
+        }
+    }
+    let n = v.len();
+    let t = Tensor::from_vec(v, n, device)?;
+    let sum = comm.all_reduce_sum(&t)?.to_vec1::<f32>()?;
+    Ok(sum
+        .chunks(DIGITS)
+        .map(|digits| {
+            digits
+                .iter()
+                .enumerate()
+                .map(|(d, &x)| (x as u64) << (12 * d))
+                .sum()
+        })
+        .collect())
+}
+
 /// The length a flat buffer of `len` elements is padded to so that it splits into `world`
 /// equal shards (ZeRO-2 pads the flat gradient buffer this way before reduce-scatter).
 pub fn padded_len(len: usize, world: usize) -> usize {

@@ -157,6 +157,8 @@ struct Inner {
 struct Registered {
     info: WorkerInfo,
     last_seen: Instant,
+    /// Said goodbye (finished its work): no longer expected to beat.
+    finished: bool,
 }
 
 impl State {
@@ -287,12 +289,18 @@ impl Coordinator for Service {
                     })
                     .collect();
                 if !differences.is_empty() {
-                    return Err(Status::failed_precondition(format!(
+                    let msg = format!(
                         "Register: worker {} refused: {} (of {})",
                         describe(&info),
                         differences.join("; "),
                         describe(&reference.info)
-                    )));
+                    );
+                    // A job whose workers disagree cannot run: stop it, so that the waiting
+                    // workers fail now with the reason instead of at the registration timeout.
+                    inner.stop = Some(msg.clone());
+                    drop(inner);
+                    st.changed.notify_waiters();
+                    return Err(Status::failed_precondition(msg));
                 }
             }
             inner.workers.insert(
@@ -300,6 +308,7 @@ impl Coordinator for Service {
                 Registered {
                     info,
                     last_seen: Instant::now(),
+                    finished: false,
                 },
             );
             if inner.workers.len() == st.layout.world {
@@ -382,10 +391,13 @@ impl Coordinator for Service {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        let rank = request.into_inner().rank;
+        let HeartbeatRequest { rank, finished } = request.into_inner();
         let mut inner = self.state.lock();
         match inner.workers.get_mut(&rank) {
-            Some(w) => w.last_seen = Instant::now(),
+            Some(w) => {
+                w.last_seen = Instant::now();
+                w.finished |= finished;
+            }
             None => {
                 return Err(Status::not_found(format!(
                     "Heartbeat: rank {rank} is not registered"
@@ -544,13 +556,13 @@ fn metrics_line(step: u64, per_rank: &BTreeMap<u32, (f64, u64)>) -> String {
     )
 }
 
-/// The manifest's path for `step` under the run's output directory.
+/// The manifest's path for `step` under the run's output directory (the trainer's step dir).
 pub fn manifest_path(output_dir: &Path, step: u64) -> PathBuf {
-    output_dir
-        .join("checkpoints")
-        .join(format!("step-{step}"))
-        .join("MANIFEST.json")
+    crate::train::checkpoint::step_dir(output_dir, step as usize).join(MANIFEST)
 }
+
+/// The file whose presence commits a distributed checkpoint's step directory.
+pub const MANIFEST: &str = "MANIFEST.json";
 
 /// Writes the manifest atomically: a temporary file, fsync, rename, fsync of the directory.
 fn write_manifest(
@@ -609,7 +621,9 @@ async fn monitor_heartbeats(state: Arc<State>) {
             let dead = inner
                 .workers
                 .iter()
-                .find(|(_, w)| w.last_seen.elapsed() > state.config.heartbeat_timeout)
+                .find(|(_, w)| {
+                    !w.finished && w.last_seen.elapsed() > state.config.heartbeat_timeout
+                })
                 .map(|(rank, w)| (*rank, describe(&w.info), w.last_seen.elapsed()));
             match dead {
                 Some((rank, who, silent)) => {

@@ -3,7 +3,8 @@
 //!
 //! Precedence, field by field (the first source that sets a field wins):
 //! 1. CLI values (`--nnodes`, `--node-rank`, `--nproc`, `--coordinator`);
-//! 2. `FTRUN_LOCAL_RANK` (set by [`spawn_local_workers`] for its children: local rank only);
+//! 2. `FTRUN_LOCAL_RANK` and `FTRUN_COORDINATOR` (set by `ftrun --nproc` for its children:
+//!    the local rank, and the coordinator it started, which beats a `--coordinator` value);
 //! 3. torchrun-style variables, active when `RANK` and `WORLD_SIZE` are set: `LOCAL_RANK`,
 //!    `LOCAL_WORLD_SIZE` (nproc; when missing, a single node is assumed: nproc = WORLD_SIZE),
 //!    `GROUP_RANK` (node rank; else RANK / nproc), nnodes = WORLD_SIZE / nproc,
@@ -77,6 +78,7 @@ impl LaunchSpec {
         };
         let mut from_env = LaunchArgs::default();
         let mut env_local_rank = num("FTRUN_LOCAL_RANK")?;
+        let launcher_coordinator = env("FTRUN_COORDINATOR").filter(|c| !c.is_empty());
         let mut global_rank_check: Option<(&str, usize)> = None;
 
         // torchrun-style.
@@ -123,9 +125,8 @@ impl LaunchSpec {
             nnodes: cli.nnodes.or(from_env.nnodes).unwrap_or(1),
             node_rank: cli.node_rank.or(from_env.node_rank).unwrap_or(0),
             nproc: cli.nproc.or(from_env.nproc).unwrap_or(1),
-            coordinator: cli
-                .coordinator
-                .clone()
+            coordinator: launcher_coordinator
+                .or(cli.coordinator.clone())
                 .or(from_env.coordinator)
                 .unwrap_or(format!("127.0.0.1:{DEFAULT_COORDINATOR_PORT}")),
             local_rank: env_local_rank,
@@ -291,7 +292,13 @@ impl LocalWorkers {
     /// Waits for every worker. When one fails, the others are killed (they would otherwise
     /// wait on it until their collective timeout). Returns 0 when all succeeded, else the
     /// first failure's exit code (1 for a worker killed by a signal).
-    pub fn wait(mut self) -> Result<i32> {
+    pub fn wait(self) -> Result<i32> {
+        self.wait_until(&|| None)
+    }
+
+    /// [`LocalWorkers::wait`], also killing every worker (and failing with code 1) once
+    /// `stop` returns a reason: the coordinator stopped the job (a rank missed heartbeats).
+    pub fn wait_until(mut self, stop: &dyn Fn() -> Option<String>) -> Result<i32> {
         let mut failure: Option<(usize, i32)> = None;
         let mut running: Vec<bool> = vec![true; self.children.len()];
         while running.iter().any(|&r| r) {
@@ -308,6 +315,12 @@ impl LocalWorkers {
                         );
                         failure = Some((*rank, if code == 0 { 1 } else { code }));
                     }
+                }
+            }
+            if failure.is_none() && running.iter().any(|&r| r) {
+                if let Some(reason) = stop() {
+                    eprintln!("ftrun: the coordinator stopped the job: {reason}; stopping the workers");
+                    failure = Some((usize::MAX, 1));
                 }
             }
             if failure.is_some() {

@@ -130,7 +130,11 @@ impl Worker {
             let mut last_ok = Instant::now();
             loop {
                 tokio::time::sleep(interval).await;
-                match client.heartbeat(HeartbeatRequest { rank }).await {
+                let beat = HeartbeatRequest {
+                    rank,
+                    finished: false,
+                };
+                match client.heartbeat(beat).await {
                     Ok(reply) => {
                         last_ok = Instant::now();
                         let reply = reply.into_inner();
@@ -189,6 +193,20 @@ impl Worker {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
+    }
+
+    /// Tells the coordinator this rank finished cleanly (its silence from now on is not a
+    /// failure) and stops the heartbeats. Call it last, right before a successful exit.
+    pub fn finish(&mut self) -> Result<()> {
+        self.stop_heartbeats();
+        let mut c = self.client.clone();
+        self.runtime
+            .block_on(c.heartbeat(HeartbeatRequest {
+                rank: self.assignment.rank as u32,
+                finished: true,
+            }))
+            .map_err(|s| status_error("Heartbeat (finished)", s))?;
+        Ok(())
     }
 
     pub fn barrier(&self, name: &str) -> Result<()> {

@@ -9,3 +9,4 @@ pub mod checkpoint;
 pub mod eval;
 pub mod metrics;
 pub mod trainer;
+pub mod zero;

@@ -10,15 +10,19 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::data::sampler::{DistributedSampler, SamplerState};
+use crate::dist::parallel::Parallel;
 use crate::data::IGNORE_INDEX;
 use crate::model::decoder::{Batch, Decoder, LoraSpec, QuantSpec, TrainMode};
 use crate::model::{weights, ModelConfig};
 use crate::tokenizer::Tokenizer;
-use crate::train::checkpoint::{self, Checkpoint, CheckpointState, RunIdentity};
+use crate::train::checkpoint::{
+    self, Checkpoint, CheckpointState, RunIdentity, ShardInfo, ShardLayout,
+};
 use crate::train::eval::EvalHook;
 use crate::train::metrics::{self, ScalarLog, StepLog};
-use crate::train::optim::{clip_grad_norm, AdamW, FlatParams};
+use crate::train::optim::FlatParams;
 use crate::train::schedule::LrSchedule;
+use crate::train::zero::ZeroOptimizer;
 
 /// How `ftrun train` was asked to resume.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,10 +162,32 @@ pub fn trained_targets(b: &Batch) -> usize {
         .count()
 }
 
-/// Train a config to the end. `work_dir` receives checkpoints, logs and the dataset cache.
+/// Train a config to the end in this process. `work_dir` receives checkpoints, logs and the
+/// dataset cache.
 pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> {
+    run_parallel(cfg, work_dir, resume, &Parallel::single())
+}
+
+/// What every worker of a distributed run must agree on: the resolved config's hash and the
+/// dataset's key (both cheap: no tokenizing).
+pub fn worker_identity(cfg: &Config) -> Result<(String, String)> {
+    let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
+    let config_hash = hex::encode(Sha256::digest(cfg.to_toml().as_bytes()));
+    Ok((config_hash, crate::data::dataset::dataset_key(cfg, &tokenizer)?))
+}
+
+/// Train a config as one rank of `par`'s job (world 1 = a single process): data parallel over
+/// its ranks with ZeRO-2 (gradients and optimizer state sharded, parameters all-gathered).
+pub fn run_parallel(
+    cfg: &Config,
+    work_dir: &Path,
+    resume: Resume,
+    par: &Parallel,
+) -> Result<RunSummary> {
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+    check_parallel_config(cfg, par)?;
+    let main = par.is_main();
     let device = select_device(&cfg.train.device)?;
     metrics::keep_memory_pool(&device)?;
     let quant = quant_spec(cfg);
@@ -173,10 +199,14 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         _ => compute_dtype(&cfg.model.dtype, &device),
     };
 
-    // Data: tokenized and packed once, cached in the work dir.
+    // Data: tokenized and packed once (by rank 0), cached in the work dir for every rank.
     let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
-    let (dataset, report, data_key) = crate::data::build_dataset(cfg, &tokenizer, work_dir, true)?;
-    eprintln!("{}", report.summary());
+    let (dataset, report, data_key) = par.main_first("dataset", || {
+        crate::data::build_dataset(cfg, &tokenizer, work_dir, main)
+    })?;
+    if main {
+        eprintln!("{}", report.summary());
+    }
 
     // Model: HF config + safetensors, LoRA adapters or all weights trainable.
     let model_cfg = ModelConfig::from_dir(&cfg.model.path)?;
@@ -199,20 +229,42 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
     drop(source);
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
     let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
-    let mut params = FlatParams::from_values(&model.initial_trainable_values()?, &decay)?;
-    let mut opt = AdamW::new(&cfg.optim, &params)?;
-    eprintln!(
-        "model: {:?} {} layers, {:.1}M params, {:.2}M trainable ({}), {dtype:?} on {device:?}",
-        model_cfg.arch,
-        model_cfg.num_layers,
-        model_cfg.num_params() as f64 / 1e6,
-        params.numel() as f64 / 1e6,
-        cfg.train.method
-    );
+    let params = FlatParams::from_values(&model.initial_trainable_values()?, &decay)?;
+    let numel = params.numel();
+    let mut opt = ZeroOptimizer::new(
+        &cfg.optim,
+        params,
+        par.rank(),
+        par.world(),
+        cfg.parallel.bucket_mb,
+    )?;
+    if main {
+        eprintln!(
+            "model: {:?} {} layers, {:.1}M params, {:.2}M trainable ({}), {dtype:?} on {device:?}{}",
+            model_cfg.arch,
+            model_cfg.num_layers,
+            model_cfg.num_params() as f64 / 1e6,
+            numel as f64 / 1e6,
+            cfg.train.method,
+            if par.world() > 1 {
+                format!(", {} ranks (ZeRO-2)", par.world())
+            } else {
+                String::new()
+            }
+        );
+    }
 
     // Schedule: optimizer steps from epochs (or max_steps).
     let per_step = cfg.train.batch_size * cfg.train.grad_accum;
-    let sampler = DistributedSampler::new(dataset.len(), 0, 1, 1, cfg.train.seed, true, false)?;
+    let sampler = DistributedSampler::new(
+        dataset.len(),
+        par.rank(),
+        par.world(),
+        1,
+        cfg.train.seed,
+        true,
+        false,
+    )?;
     let steps_per_epoch = sampler.per_rank().div_ceil(per_step).max(1);
     let total_steps = cfg
         .train
@@ -249,36 +301,49 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        params = FlatParams::from_values(&values, &decay)?;
-        opt.load_state(&ck.optimizer.iter().cloned().collect())?;
+        opt.load(
+            FlatParams::from_values(&values, &decay)?,
+            &ck.optimizer.iter().cloned().collect(),
+        )?;
         sampler_state = ck.state.sampler;
         start_step = ck.state.step;
         history = ck.state.history.clone();
-        eprintln!(
-            "resumed from {} at step {start_step}/{total_steps}",
-            dir.display()
-        );
-    } else if resume == Resume::Auto {
+        if main {
+            eprintln!(
+                "resumed from {} at step {start_step}/{total_steps}",
+                dir.display()
+            );
+        }
+    } else if resume == Resume::Auto && main {
         eprintln!(
             "--resume auto: no checkpoint in {}, starting from scratch",
             work_dir.display()
         );
     }
 
-    let mut eval = EvalHook::new(cfg, work_dir, &tokenizer)?;
-    if start_step == 0 {
-        model.set_trainable(&params.views(dtype)?)?;
+    // Rank 0 evaluates, logs and draws the progress bar.
+    let mut eval = main
+        .then(|| EvalHook::new(cfg, work_dir, &tokenizer))
+        .transpose()?;
+    if let (0, Some(eval)) = (start_step, eval.as_mut()) {
+        model.set_trainable(&opt.params().views(dtype)?)?;
         eval.run(&model, 0)?;
     }
-    let mut scalars = ScalarLog::open(work_dir)?;
+    let mut scalars = main.then(|| ScalarLog::open(work_dir)).transpose()?;
     let mut indices = sampler.iter_from(sampler_state);
-    let bar = progress_bar(total_steps as u64, start_step as u64);
+    let bar = if main {
+        progress_bar(total_steps as u64, start_step as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     let started = Instant::now();
     let mut last_ckpt = None;
     let mut nan_streak = 0;
     let mut lr_points = vec![];
 
     for step in start_step..total_steps {
+        par.check_stop()?;
+        par.fault_point(step);
         let t0 = Instant::now();
         // Next global batch: grad_accum micro-batches of batch_size packed sequences.
         let mut micro = Vec::with_capacity(cfg.train.grad_accum);
@@ -291,15 +356,21 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             }
             micro.push(make_batch(&seqs));
         }
-        let n_targets: usize = micro.iter().map(trained_targets).sum();
+        let local_targets: usize = micro.iter().map(trained_targets).sum();
+        let local_tokens: usize = micro.iter().map(|b| b.input_ids.len()).sum();
         let data_time = t0.elapsed().as_secs_f64();
+        // The whole step's counts over all ranks: the loss is the mean over every trained token.
+        let counts = par.sum_counts(&[local_targets as u64, local_tokens as u64], &device)?;
+        let (n_targets, tokens) = (counts[0] as usize, counts[1] as usize);
 
         // Forward + backward: grads of the mean loss over every trained token of the step.
-        model.set_trainable(&params.views(dtype)?)?;
+        model.set_trainable(&opt.params().views(dtype)?)?;
         let mut grads = model.new_grads();
-        let mut loss_sum = 0.0;
+        let mut local_loss_sum = 0.0;
         for (i, b) in micro.iter().enumerate() {
-            let seed = cfg.train.seed ^ ((step as u64) << 20) ^ i as u64;
+            // Ranks draw different dropout masks; rank 0's are the single-process ones.
+            let seed =
+                cfg.train.seed ^ ((step as u64) << 20) ^ i as u64 ^ ((par.rank() as u64) << 40);
             let s = model.forward_backward(
                 b,
                 1.0 / n_targets.max(1) as f64,
@@ -307,19 +378,28 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
                 seed,
                 cfg.train.activation_checkpointing,
             )?;
-            loss_sum += s.loss_sum;
+            local_loss_sum += s.loss_sum;
         }
-        let loss = loss_sum / n_targets.max(1) as f64;
+        let loss = par.sum_f64s(&[local_loss_sum], &device)?[0] / n_targets.max(1) as f64;
 
-        // Clip, check, update.
-        let flat = params.flatten_grads(&grads.slots)?;
-        let (flat, grad_norm) = clip_grad_norm(&flat, cfg.optim.max_grad_norm)?;
+        // Reduce (ZeRO-2: into this rank's shard), clip by the global norm, check, update.
+        let flat = opt.params().flatten_grads(&grads.slots)?; // [N]
+        drop(grads);
+        let shard_grad = opt.reduce_gradients(&flat, par.comm())?; // [N / ranks]
+        drop(flat);
+        let grad_norm = opt.global_grad_norm(&shard_grad, par.comm())?;
         let lr = schedule.lr_at(step);
         let finite = loss.is_finite() && grad_norm.is_finite();
         // Set when this step ends the run; raised after the step's scalars are logged.
         let mut stop_error = None;
         if finite {
-            opt.step(&mut params, &flat, lr)?;
+            opt.apply(
+                &shard_grad,
+                grad_norm,
+                cfg.optim.max_grad_norm,
+                lr,
+                par.comm(),
+            )?;
             nan_streak = 0;
         } else {
             nan_streak += 1;
@@ -337,13 +417,12 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
                     "{what}; stopping after {nan_streak} non-finite step(s) in a row (train.max_nan_steps = {}); {hint}",
                     cfg.train.max_nan_steps
                 ));
-            } else {
+            } else if main {
                 say(&bar, &format!("{what}; update skipped ({hint})"));
             }
         }
         let done = step + 1;
         let time = t0.elapsed().as_secs_f64();
-        let tokens: usize = micro.iter().map(|b| b.input_ids.len()).sum();
         let log = StepLog {
             step: done,
             total: total_steps,
@@ -357,7 +436,9 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
             memory_mib: metrics::device_memory_mib(&device),
             skipped: !finite,
         };
-        scalars.write(&log)?;
+        if let Some(scalars) = scalars.as_mut() {
+            scalars.write(&log)?;
+        }
         if let Some(msg) = stop_error {
             bar.finish_and_clear();
             bail!("{msg}");
@@ -371,57 +452,132 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
         ));
         bar.inc(1);
         if done % cfg.log.every_steps == 0 || done == total_steps {
-            say(&bar, &metrics::log_line(&log, eta));
+            if main {
+                say(&bar, &metrics::log_line(&log, eta));
+            }
+            // The coordinator's per-rank view: this rank's own mean loss and tokens.
+            let local_loss = local_loss_sum / local_targets.max(1) as f64;
+            par.report_metrics(done, local_loss, local_tokens)?;
         }
 
         let save_now = (cfg.checkpoint.save_steps > 0 && done % cfg.checkpoint.save_steps == 0)
             || done == total_steps;
         let eval_now = (cfg.eval.every_steps > 0 && done % cfg.eval.every_steps == 0) || save_now;
-        if eval_now && !cfg.eval.inputs.is_empty() {
-            model.set_trainable(&params.views(dtype)?)?;
+        if let (true, false, Some(eval)) = (eval_now, cfg.eval.inputs.is_empty(), eval.as_mut()) {
+            model.set_trainable(&opt.params().views(dtype)?)?;
             bar.suspend(|| eval.run(&model, done))?;
         }
         if save_now {
-            let ck = Checkpoint {
-                state: CheckpointState {
-                    format: checkpoint::FORMAT,
-                    ftrun_version: env!("CARGO_PKG_VERSION").into(),
-                    step: done,
-                    total_steps,
-                    sampler: sampler_state,
-                    seed: cfg.train.seed,
-                    identity: identity.clone(),
-                    trainable: names.clone(),
-                    history: history.clone(),
-                },
-                trainable: names
-                    .iter()
-                    .cloned()
-                    .zip(params.views(DType::F32)?)
-                    .collect(),
-                optimizer: opt.state_tensors()?,
-                config_toml: cfg.to_toml(),
+            let state = CheckpointState {
+                format: checkpoint::FORMAT,
+                ftrun_version: env!("CARGO_PKG_VERSION").into(),
+                step: done,
+                total_steps,
+                sampler: sampler_state,
+                seed: cfg.train.seed,
+                identity: identity.clone(),
+                trainable: names.clone(),
+                history: history.clone(),
+                shards: None,
             };
-            let dir = checkpoint::save(work_dir, &ck, cfg.checkpoint.keep_last)?;
-            say(&bar, &format!("saved checkpoint {}", dir.display()));
+            let dir = save_checkpoint(cfg, work_dir, par, &opt, state)?;
+            if main {
+                say(&bar, &format!("saved checkpoint {}", dir.display()));
+            }
             last_ckpt = Some(dir);
         }
     }
     bar.finish_and_clear();
-    if cfg.log.plot && !history.is_empty() {
+    if main && cfg.log.plot && !history.is_empty() {
         metrics::plot_curves(&work_dir.join("curves.png"), &history, &lr_points)?;
     }
-    eprintln!(
-        "training done: {} steps in {:.1}s; work dir {}",
-        total_steps - start_step,
-        started.elapsed().as_secs_f64(),
-        work_dir.display()
-    );
+    if main {
+        eprintln!(
+            "training done: {} steps in {:.1}s; work dir {}",
+            total_steps - start_step,
+            started.elapsed().as_secs_f64(),
+            work_dir.display()
+        );
+    }
     Ok(RunSummary {
         losses: history,
         final_checkpoint: last_ckpt,
         steps: total_steps,
     })
+}
+
+/// What this build can run in parallel: data parallel with ZeRO-2 only.
+fn check_parallel_config(cfg: &Config, par: &Parallel) -> Result<()> {
+    let p = &cfg.parallel;
+    if p.sequence_parallel_size > 1 {
+        bail!(
+            "parallel.sequence_parallel_size = {}: Ulysses sequence parallelism is not implemented yet; use 1",
+            p.sequence_parallel_size
+        );
+    }
+    if par.world() > 1 && p.zero_stage != 2 {
+        bail!(
+            "parallel.zero_stage = {} on {} ranks: only ZeRO-2 (zero_stage = 2) is implemented",
+            p.zero_stage,
+            par.world()
+        );
+    }
+    Ok(())
+}
+
+/// Writes the step's checkpoint. One process: one directory written under a temporary name and
+/// renamed. Distributed: every rank writes its shard into the step directory, rank 0 adds the
+/// run's state, and the coordinator commits the step once every shard is durable.
+fn save_checkpoint(
+    cfg: &Config,
+    work_dir: &Path,
+    par: &Parallel,
+    opt: &ZeroOptimizer,
+    mut state: CheckpointState,
+) -> Result<PathBuf> {
+    let keep_last = cfg.checkpoint.keep_last;
+    if !par.is_distributed() {
+        let ck = Checkpoint {
+            trainable: state
+                .trainable
+                .iter()
+                .cloned()
+                .zip(opt.params().views(DType::F32)?)
+                .collect(),
+            optimizer: opt.optimizer_state()?,
+            config_toml: cfg.to_toml(),
+            state,
+        };
+        return checkpoint::save(work_dir, &ck, keep_last);
+    }
+    let step = state.step;
+    if par.is_main() {
+        checkpoint::prepare_step_dir(work_dir, step)?;
+    }
+    par.barrier(&format!("checkpoint-{step}"))?;
+    let range = opt.shard_range();
+    let info = ShardInfo {
+        rank: par.rank(),
+        world: par.world(),
+        step,
+        start: range.start,
+        end: range.end,
+        sampler: state.sampler,
+    };
+    let params = opt.params();
+    state.shards = Some(ShardLayout {
+        world: par.world(),
+        numel: params.numel(),
+        shapes: params.slots.iter().map(|s| s.shape.clone()).collect(),
+    });
+    let config_toml = cfg.to_toml();
+    let run = par.is_main().then_some((&state, config_toml.as_str()));
+    let files = checkpoint::save_shard(work_dir, &info, &opt.shard_tensors()?, run)?;
+    par.commit_checkpoint(step, files)?;
+    if par.is_main() {
+        checkpoint::prune(work_dir, keep_last)?;
+    }
+    Ok(checkpoint::step_dir(work_dir, step))
 }
 
 fn eta(started: Instant, done_here: usize, left: usize) -> Duration {

@@ -1,0 +1,302 @@
+//! ZeRO-2 over the [`Collectives`] trait: the flat gradient (in `FlatParams` order) is
+//! reduce-scattered in buckets into per-rank shards, the global gradient norm for clipping is
+//! summed from the shards, AdamW (fp32 moments) runs only on this rank's shard of the fp32
+//! master buffer, and the updated shards are all-gathered so every rank holds all parameters.
+//!
+//! Layout: the flat buffer of N values is zero-padded to `padded_len(N, world)` and rank r owns
+//! elements `r*S..(r+1)*S`, S = padded / world. The padding has zero gradient and no weight
+//! decay, so it stays zero. On one rank (world 1) the shard is the whole buffer and every
+//! collective is skipped: the update is the single-process AdamW update, bit for bit.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::ops::Range;
+
+use crate::config::OptimConfig;
+use crate::dist::collectives::{padded_len, sum_f64s, Collectives};
+use crate::train::checkpoint::SHARD_MASTER;
+use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams, Slot};
+
+/// The optimizer of a (data-parallel) run: replicated parameters, sharded gradients and
+/// optimizer state.
+pub struct ZeroOptimizer {
+    /// All trainable values (fp32 master), replicated on every rank; `set_trainable` views.
+    params: FlatParams,
+    rank: usize,
+    world: usize,
+    /// N padded to a multiple of `world`.
+    padded: usize,
+    /// This rank's slice `[S]` of the padded master buffer, with the slots clipped to it.
+    shard: FlatParams,
+    /// AdamW over `shard` only: its moments are `[S]`.
+    adamw: AdamW,
+    /// Elements per rank in one reduce-scatter bucket.
+    bucket: usize,
+}
+
+impl ZeroOptimizer {
+    /// `bucket_mb`: MiB of gradient (all ranks' pieces together) per reduce-scatter call;
+    /// 0 = one call for the whole buffer.
+    pub fn new(
+        cfg: &OptimConfig,
+        params: FlatParams,
+        rank: usize,
+        world: usize,
+        bucket_mb: usize,
+    ) -> Result<Self> {
+        if world == 0 || rank >= world {
+            bail!("ZeRO: rank {rank} outside a world of {world}");
+        }
+        let padded = padded_len(params.numel(), world);
+        let shard_len = padded / world;
+        let range = rank * shard_len..(rank + 1) * shard_len;
+        let shard = shard_of(&params, range, padded)?;
+        let adamw = AdamW::new(cfg, &shard)?;
+        let bucket = if bucket_mb == 0 {
+            shard_len
+        } else {
+            // bucket_mb MiB of f32 over all ranks' pieces.
+            ((bucket_mb << 20) / 4 / world).max(1)
+        };
+        Ok(Self {
+            params,
+            rank,
+            world,
+            padded,
+            shard,
+            adamw,
+            bucket,
+        })
+    }
+
+    /// Sets the reduce-scatter bucket to `per_rank` elements of each rank's shard (at least 1).
+    pub fn with_bucket_elems(mut self, per_rank: usize) -> Self {
+        self.bucket = per_rank.max(1);
+        self
+    }
+
+    /// All trainable values, current on every rank.
+    pub fn params(&self) -> &FlatParams {
+        &self.params
+    }
+
+    /// This rank's element range in the padded flat buffer.
+    pub fn shard_range(&self) -> Range<usize> {
+        let s = self.padded / self.world;
+        self.rank * s..(self.rank + 1) * s
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.adamw.step_count()
+    }
+
+    /// Sums the ranks' flat gradients `[N]` and returns this rank's shard `[S]` of the sum,
+    /// bucket by bucket (each reduce-scatter moves `world` pieces of at most `bucket` values).
+    pub fn reduce_gradients(&self, grad: &Tensor, comm: &dyn Collectives) -> Result<Tensor> {
+        self.check_comm(comm)?;
+        let n = self.params.numel();
+        if grad.dims() != [n] || grad.dtype() != DType::F32 {
+            bail!(
+                "ZeRO: gradient must be [{n}] f32, got {:?} {:?}",
+                grad.dims(),
+                grad.dtype()
+            );
+        }
+        if self.world == 1 {
+            return Ok(grad.clone());
+        }
+        let flat = pad(grad, self.padded)?; // [padded]
+        let s = self.padded / self.world;
+        let mut pieces = vec![];
+        let mut lo = 0;
+        while lo < s {
+            let hi = (lo + self.bucket).min(s);
+            // [world * (hi - lo)]: piece r is bucket range [lo, hi) of rank r's shard.
+            let parts = (0..self.world)
+                .map(|r| flat.narrow(0, r * s + lo, hi - lo))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            pieces.push(comm.reduce_scatter_sum(&Tensor::cat(&parts, 0)?)?); // [hi - lo]
+            lo = hi;
+        }
+        Ok(Tensor::cat(&pieces, 0)?) // [S]
+    }
+
+    /// The 2-norm of the whole summed gradient, from every rank's shard `[S]`.
+    pub fn global_grad_norm(&self, shard_grad: &Tensor, comm: &dyn Collectives) -> Result<f64> {
+        let local = sum_squares(shard_grad)?;
+        Ok(sum_f64s(comm, &[local], shard_grad.device())?[0].sqrt())
+    }
+
+    /// Clips the shard gradient by the global norm (torch `clip_grad_norm_`; `max_grad_norm`
+    /// <= 0 disables it), runs AdamW on the shard and all-gathers the updated parameters.
+    pub fn apply(
+        &mut self,
+        shard_grad: &Tensor,
+        grad_norm: f64,
+        max_grad_norm: f64,
+        lr: f64,
+        comm: &dyn Collectives,
+    ) -> Result<()> {
+        self.check_comm(comm)?;
+        let coef = clip_coef(grad_norm, max_grad_norm);
+        let grad = if max_grad_norm > 0.0 && (coef < 1.0 || !grad_norm.is_finite()) {
+            (shard_grad * coef)?
+        } else {
+            shard_grad.clone()
+        };
+        self.adamw.step(&mut self.shard, &grad, lr)?;
+        if self.world == 1 {
+            self.params.master = self.shard.master.clone();
+            return Ok(());
+        }
+        let full = comm.all_gather(&self.shard.master)?; // [padded]
+        self.params.master = full.narrow(0, 0, self.params.numel())?;
+        Ok(())
+    }
+
+    /// Resume: all parameter values (`[N]` master, same slots) and the optimizer state of the
+    /// whole buffer as `AdamW::state_tensors` names it (`[N]` moments), e.g. consolidated from
+    /// a checkpoint of any number of ranks. Keeps this rank's slice of it.
+    pub fn load(&mut self, params: FlatParams, optimizer: &HashMap<String, Tensor>) -> Result<()> {
+        let n = self.params.numel();
+        if params.slots != self.params.slots {
+            bail!("ZeRO: the loaded parameters have another layout than this model's");
+        }
+        let range = self.shard_range();
+        let mut sliced = HashMap::new();
+        for (name, t) in optimizer {
+            let t = if t.dims() == [n] {
+                pad(&t.to_dtype(DType::F32)?, self.padded)?.narrow(0, range.start, range.len())?
+            } else {
+                t.clone()
+            };
+            sliced.insert(name.clone(), t);
+        }
+        self.shard = shard_of(&params, range, self.padded)?;
+        self.adamw.load_state(&sliced)?;
+        self.params = params;
+        Ok(())
+    }
+
+    /// The optimizer state of the shard (`[S]` moments and the step count), under
+    /// `AdamW::state_tensors` names. On one rank this is the whole buffer's state.
+    pub fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {
+        self.adamw.state_tensors()
+    }
+
+    /// This rank's checkpoint shard: the master slice under [`SHARD_MASTER`] and the
+    /// optimizer state slices (all `[S]` but the step count).
+    pub fn shard_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = vec![(SHARD_MASTER.to_string(), self.shard.master.clone())];
+        v.extend(self.optimizer_state()?);
+        Ok(v)
+    }
+
+    fn check_comm(&self, comm: &dyn Collectives) -> Result<()> {
+        if comm.world() != self.world || comm.rank() != self.rank {
+            bail!(
+                "ZeRO: built for rank {} of {} but given a communicator of rank {} of {}",
+                self.rank,
+                self.world,
+                comm.rank(),
+                comm.world()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `t` `[n]` followed by zeros up to `[len]`.
+fn pad(t: &Tensor, len: usize) -> Result<Tensor> {
+    let n = t.elem_count();
+    if n == len {
+        return Ok(t.clone());
+    }
+    let zeros = Tensor::zeros(len - n, t.dtype(), t.device())?;
+    Ok(Tensor::cat(&[t, &zeros], 0)?)
+}
+
+/// The `range` slice of the padded master buffer as a `FlatParams` whose slots are the
+/// trainable tensors' overlaps with the range (flat shapes) plus the padding (no decay).
+fn shard_of(params: &FlatParams, range: Range<usize>, padded: usize) -> Result<FlatParams> {
+    let n = params.numel();
+    let master = pad(&params.master, padded)?.narrow(0, range.start, range.len())?; // [S]
+    let mut slots = vec![];
+    let mut overlap = |lo: usize, hi: usize, decay: bool| {
+        let (lo, hi) = (lo.max(range.start), hi.min(range.end));
+        if lo < hi {
+            slots.push(Slot {
+                offset: lo - range.start,
+                numel: hi - lo,
+                shape: vec![hi - lo],
+                decay,
+            });
+        }
+    };
+    for s in &params.slots {
+        overlap(s.offset, s.offset + s.numel, s.decay);
+    }
+    overlap(n, padded, false);
+    Ok(FlatParams { master, slots })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::collectives::SoloComm;
+    use crate::train::optim::clip_grad_norm;
+    use candle_core::Device;
+
+    fn params(values: &[Vec<f32>], decay: &[bool]) -> FlatParams {
+        let ts: Vec<Tensor> = values
+            .iter()
+            .map(|v| Tensor::new(v.as_slice(), &Device::Cpu).unwrap())
+            .collect();
+        FlatParams::from_values(&ts, decay).unwrap()
+    }
+
+    #[test]
+    fn shard_slots_cover_the_range_with_padding_undecayed() {
+        let p = params(&[vec![1.0; 3], vec![2.0; 4]], &[true, false]); // N = 7
+        // world 3: padded 9, shard 1 = [3, 6)
+        let s = shard_of(&p, 3..6, 9).unwrap();
+        assert_eq!(s.master.to_vec1::<f32>().unwrap(), vec![2.0, 2.0, 2.0]);
+        assert_eq!(s.slots.len(), 1);
+        assert!(!s.slots[0].decay);
+        let last = shard_of(&p, 6..9, 9).unwrap();
+        assert_eq!(last.master.to_vec1::<f32>().unwrap(), vec![2.0, 0.0, 0.0]);
+        assert_eq!(
+            last.slots.iter().map(|s| (s.offset, s.numel)).collect::<Vec<_>>(),
+            vec![(0, 1), (1, 2)]
+        );
+        let first = shard_of(&p, 0..3, 9).unwrap();
+        assert!(first.slots[0].decay);
+    }
+
+    #[test]
+    fn one_rank_matches_plain_clip_and_adamw() {
+        let cfg = OptimConfig {
+            weight_decay: 0.1,
+            ..OptimConfig::default()
+        };
+        let p = params(&[vec![0.5, -1.0, 2.0], vec![3.0, 0.25]], &[true, false]);
+        let grad = Tensor::new(&[4.0f32, -3.0, 1.0, 0.5, -2.0], &Device::Cpu).unwrap();
+        let mut reference = p.clone();
+        let mut adamw = AdamW::new(&cfg, &reference).unwrap();
+        let mut zero = ZeroOptimizer::new(&cfg, p, 0, 1, 25).unwrap();
+        for _ in 0..3 {
+            let (clipped, norm) = clip_grad_norm(&grad, 1.0).unwrap();
+            adamw.step(&mut reference, &clipped, 1e-2).unwrap();
+            let shard = zero.reduce_gradients(&grad, &SoloComm).unwrap();
+            let zn = zero.global_grad_norm(&shard, &SoloComm).unwrap();
+            assert_eq!(zn, norm);
+            zero.apply(&shard, zn, 1.0, 1e-2, &SoloComm).unwrap();
+        }
+        assert_eq!(
+            zero.params().master.to_vec1::<f32>().unwrap(),
+            reference.master.to_vec1::<f32>().unwrap()
+        );
+    }
+}
