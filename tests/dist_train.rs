@@ -232,7 +232,12 @@ fn a_killed_worker_is_restarted_from_the_last_committed_checkpoint() {
     // Bit-identical collectives and an exact resume: the same run as the undisturbed one.
     let (hist, w) = final_state(&work, 6);
     let (base_hist, base_w) = final_state(&r.two, 6);
-    assert_histories_close(&hist, &base_hist, 1e-6, "killed-and-restarted vs undisturbed");
+    assert_histories_close(
+        &hist,
+        &base_hist,
+        1e-6,
+        "killed-and-restarted vs undisturbed",
+    );
     assert_tensors_close(&w, &base_w, 1e-6, "final weights");
 }
 
@@ -275,13 +280,19 @@ fn a_frozen_worker_is_caught_by_missed_heartbeats() {
     assert_success(&out, "the run with a frozen worker");
     let err = stderr(&out);
     assert!(
-        err.contains("the coordinator stopped the job: rank 1") && err.contains("sent no heartbeat"),
+        err.contains("the coordinator stopped the job: rank 1")
+            && err.contains("sent no heartbeat"),
         "{err}"
     );
     assert!(err.contains("restart 1 of 3"), "{err}");
     let (hist, _) = final_state(&work, 6);
     let (base_hist, _) = final_state(&r.two, 6);
-    assert_histories_close(&hist, &base_hist, 1e-6, "frozen-and-restarted vs undisturbed");
+    assert_histories_close(
+        &hist,
+        &base_hist,
+        1e-6,
+        "frozen-and-restarted vs undisturbed",
+    );
 }
 
 #[test]

@@ -498,19 +498,57 @@ fn the_page_and_its_assets_are_embedded() {
 }
 
 #[test]
-fn the_command_line_refuses_bits_4_for_now_and_compare_base_without_an_adapter() {
+fn bits_4_serves_an_nf4_model_and_other_bits_or_compare_base_without_an_adapter_are_refused() {
     let model = fixture().model.to_str().unwrap();
     let ftrun = env!("CARGO_BIN_EXE_ftrun");
     let out = Command::new(ftrun)
-        .args(["serve", model, "--bits", "4", "--port", "0"])
+        .args(["serve", model, "--bits", "8", "--port", "0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--bits 4") && stderr.contains("not yet supported"),
+        stderr.contains("--bits 8") && stderr.contains("only 4"),
         "{stderr}"
     );
+
+    // --bits 4: the model is quantized while loading and the server comes up; ask it once.
+    let mut child = Command::new(ftrun)
+        .args([
+            "serve", model, "--bits", "4", "--port", "0", "--device", "cpu",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(String::from);
+    let answer = url.map(|u| {
+        let addr = u.trim_start_matches("http://").to_string();
+        let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,"temperature":0}"#;
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        std::io::Write::write_all(&mut stream, req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut resp).unwrap();
+        resp
+    });
+    child.kill().ok();
+    child.wait().ok();
+    let answer = answer.unwrap_or_else(|| panic!("no listening line: {line}"));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("chat.completion"), "{answer}");
 
     let out = Command::new(ftrun)
         .args(["serve", model, "--compare-base", "--port", "0"])
