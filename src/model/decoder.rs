@@ -1021,7 +1021,92 @@ impl Decoder {
             return self.loss(batch);
         }
         let ctx = self.batch_ctx(batch)?;
-        let mut x = embedding_forward(&ctx.ids, &self.params[self.embed])?; // [n, h]
+        let x0 = embedding_forward(&ctx.ids, &self.params[self.embed])?; // [n, h]
+        let (stats, dx0) = self.stack_forward_backward(
+            &ctx,
+            x0,
+            batch,
+            loss_scale,
+            grads,
+            step_seed,
+            checkpointing,
+        )?;
+        if self.trains(self.embed) {
+            let dw = embedding_backward(&ctx.ids, &dx0, self.cfg.vocab_size)?;
+            self.accumulate(grads, self.embed, &dw)?;
+        }
+        Ok(stats)
+    }
+
+    /// Token embeddings `[n, h]` of `ids` (to splice other rows, e.g. image features, into).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(embedding_forward(&ids, &self.params[self.embed])?)
+    }
+
+    /// Forward and backward from given input embeddings `x0 [n, h]` (compute dtype) instead of
+    /// the token embeddings of `batch.input_ids` (which still give the length and are checked):
+    /// adds the decoder's gradients into `grads` and returns the stats and
+    /// `d(loss_scale · loss_sum) / d x0` for the caller's own backward (a multimodal projector).
+    /// The embedding table gets no gradient here; [`Decoder::embedding_backward_into`] adds one
+    /// for the rows the caller took from it.
+    pub fn forward_backward_embeds(
+        &self,
+        x0: &Tensor,
+        batch: &Batch,
+        loss_scale: f64,
+        grads: &mut Grads,
+        step_seed: u64,
+        checkpointing: bool,
+    ) -> Result<(StepStats, Tensor)> {
+        if grads.slots.len() != self.trainable.len() {
+            bail!(
+                "grads has {} slots for {} trainables (use Decoder::new_grads)",
+                grads.slots.len(),
+                self.trainable.len()
+            );
+        }
+        let ctx = self.batch_ctx(batch)?;
+        let (n, h) = (batch.input_ids.len(), self.cfg.hidden_size);
+        if x0.dims() != [n, h] {
+            bail!(
+                "input embeddings have shape {:?}, expected [{n}, {h}]",
+                x0.dims()
+            );
+        }
+        let x0 = x0.to_dtype(self.dtype)?;
+        self.stack_forward_backward(&ctx, x0, batch, loss_scale, grads, step_seed, checkpointing)
+    }
+
+    /// Adds the embedding table's gradient for rows `ids` with upstream `dy [len(ids), h]`
+    /// (no-op when the embedding is frozen).
+    pub fn embedding_backward_into(
+        &self,
+        ids: &[u32],
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        if !self.trains(self.embed) || ids.is_empty() {
+            return Ok(());
+        }
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let dw = embedding_backward(&ids, dy, self.cfg.vocab_size)?;
+        self.accumulate(grads, self.embed, &dw)
+    }
+
+    /// Blocks, final norm and LM head + CE, forward then backward, from input rows `x0`.
+    #[allow(clippy::too_many_arguments)]
+    fn stack_forward_backward(
+        &self,
+        ctx: &BatchCtx,
+        x0: Tensor,
+        batch: &Batch,
+        loss_scale: f64,
+        grads: &mut Grads,
+        step_seed: u64,
+        checkpointing: bool,
+    ) -> Result<(StepStats, Tensor)> {
+        let mut x = x0; // [n, h]
         let mut kept = Vec::with_capacity(self.blocks.len());
         for (li, blk) in self.blocks.iter().enumerate() {
             let (y, acts) =
@@ -1069,14 +1154,11 @@ impl Decoder {
             };
             dx = self.block_backward(blk, &acts, &dx, &ctx, grads)?;
         }
-        if self.trains(self.embed) {
-            let dw = embedding_backward(&ctx.ids, &dx, self.cfg.vocab_size)?;
-            self.accumulate(grads, self.embed, &dw)?;
-        }
-        Ok(StepStats {
+        let stats = StepStats {
             loss_sum: ce.loss_sum,
             n_trained: ce.n_trained,
-        })
+        };
+        Ok((stats, dx))
     }
 
     /// The final norm's output `[tokens, hidden]` without gradients (no dropout).
