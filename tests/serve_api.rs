@@ -498,19 +498,60 @@ fn the_page_and_its_assets_are_embedded() {
 }
 
 #[test]
-fn the_command_line_refuses_bits_4_for_now_and_compare_base_without_an_adapter() {
+fn serve_bits_4_answers_as_chat_bits_4_does() {
+    let f = fixture();
+    let (model, adapter) = (f.model.to_str().unwrap(), f.adapter.to_str().unwrap());
+    let (prompt, max_tokens) = ("Tell me about fine-tuning.", 24);
+    let chat_out = Command::new(env!("CARGO_BIN_EXE_ftrun"))
+        .args([
+            "chat",
+            model,
+            "--adapter",
+            adapter,
+            "--bits",
+            "4",
+            "--greedy",
+        ])
+        .args([
+            "--template",
+            "internlm2_chat",
+            "--device",
+            "cpu",
+            "--prompt",
+            prompt,
+        ])
+        .args(["--max-new-tokens", &max_tokens.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        chat_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chat_out.stderr)
+    );
+    let printed = String::from_utf8(chat_out.stdout).unwrap();
+
+    let server = ServeProcess::start(&[model, "--adapter", adapter, "--bits", "4"]);
+    let answer = content(&chat(
+        server.addr,
+        &json!({"messages": user(prompt), "temperature": 0, "max_tokens": max_tokens}),
+    ));
+    // chat ends its printed answer with a newline.
+    assert_eq!(format!("{answer}\n"), printed);
+    // The 4-bit model is not the full-precision one (their greedy answers part early here).
+    assert_ne!(answer, chat_answer(true, None, prompt, max_tokens));
+}
+
+#[test]
+fn the_command_line_refuses_other_bits_and_compare_base_without_an_adapter() {
     let model = fixture().model.to_str().unwrap();
     let ftrun = env!("CARGO_BIN_EXE_ftrun");
     let out = Command::new(ftrun)
-        .args(["serve", model, "--bits", "4", "--port", "0"])
+        .args(["serve", model, "--bits", "8", "--port", "0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--bits 4") && stderr.contains("not yet supported"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--bits 8"), "{stderr}");
 
     let out = Command::new(ftrun)
         .args(["serve", model, "--compare-base", "--port", "0"])

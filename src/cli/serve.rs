@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::data::template::Template;
-use crate::infer::load::load_for_inference;
+use crate::infer::load::load_for_inference_bits;
 use crate::infer::{ChatFormat, TextCodec};
 use crate::model::decoder::Decoder;
 use crate::serve::prompt::{detect_template, model_chat_template};
@@ -24,9 +24,10 @@ pub struct ServeArgs {
     /// Also load the model without the adapter; the web page shows both answers side by side.
     #[arg(long, requires = "adapter")]
     pub compare_base: bool,
-    /// Load the base weights quantized to this many bits (4: NF4, as QLoRA trains).
-    #[arg(long, value_parser = ["4"])]
-    pub bits: Option<String>,
+    /// Load the block linears as 4-bit NF4 (as QLoRA trains them; the adapter stays unmerged
+    /// on top); only 4 is supported.
+    #[arg(long)]
+    pub bits: Option<u32>,
     /// Address to bind; the default only accepts connections from this machine.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -55,14 +56,7 @@ pub struct ServeArgs {
 /// Load the model with the adapter (or without), as `--bits` asks. The one place that knows
 /// how a served model is loaded.
 fn load_model(a: &ServeArgs, adapter: Option<&Path>) -> Result<(Decoder, Tokenizer)> {
-    match a.bits.as_deref() {
-        None => load_for_inference(&a.model, adapter, &a.device),
-        Some(bits) => bail!(
-            "--bits {bits}: serving a {bits}-bit quantized model is not yet supported (the \
-             QLoRA loader is still being written); leave out --bits to serve the model in its \
-             stored precision"
-        ),
-    }
+    load_for_inference_bits(&a.model, adapter, &a.device, a.bits)
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
