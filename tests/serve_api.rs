@@ -498,7 +498,51 @@ fn the_page_and_its_assets_are_embedded() {
 }
 
 #[test]
-fn bits_4_serves_an_nf4_model_and_other_bits_or_compare_base_without_an_adapter_are_refused() {
+fn serve_bits_4_answers_as_chat_bits_4_does() {
+    let f = fixture();
+    let (model, adapter) = (f.model.to_str().unwrap(), f.adapter.to_str().unwrap());
+    let (prompt, max_tokens) = ("Tell me about fine-tuning.", 24);
+    let chat_out = Command::new(env!("CARGO_BIN_EXE_ftrun"))
+        .args([
+            "chat",
+            model,
+            "--adapter",
+            adapter,
+            "--bits",
+            "4",
+            "--greedy",
+        ])
+        .args([
+            "--template",
+            "internlm2_chat",
+            "--device",
+            "cpu",
+            "--prompt",
+            prompt,
+        ])
+        .args(["--max-new-tokens", &max_tokens.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        chat_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chat_out.stderr)
+    );
+    let printed = String::from_utf8(chat_out.stdout).unwrap();
+
+    let server = ServeProcess::start(&[model, "--adapter", adapter, "--bits", "4"]);
+    let answer = content(&chat(
+        server.addr,
+        &json!({"messages": user(prompt), "temperature": 0, "max_tokens": max_tokens}),
+    ));
+    // chat ends its printed answer with a newline.
+    assert_eq!(format!("{answer}\n"), printed);
+    // The 4-bit model is not the full-precision one (their greedy answers part early here).
+    assert_ne!(answer, chat_answer(true, None, prompt, max_tokens));
+}
+
+#[test]
+fn the_command_line_refuses_other_bits_and_compare_base_without_an_adapter() {
     let model = fixture().model.to_str().unwrap();
     let ftrun = env!("CARGO_BIN_EXE_ftrun");
     let out = Command::new(ftrun)
@@ -507,48 +551,7 @@ fn bits_4_serves_an_nf4_model_and_other_bits_or_compare_base_without_an_adapter_
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--bits 8") && stderr.contains("only 4"),
-        "{stderr}"
-    );
-
-    // --bits 4: the model is quantized while loading and the server comes up; ask it once.
-    let mut child = Command::new(ftrun)
-        .args([
-            "serve", model, "--bits", "4", "--port", "0", "--device", "cpu",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(String::from);
-    let answer = url.map(|u| {
-        let addr = u.trim_start_matches("http://").to_string();
-        let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,"temperature":0}"#;
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-        std::io::Write::write_all(&mut stream, req.as_bytes()).unwrap();
-        let mut resp = String::new();
-        std::io::Read::read_to_string(&mut stream, &mut resp).unwrap();
-        resp
-    });
-    child.kill().ok();
-    child.wait().ok();
-    let answer = answer.unwrap_or_else(|| panic!("no listening line: {line}"));
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("chat.completion"), "{answer}");
+    assert!(stderr.contains("--bits 8"), "{stderr}");
 
     let out = Command::new(ftrun)
         .args(["serve", model, "--compare-base", "--port", "0"])

@@ -10,7 +10,6 @@
 
 mod serve_support;
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -168,43 +167,6 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
-/// Start `ftrun serve --compare-base` on port 0; returns the process, its address and its
-/// model ids (fine-tuned, base).
-fn start_ftrun_serve() -> (Kill, SocketAddr, Vec<String>) {
-    let f = fixture();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ftrun"))
-        .arg("serve")
-        .arg(&f.model)
-        .arg("--adapter")
-        .arg(&f.adapter)
-        .args(["--compare-base", "--port", "0", "--device", "cpu"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let child = Kill(child);
-    // "ftrun serve: listening on http://127.0.0.1:PORT (models: a, b)"
-    let url = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
-    let ids = line
-        .split("(models: ")
-        .nth(1)
-        .unwrap()
-        .trim_end()
-        .trim_end_matches(')')
-        .split(", ")
-        .map(String::from)
-        .collect();
-    (child, url.parse().unwrap(), ids)
-}
-
 fn start_driver(chromium: &str, chromedriver: &str) -> (Kill, Driver) {
     // A free port for chromedriver (it has no port-0 mode that reports the port).
     let port = TcpListener::bind("127.0.0.1:0")
@@ -286,7 +248,14 @@ fn the_chat_page_streams_answers_and_compares_fine_tuned_with_base() {
     let Some((chromium, chromedriver)) = browser() else {
         return;
     };
-    let (_server, addr, ids) = start_ftrun_serve();
+    let f = fixture();
+    let server = ServeProcess::start(&[
+        f.model.to_str().unwrap(),
+        "--adapter",
+        f.adapter.to_str().unwrap(),
+        "--compare-base",
+    ]);
+    let (addr, ids) = (server.addr, server.ids.clone());
     assert_eq!(ids.len(), 2, "compare mode serves two models: {ids:?}");
     let (_driver_process, driver) = start_driver(&chromium, &chromedriver);
 

@@ -24,7 +24,8 @@ pub struct ServeArgs {
     /// Also load the model without the adapter; the web page shows both answers side by side.
     #[arg(long, requires = "adapter")]
     pub compare_base: bool,
-    /// Load the base weights quantized to this many bits (4: NF4, as QLoRA trains).
+    /// Load the block linears as 4-bit NF4 (as QLoRA trains them; the adapter stays unmerged
+    /// on top); only 4 is supported.
     #[arg(long)]
     pub bits: Option<u32>,
     /// Address to bind; the default only accepts connections from this machine.

@@ -410,3 +410,57 @@ pub fn streamed_content(response: &HttpResponse) -> String {
         })
         .collect()
 }
+
+/// `ftrun serve ARGS --port 0 --device cpu` as a child process, killed when dropped.
+pub struct ServeProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    /// The model ids it printed (the fine-tuned one first).
+    pub ids: Vec<String>,
+}
+
+impl ServeProcess {
+    pub fn start(args: &[&str]) -> ServeProcess {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ftrun"))
+            .arg("serve")
+            .args(args)
+            .args(["--port", "0", "--device", "cpu"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "ftrun serve: listening on http://127.0.0.1:PORT (models: a, b)"
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok());
+        let ids = line
+            .split("(models: ")
+            .nth(1)
+            .map(|rest| rest.trim_end().trim_end_matches(')'));
+        match (addr, ids) {
+            (Some(addr), Some(ids)) => ServeProcess {
+                child,
+                addr,
+                ids: ids.split(", ").map(String::from).collect(),
+            },
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("unexpected first line of ftrun serve: {line:?}")
+            }
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
