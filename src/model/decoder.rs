@@ -1110,7 +1110,7 @@ impl Decoder {
         let mut kept = Vec::with_capacity(self.blocks.len());
         for (li, blk) in self.blocks.iter().enumerate() {
             let (y, acts) =
-                self.block_forward(blk, &x, &ctx, Some(Self::block_seed(step_seed, li)))?;
+                self.block_forward(blk, &x, ctx, Some(Self::block_seed(step_seed, li)))?;
             kept.push(if checkpointing {
                 drop(acts);
                 Kept::Input(x)
@@ -1148,11 +1148,11 @@ impl Decoder {
             let acts = match kept.pop().context("missing block activations")? {
                 Kept::Acts(a) => *a,
                 Kept::Input(xin) => {
-                    self.block_forward(blk, &xin, &ctx, Some(Self::block_seed(step_seed, li)))?
+                    self.block_forward(blk, &xin, ctx, Some(Self::block_seed(step_seed, li)))?
                         .1
                 }
             };
-            dx = self.block_backward(blk, &acts, &dx, &ctx, grads)?;
+            dx = self.block_backward(blk, &acts, &dx, ctx, grads)?;
         }
         let stats = StepStats {
             loss_sum: ce.loss_sum,
