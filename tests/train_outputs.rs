@@ -137,16 +137,32 @@ fn full_fine_tuning_lowers_the_loss() {
 }
 
 #[test]
-fn qlora_is_refused_with_a_clear_error() {
+fn a_qlora_checkpoint_does_not_resume_as_lora() {
     let tmp = tempfile::tempdir().unwrap();
     let s = setup(tmp.path(), 4);
     let work = tmp.path().join("work");
-    let err = run(&config(&s, &["train.method=\"qlora\""]), &work, Resume::No)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("qlora") && err.contains("not") && err.contains("lora"),
-        "{err}"
+    let steps = [
+        "train.max_steps=2",
+        "checkpoint.save_steps=2",
+        "eval.every_steps=0",
+        "log.plot=false",
+    ];
+    let q: Vec<&str> = steps
+        .iter()
+        .copied()
+        .chain(["train.method=\"qlora\""])
+        .collect();
+    let done = run(&config(&s, &q), &work, Resume::No).unwrap();
+    assert_eq!(done.steps, 2);
+    assert!(done.final_checkpoint.is_some());
+    let l: Vec<&str> = steps
+        .iter()
+        .copied()
+        .chain(["train.method=\"lora\""])
+        .collect();
+    let err = format!(
+        "{:#}",
+        run(&config(&s, &l), &work, Resume::Auto).unwrap_err()
     );
-    assert!(!work.join("checkpoints").exists());
+    assert!(err.contains("qlora") && err.contains("lora"), "{err}");
 }
