@@ -103,8 +103,11 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Values of tensors, by name.
+type Values = Vec<(String, Vec<f64>)>;
+
 /// (history, trainable values by name) of a work dir's checkpoint at `step`.
-fn final_state(work: &Path, step: usize) -> (Vec<(usize, f64)>, Vec<(String, Vec<f64>)>) {
+fn final_state(work: &Path, step: usize) -> (Vec<(usize, f64)>, Values) {
     let ck = checkpoint::load(&checkpoint::step_dir(work, step), &Device::Cpu).unwrap();
     let tensors = ck
         .trainable
@@ -128,7 +131,7 @@ fn assert_histories_close(a: &[(usize, f64)], b: &[(usize, f64)], rel: f64, what
     }
 }
 
-fn assert_tensors_close(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)], tol: f64, what: &str) {
+fn assert_tensors_close(a: &Values, b: &Values, tol: f64, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");
     for ((na, va), (nb, vb)) in a.iter().zip(b) {
         assert_eq!(na, nb, "{what}");
@@ -189,7 +192,7 @@ fn two_ranks_train_like_one_rank_with_the_same_global_batch() {
     assert!(ok, "{err}");
     ftrun::export::export_checkpoint(&checkpoint::step_dir(&r.one, 6), &eb).unwrap();
     let load = |d: &Path| {
-        let mut v: Vec<(String, Vec<f64>)> =
+        let mut v: Values =
             candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu)
                 .unwrap()
                 .into_iter()
@@ -232,7 +235,12 @@ fn a_killed_worker_is_restarted_from_the_last_committed_checkpoint() {
     // Bit-identical collectives and an exact resume: the same run as the undisturbed one.
     let (hist, w) = final_state(&work, 6);
     let (base_hist, base_w) = final_state(&r.two, 6);
-    assert_histories_close(&hist, &base_hist, 1e-6, "killed-and-restarted vs undisturbed");
+    assert_histories_close(
+        &hist,
+        &base_hist,
+        1e-6,
+        "killed-and-restarted vs undisturbed",
+    );
     assert_tensors_close(&w, &base_w, 1e-6, "final weights");
 }
 
@@ -275,13 +283,19 @@ fn a_frozen_worker_is_caught_by_missed_heartbeats() {
     assert_success(&out, "the run with a frozen worker");
     let err = stderr(&out);
     assert!(
-        err.contains("the coordinator stopped the job: rank 1") && err.contains("sent no heartbeat"),
+        err.contains("the coordinator stopped the job: rank 1")
+            && err.contains("sent no heartbeat"),
         "{err}"
     );
     assert!(err.contains("restart 1 of 3"), "{err}");
     let (hist, _) = final_state(&work, 6);
     let (base_hist, _) = final_state(&r.two, 6);
-    assert_histories_close(&hist, &base_hist, 1e-6, "frozen-and-restarted vs undisturbed");
+    assert_histories_close(
+        &hist,
+        &base_hist,
+        1e-6,
+        "frozen-and-restarted vs undisturbed",
+    );
 }
 
 #[test]
@@ -389,4 +403,30 @@ fn workers_with_different_configs_are_refused_naming_the_difference() {
             "node {node}:\n{err}"
         );
     }
+}
+
+#[test]
+fn full_fine_tuning_on_two_ranks_matches_one_rank() {
+    let r = runs();
+    let tmp = tempfile::tempdir().unwrap();
+    let full: &[&str] = &[
+        "train.method=\"full\"",
+        "train.max_steps=2",
+        "optim.lr=1e-3",
+    ];
+    let two = tmp.path().join("two");
+    let out = ftrun_nproc(2, &r.setup, &two, &[full, &[TWO_RANKS]].concat(), &[], &[]);
+    assert_success(&out, "full fine-tuning on 2 ranks");
+    let one = tmp.path().join("one");
+    let cfg = config(&r.setup, &[RUN, full, &[ONE_RANK]].concat());
+    run(&cfg, &one, Resume::No).unwrap();
+    let (two_hist, two_w) = final_state(&two, 2);
+    let (one_hist, one_w) = final_state(&one, 2);
+    assert!(
+        two_w.len() > 10,
+        "every weight is trainable: {}",
+        two_w.len()
+    );
+    assert_histories_close(&two_hist, &one_hist, 1e-4, "full: 2 ranks vs 1");
+    assert_tensors_close(&two_w, &one_w, 1e-4, "full: final weights");
 }

@@ -41,7 +41,9 @@ fn run_world<T: Send + 'static>(
 
 fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+        .collect()
 }
 
 /// Three tensors of 5, 6 and 2 values (13: not a multiple of 2 or 3), the first two decayed.
@@ -128,7 +130,10 @@ fn two_and_three_ranks_match_the_single_process_update() {
         for (rank, (params, shard_len, moment_len)) in ranks.iter().enumerate() {
             // 13 values padded to a multiple of the world, split evenly.
             assert_eq!(*shard_len, 13usize.div_ceil(world));
-            assert_eq!(*moment_len, *shard_len, "AdamW state is sized for the shard");
+            assert_eq!(
+                *moment_len, *shard_len,
+                "AdamW state is sized for the shard"
+            );
             assert_close(
                 params,
                 &expected,

@@ -319,7 +319,9 @@ impl LocalWorkers {
             }
             if failure.is_none() && running.iter().any(|&r| r) {
                 if let Some(reason) = stop() {
-                    eprintln!("ftrun: the coordinator stopped the job: {reason}; stopping the workers");
+                    eprintln!(
+                        "ftrun: the coordinator stopped the job: {reason}; stopping the workers"
+                    );
                     failure = Some((usize::MAX, 1));
                 }
             }

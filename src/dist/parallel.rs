@@ -159,7 +159,11 @@ impl Parallel {
             binary_version: format!(
                 "{} ({})",
                 env!("CARGO_PKG_VERSION"),
-                if cfg!(feature = "cuda") { "cuda" } else { "cpu" }
+                if cfg!(feature = "cuda") {
+                    "cuda"
+                } else {
+                    "cpu"
+                }
             ),
             dataset_fingerprint: opts.dataset_fingerprint.clone(),
             ring_addr: format!("{host}:{}", listener.local_addr().port()),
@@ -280,17 +284,29 @@ impl Parallel {
         }
         match f.kind {
             FaultKind::Exit => {
-                eprintln!("{ENV_FAULT}: rank {} exits before step {}", f.rank, step + 1);
+                eprintln!(
+                    "{ENV_FAULT}: rank {} exits before step {}",
+                    f.rank,
+                    step + 1
+                );
                 std::process::exit(137);
             }
             FaultKind::Hang => {
-                eprintln!("{ENV_FAULT}: rank {} hangs before step {}", f.rank, step + 1);
+                eprintln!(
+                    "{ENV_FAULT}: rank {} hangs before step {}",
+                    f.rank,
+                    step + 1
+                );
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
                 }
             }
             FaultKind::Freeze => {
-                eprintln!("{ENV_FAULT}: rank {} freezes before step {}", f.rank, step + 1);
+                eprintln!(
+                    "{ENV_FAULT}: rank {} freezes before step {}",
+                    f.rank,
+                    step + 1
+                );
                 let _ = std::process::Command::new("kill")
                     .args(["-STOP", &std::process::id().to_string()])
                     .status();

@@ -213,7 +213,11 @@ pub fn prune(work_dir: &Path, keep_last: usize) -> Result<()> {
 
 /// Writes `bytes` to `dir/name` durably: a temporary name, fsync, rename. (The caller fsyncs
 /// `dir` once after its last file.)
-fn write_file_atomic(dir: &Path, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+fn write_file_atomic(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     write(&tmp)?;
     File::open(&tmp)

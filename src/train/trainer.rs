@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::data::sampler::{DistributedSampler, SamplerState};
-use crate::dist::parallel::Parallel;
 use crate::data::IGNORE_INDEX;
+use crate::dist::parallel::Parallel;
 use crate::model::decoder::{Batch, Decoder, LoraSpec, TrainMode};
 use crate::model::{weights, ModelConfig};
 use crate::tokenizer::Tokenizer;
@@ -165,7 +165,10 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
 pub fn worker_identity(cfg: &Config) -> Result<(String, String)> {
     let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
     let config_hash = hex::encode(Sha256::digest(cfg.to_toml().as_bytes()));
-    Ok((config_hash, crate::data::dataset::dataset_key(cfg, &tokenizer)?))
+    Ok((
+        config_hash,
+        crate::data::dataset::dataset_key(cfg, &tokenizer)?,
+    ))
 }
 
 /// Train a config as one rank of `par`'s job (world 1 = a single process): data parallel over

@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn shard_slots_cover_the_range_with_padding_undecayed() {
         let p = params(&[vec![1.0; 3], vec![2.0; 4]], &[true, false]); // N = 7
-        // world 3: padded 9, shard 1 = [3, 6)
+                                                                       // world 3: padded 9, shard 1 = [3, 6)
         let s = shard_of(&p, 3..6, 9).unwrap();
         assert_eq!(s.master.to_vec1::<f32>().unwrap(), vec![2.0, 2.0, 2.0]);
         assert_eq!(s.slots.len(), 1);
@@ -268,7 +268,10 @@ mod tests {
         let last = shard_of(&p, 6..9, 9).unwrap();
         assert_eq!(last.master.to_vec1::<f32>().unwrap(), vec![2.0, 0.0, 0.0]);
         assert_eq!(
-            last.slots.iter().map(|s| (s.offset, s.numel)).collect::<Vec<_>>(),
+            last.slots
+                .iter()
+                .map(|s| (s.offset, s.numel))
+                .collect::<Vec<_>>(),
             vec![(0, 1), (1, 2)]
         );
         let first = shard_of(&p, 0..3, 9).unwrap();
