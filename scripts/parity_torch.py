@@ -58,8 +58,19 @@ def train(d, method, steps, lr, warmup, checkpointing):
                                                  attn_implementation="sdpa").cuda()
     else:
         from peft import PeftModel
-        base = LlamaForCausalLM.from_pretrained(os.path.join(d, "model"), torch_dtype=dtype,
-                                                attn_implementation="sdpa").cuda()
+        if method == "qlora":
+            # bitsandbytes NF4 + double quant, bf16 compute; embeddings, norms and head stay bf16
+            # (no prepare_model_for_kbit_training fp32 upcast: ftrun keeps them bf16 too).
+            from transformers import BitsAndBytesConfig
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+            base = LlamaForCausalLM.from_pretrained(os.path.join(d, "model"), dtype=dtype,
+                                                    quantization_config=q, device_map={"": 0},
+                                                    attn_implementation="sdpa")
+        else:
+            base = LlamaForCausalLM.from_pretrained(os.path.join(d, "model"), dtype=dtype,
+                                                    attn_implementation="sdpa").cuda()
         model = PeftModel.from_pretrained(base, os.path.join(d, "init_adapter"), is_trainable=True)
         for n, p in model.named_parameters():
             if "lora_" in n:
@@ -100,6 +111,9 @@ def train(d, method, steps, lr, warmup, checkpointing):
         "peak_mib_after_load": torch.cuda.max_memory_allocated() / 2**20,
         "peak_mib_total": (torch.cuda.max_memory_allocated() + load_mem) / 2**20,
         "load_mib": load_mem / 2**20,
+        "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+        # Everything on the device as the driver sees it (CUDA context and caches included).
+        "used_end_mib": (lambda f, t: (t - f) / 2**20)(*torch.cuda.mem_get_info()),
     }
     json.dump(res, open(os.path.join(d, f"torch_{method}.json"), "w"), indent=1)
     print(f"torch {method}: {res['tokens_per_sec']:.0f} tokens/s, peak {res['peak_mib_after_load']:.0f} MiB after load")
@@ -131,14 +145,14 @@ def main():
     m.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train")
     t.add_argument("dir")
-    t.add_argument("--method", choices=["lora", "full"], required=True)
+    t.add_argument("--method", choices=["lora", "qlora", "full"], required=True)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--no-checkpointing", action="store_true")
     c = sub.add_parser("compare")
     c.add_argument("dir")
-    c.add_argument("--method", choices=["lora", "full"], required=True)
+    c.add_argument("--method", choices=["lora", "qlora", "full"], required=True)
     c.add_argument("--tol", type=float, default=2e-2)
     a = ap.parse_args()
     if a.cmd == "make-model":

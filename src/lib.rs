@@ -9,6 +9,8 @@ pub mod export;
 pub mod fsutil;
 pub mod infer;
 pub mod model;
+pub mod profile;
 pub mod quant;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

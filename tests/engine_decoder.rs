@@ -546,7 +546,12 @@ fn lora_freezes_base_weights_and_inits_like_peft() {
         dec.trainable().len(),
         "no slot for a frozen weight"
     );
-    let frozen: Vec<String> = dec.frozen_weights().into_iter().map(|(n, _)| n).collect();
+    let frozen: Vec<String> = dec
+        .frozen_weights()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut expected: Vec<String> = w.keys().cloned().collect();
     let mut frozen_sorted = frozen.clone();
     expected.sort();
@@ -592,7 +597,7 @@ fn full_mode_decay_flags_and_values_round_trip() {
         assert_eq!(t.decay, !is_vector, "{}", t.name);
         assert!(w.contains_key(&t.name), "{} is an HF name", t.name);
     }
-    assert!(dec.frozen_weights().is_empty());
+    assert!(dec.frozen_weights().unwrap().is_empty());
     let init = dec.initial_trainable_values().unwrap();
     assert_close(
         &init[0],

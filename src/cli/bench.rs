@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use crate::config::{LoraConfig, OptimConfig};
 use crate::data::pack::PackedSeq;
-use crate::model::decoder::Decoder;
-use crate::model::{weights::load_weights, ModelConfig};
-use crate::train::metrics::device_memory_mib;
+use crate::model::decoder::{Decoder, QuantSpec};
+use crate::model::{weights::LazyCheckpoint, ModelConfig};
+use crate::train::metrics::{device_memory_mib, keep_memory_pool, pool_used_high_mib};
 use crate::train::optim::{clip_grad_norm, AdamW, FlatParams};
 use crate::train::trainer::{
     compute_dtype, make_batch, select_device, train_mode_for, trained_targets,
@@ -23,7 +23,7 @@ pub struct BenchArgs {
     /// A Hugging Face model directory (e.g. made by scripts/parity_torch.py make-model).
     #[arg(long)]
     pub model: PathBuf,
-    /// `lora` or `full`.
+    /// `lora`, `qlora` (NF4 base, double quantization) or `full`.
     #[arg(long, default_value = "lora")]
     pub method: String,
     #[arg(long, default_value_t = 64)]
@@ -56,6 +56,8 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = select_device(&a.device)?;
+    // Freed memory stays in the pool, so the used memory sampled after a step is its high-water mark.
+    keep_memory_pool(&device)?;
     let dtype = compute_dtype("auto", &device);
     let mcfg = ModelConfig::from_dir(&a.model)?;
 
@@ -80,7 +82,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let before = device_memory_mib(&device);
     let t_load = Instant::now();
-    let mut w = load_weights(&a.model, dtype, &device, |_| true)?;
+    let mut source = LazyCheckpoint::open(&a.model)?;
+    let quant = (a.method == "qlora").then_some(QuantSpec { double_quant: true });
     let lora = LoraConfig {
         r: a.r,
         alpha: a.alpha,
@@ -88,8 +91,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         target_modules: vec![],
     };
     let mode = train_mode_for(&a.method, &lora);
-    let mut model = Decoder::new(&mcfg, &mut w, mode, dtype, &device, a.seed)?;
-    drop(w);
+    let mut model =
+        Decoder::new_quantized(&mcfg, &mut source, mode, quant, dtype, &device, a.seed)?;
+    drop(source);
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
     let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
     let init = model.initial_trainable_values()?;
@@ -108,6 +112,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     device.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let after_load = device_memory_mib(&device);
+    let load_used_high = pool_used_high_mib(&device)?;
 
     let mut rows = vec![];
     let mut peak = after_load;
@@ -127,7 +132,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let n = trained_targets(&b);
         device.synchronize()?;
         let t0 = Instant::now();
-        model.set_trainable(&params.views(dtype)?)?;
+        crate::profile::scope(&device, "set_trainable", || {
+            model.set_trainable(&params.views(dtype)?)
+        })?;
         let mut grads = model.new_grads();
         let s = model.forward_backward(
             &b,
@@ -136,10 +143,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.seed + step as u64,
             !a.no_checkpointing,
         )?;
-        let flat = params.flatten_grads(&grads.slots)?;
-        drop(grads);
-        let (flat, gn) = clip_grad_norm(&flat, 1.0)?;
-        opt.step(&mut params, &flat, a.lr)?;
+        let gn = crate::profile::scope(&device, "optimizer", || {
+            let flat = params.flatten_grads(&grads.slots)?;
+            drop(grads);
+            let (flat, gn) = clip_grad_norm(&flat, 1.0)?;
+            opt.step(&mut params, &flat, a.lr)?;
+            anyhow::Ok(gn)
+        })?;
         device.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         if step >= a.warmup {
@@ -151,6 +161,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{row}");
         rows.push(row);
     }
+    let steps_used_high = pool_used_high_mib(&device)?;
+    let profile = crate::profile::take_report();
+    if !profile.is_empty() {
+        eprintln!("profile (FTRUN_PROFILE=1; synchronized per phase, so slower than a plain run):\n{profile}");
+    }
     let tokens = (a.seq_len * a.batch) as f64;
     let measured = a.steps.saturating_sub(a.warmup).max(1) as f64;
     let res = json!({
@@ -158,6 +173,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "rows": rows,
         "tokens_per_sec": tokens * measured / timed.max(1e-9),
         "peak_mib": peak - before,
+        // Everything on the device, the CUDA context included (the GPU is otherwise idle).
+        "peak_abs_mib": peak,
+        "before_mib": before,
+        "weight_mib": model.weight_bytes() as f64 / (1u64 << 20) as f64,
+        // Allocated-at-once peaks from the pool (no fragmentation, no context): loading, steps.
+        "pool_used_high_load_mib": load_used_high,
+        "pool_used_high_steps_mib": steps_used_high,
+        // Host memory high-water mark of the whole run (loading included).
+        "peak_rss_mib": crate::train::metrics::peak_rss_mib(),
         "after_load_mib": after_load - before,
         "load_s": load_s,
         "device": format!("{device:?}"),
@@ -171,9 +195,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         serde_json::to_string_pretty(&res)?,
     )?;
     eprintln!(
-        "ftrun {}: {:.0} tokens/s, peak {:.0} MiB ({:.0} after load), {} trainable",
+        "ftrun {}: {:.0} tokens/s, peak {:.0} MiB absolute, {:.0} MiB over the context ({:.0} after load), {} trainable",
         a.method,
         res["tokens_per_sec"].as_f64().unwrap_or(0.0),
+        peak,
         peak - before,
         after_load - before,
         params.numel()

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use super::ChatArgs;
 use crate::data::template::Template;
-use crate::infer::load::load_for_inference;
+use crate::infer::load::load_for_inference_bits;
 use crate::infer::{answer_once, run_repl, ChatFormat, ChatOptions, ChatSession, GenConfig};
 
 pub fn run(a: ChatArgs) -> Result<()> {
@@ -27,7 +27,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
             do_sample: !greedy,
         },
     };
-    let (model, tokenizer) = load_for_inference(&a.model, a.adapter.as_deref(), &a.device)?;
+    let (model, tokenizer) =
+        load_for_inference_bits(&a.model, a.adapter.as_deref(), &a.device, a.bits)?;
     let options = ChatOptions {
         max_context: Some(model.config().max_position_embeddings),
         ..options

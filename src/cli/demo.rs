@@ -62,6 +62,7 @@ pub fn run(dir: &Path, steps: usize, prompt: Option<&str>) -> Result<()> {
     let args = super::ChatArgs {
         model: model_dir.clone(),
         adapter: Some(adapter),
+        bits: None,
         template: Some(cfg.data.template.clone()),
         system: None,
         temperature: 0.0,

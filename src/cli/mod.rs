@@ -6,6 +6,7 @@ mod chat;
 mod check_data;
 mod demo;
 mod logits;
+mod serve;
 
 use crate::config::{self, builtin};
 use anyhow::{bail, Context, Result};
@@ -69,6 +70,8 @@ pub enum Command {
     },
     /// Chat with a model in the terminal (streamed; EXIT quits, RESET clears the history).
     Chat(ChatArgs),
+    /// Serve an OpenAI-compatible chat API and a web chat page (fine-tuned vs base with --compare-base).
+    Serve(serve::ServeArgs),
     /// The embedded demo: make a tiny model and dataset, train the assistant on CPU, then chat.
     Demo {
         /// Where the demo's model, data and work dir go.
@@ -130,6 +133,9 @@ pub struct ChatArgs {
     /// A PEFT LoRA adapter to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Load the block linears as 4-bit NF4 (as QLoRA trains them); only 4 is supported.
+    #[arg(long)]
+    pub bits: Option<u32>,
     /// Chat template (internlm2_chat, qwen_chat, llama3_chat, llama2_chat); none = plain continuation.
     #[arg(long, alias = "prompt-template")]
     pub template: Option<String>,
@@ -224,6 +230,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::model::weights::parse_size(&max_shard_size)?,
         ),
         Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Demo { dir, steps, prompt } => demo::run(&dir, steps, prompt.as_deref()),
         Command::Bench(a) => bench::run(a),
         Command::Logits(a) => logits::run(a),

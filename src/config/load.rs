@@ -339,6 +339,20 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
         "train.device",
         format!("`{d}` is not auto, cpu, cuda or cuda:N"),
     )?;
+    check(
+        c.quant.bits == 4,
+        "quant.bits",
+        format!(
+            "{}: only 4-bit (NF4) base weights are supported",
+            c.quant.bits
+        ),
+    )?;
+    one_of("quant.type", &c.quant.quant_type, &["nf4"])?;
+    one_of(
+        "quant.compute_dtype",
+        &c.quant.compute_dtype,
+        &["bf16", "f16", "f32"],
+    )?;
     check(c.lora.r >= 1, "lora.r", "must be at least 1")?;
     check(
         (0.0..1.0).contains(&c.lora.dropout),

@@ -3,6 +3,7 @@
 
 pub mod encode;
 pub mod format;
+pub mod image;
 pub mod template;
 
 /// Label of a token that is not trained (PyTorch's CrossEntropyLoss ignore_index).

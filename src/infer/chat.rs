@@ -48,7 +48,7 @@ impl ChatFormat {
     }
 
     /// Stop words plus the suffix (trimmed), without duplicates.
-    fn all_stop_words(&self) -> Vec<String> {
+    pub fn all_stop_words(&self) -> Vec<String> {
         let mut words = self.stop_words.clone();
         let suffix = self.suffix.trim();
         if !suffix.is_empty() && !words.iter().any(|w| w == suffix) {

@@ -34,6 +34,7 @@ pub struct Generation {
 }
 
 /// When to stop: stop token ids, and stop strings matched on the decoded text.
+#[derive(Clone)]
 pub struct StopCriteria<'a> {
     stop_ids: Vec<u32>,
     stop_strings: Vec<String>,
@@ -144,87 +145,180 @@ pub fn generate_with_sampler<M: CausalLm>(
     stop: &StopCriteria,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
-    if new_ids.is_empty() {
-        bail!("generate needs at least one new token to feed (the prompt is empty)");
-    }
     let max_new_tokens = sampler.config().max_new_tokens;
-    let mut logits = forward(model, new_ids, cache)?; // [vocab]
-    let mut context: Vec<u32> = history.iter().chain(new_ids).copied().collect();
-    let mut stream = stop.codec.map(|c| TextStream::new(c, false));
-    // text_end[i]: length of the stream's text once token i was pushed.
-    let mut text_end: Vec<usize> = Vec::new();
-    // Tokens whose text the stream has fully decoded (a split character is pending after).
-    let mut decoded = 0usize;
-    // Text before this offset cannot be part of a stop string.
-    let mut hold_from = 0usize;
-    let mut ids: Vec<u32> = Vec::new();
-    let mut emitted = 0usize;
-    let mut stop_text_at: Option<usize> = None;
+    let mut decoding = Decoding::new(model, cache, history, new_ids, stop.clone(), max_new_tokens)?;
+    loop {
+        let finished = decoding.step(model, cache, sampler)?;
+        while let Some(id) = decoding.next_token() {
+            if !on_token(id)? {
+                return decoding.into_generation(true);
+            }
+        }
+        if finished.is_some() {
+            return decoding.into_generation(false);
+        }
+    }
+}
 
-    let finish_reason = loop {
-        // Only reached with max_new_tokens = 0; later steps check before feeding.
-        if ids.len() == max_new_tokens {
-            break FinishReason::Length;
+/// One generation advanced a token at a time by its caller, so that one thread can interleave
+/// many of them (the server's batch): `step` samples the next token, `next_token` hands out
+/// the tokens known not to belong to a stop token or stop string, `into_generation` ends it.
+/// The sampler and the cache stay with the caller; pass the same ones to every step.
+pub struct Decoding<'a> {
+    stop: StopCriteria<'a>,
+    max_new_tokens: usize,
+    /// The next-token logits (`[vocab]`), once `pending` has been fed.
+    logits: Vec<f32>,
+    /// The last sampled token, not fed yet: the next step feeds it (the last token of a
+    /// generation is never fed: nothing would read its logits).
+    pending: Option<u32>,
+    /// History, prompt and the sampled tokens (the repetition penalty reads them).
+    context: Vec<u32>,
+    stream: Option<TextStream<'a>>,
+    /// text_end[i]: length of the stream's text once token i was pushed.
+    text_end: Vec<usize>,
+    /// Tokens whose text the stream has fully decoded (a split character is pending after).
+    decoded: usize,
+    /// Text before this offset cannot be part of a stop string.
+    hold_from: usize,
+    ids: Vec<u32>,
+    /// `ids[..releasable]` may be handed out; `ids[..emitted]` have been.
+    releasable: usize,
+    emitted: usize,
+    stop_text_at: Option<usize>,
+    finished: Option<FinishReason>,
+}
+
+impl<'a> Decoding<'a> {
+    /// Feed `new_ids` (the prefill) after the `history` the cache already holds.
+    pub fn new<M: CausalLm>(
+        model: &M,
+        cache: &mut M::Cache,
+        history: &[u32],
+        new_ids: &[u32],
+        stop: StopCriteria<'a>,
+        max_new_tokens: usize,
+    ) -> Result<Decoding<'a>> {
+        if new_ids.is_empty() {
+            bail!("generate needs at least one new token to feed (the prompt is empty)");
         }
-        let id = sampler.sample(&logits, &context)?;
-        ids.push(id);
-        context.push(id);
-        if stop.stop_ids.contains(&id) {
-            break FinishReason::Stop;
+        let logits = forward(model, new_ids, cache)?; // [vocab]
+        let stream = stop.codec.map(|c| TextStream::new(c, false));
+        Ok(Decoding {
+            stop,
+            max_new_tokens,
+            logits,
+            pending: None,
+            context: history.iter().chain(new_ids).copied().collect(),
+            stream,
+            text_end: Vec::new(),
+            decoded: 0,
+            hold_from: 0,
+            ids: Vec::new(),
+            releasable: 0,
+            emitted: 0,
+            stop_text_at: None,
+            finished: None,
+        })
+    }
+
+    /// Sample one token (feeding the previous one first). Returns the finish reason once a
+    /// stop or `max_new_tokens` ends the generation; later calls return it again.
+    pub fn step<M: CausalLm>(
+        &mut self,
+        model: &M,
+        cache: &mut M::Cache,
+        sampler: &mut Sampler,
+    ) -> Result<Option<FinishReason>> {
+        if self.finished.is_some() {
+            return Ok(self.finished);
         }
-        let releasable = match stream.as_mut() {
-            None => ids.len(),
+        if let Some(id) = self.pending.take() {
+            self.logits = forward(model, &[id], cache)?;
+        }
+        // Only reached with max_new_tokens = 0; later steps check after sampling.
+        if self.ids.len() == self.max_new_tokens {
+            return Ok(self.finish(FinishReason::Length));
+        }
+        let id = sampler.sample(&self.logits, &self.context)?;
+        self.ids.push(id);
+        self.context.push(id);
+        if self.stop.stop_ids.contains(&id) {
+            return Ok(self.finish(FinishReason::Stop));
+        }
+        match self.stream.as_mut() {
+            None => self.releasable = self.ids.len(),
             Some(stream) => {
                 if !stream.push(id)?.is_empty() {
-                    decoded = ids.len();
+                    self.decoded = self.ids.len();
                 }
-                text_end.push(stream.text().len());
-                if let Some(at) = stop.find_stop(stream.text(), hold_from) {
-                    stop_text_at = Some(at);
-                    break FinishReason::Stop;
+                self.text_end.push(stream.text().len());
+                if let Some(at) = self.stop.find_stop(stream.text(), self.hold_from) {
+                    self.stop_text_at = Some(at);
+                    return Ok(self.finish(FinishReason::Stop));
                 }
-                hold_from = stop.hold_from(stream.text());
-                (emitted..decoded)
+                self.hold_from = self.stop.hold_from(stream.text());
+                let (text_end, hold_from) = (&self.text_end, self.hold_from);
+                self.releasable = (self.releasable..self.decoded)
                     .take_while(|&i| text_end[i] <= hold_from)
                     .last()
-                    .map_or(emitted, |i| i + 1)
+                    .map_or(self.releasable, |i| i + 1);
             }
-        };
-        if !emit(&ids, &mut emitted, releasable, &mut on_token)? {
-            break FinishReason::Cancelled;
         }
-        // The last token is never fed: nothing would read its logits.
-        if ids.len() == max_new_tokens {
-            break FinishReason::Length;
+        if self.ids.len() == self.max_new_tokens {
+            return Ok(self.finish(FinishReason::Length));
         }
-        logits = forward(model, &[id], cache)?;
-    };
-
-    let mut finish_reason = finish_reason;
-    let text = match stream.as_mut() {
-        None => None,
-        Some(stream) => match stop_text_at {
-            Some(at) => Some(stream.text()[..at].to_string()),
-            None => {
-                stream.finish()?;
-                Some(stream.text().to_string())
-            }
-        },
-    };
-    // Without a stop string, the tokens held back as a possible stop string's start are
-    // part of the answer after all.
-    if stop_text_at.is_none() && finish_reason != FinishReason::Cancelled {
-        let answer_len = ids.len() - usize::from(finish_reason == FinishReason::Stop);
-        if !emit(&ids, &mut emitted, answer_len, &mut on_token)? {
-            finish_reason = FinishReason::Cancelled;
-        }
+        self.pending = Some(id);
+        Ok(None)
     }
-    Ok(Generation {
-        ids,
-        emitted,
-        text,
-        finish_reason,
-    })
+
+    fn finish(&mut self, reason: FinishReason) -> Option<FinishReason> {
+        // Without a stop string, the tokens held back as a possible stop string's start are
+        // part of the answer after all (a stop token is not).
+        if self.stop_text_at.is_none() {
+            self.releasable = self.ids.len() - usize::from(reason == FinishReason::Stop);
+        }
+        self.finished = Some(reason);
+        self.finished
+    }
+
+    /// The next token that may be shown, once; None until a later step releases more.
+    pub fn next_token(&mut self) -> Option<u32> {
+        let id = *self.ids[..self.releasable].get(self.emitted)?;
+        self.emitted += 1;
+        Some(id)
+    }
+
+    /// Every token sampled so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// End the generation: `cancelled` when the caller stopped it (before its finish, or
+    /// while handing out its last tokens).
+    pub fn into_generation(mut self, cancelled: bool) -> Result<Generation> {
+        let finish_reason = match (cancelled, self.finished) {
+            (false, Some(reason)) => reason,
+            (false, None) => bail!("into_generation called before the generation finished"),
+            (true, _) => FinishReason::Cancelled,
+        };
+        let text = match self.stream.as_mut() {
+            None => None,
+            Some(stream) => match self.stop_text_at {
+                Some(at) => Some(stream.text()[..at].to_string()),
+                None => {
+                    stream.finish()?;
+                    Some(stream.text().to_string())
+                }
+            },
+        };
+        Ok(Generation {
+            ids: self.ids,
+            emitted: self.emitted,
+            text,
+            finish_reason,
+        })
+    }
 }
 
 /// One forward step, checking the logits' length against the model's vocabulary.
@@ -238,21 +332,4 @@ fn forward<M: CausalLm>(model: &M, ids: &[u32], cache: &mut M::Cache) -> Result<
         );
     }
     Ok(logits)
-}
-
-/// Hand `ids[*emitted..upto]` to the callback; false when it cancelled.
-fn emit(
-    ids: &[u32],
-    emitted: &mut usize,
-    upto: usize,
-    on_token: &mut impl FnMut(u32) -> Result<bool>,
-) -> Result<bool> {
-    while *emitted < upto {
-        let id = ids[*emitted];
-        *emitted += 1;
-        if !on_token(id)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }

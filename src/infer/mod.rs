@@ -9,7 +9,9 @@ pub mod sampling;
 pub mod stream;
 
 pub use chat::{answer_once, run_repl, ChatFormat, ChatOptions, ChatReply, ChatSession};
-pub use generate::{generate, generate_with_sampler, FinishReason, Generation, StopCriteria};
+pub use generate::{
+    generate, generate_with_sampler, Decoding, FinishReason, Generation, StopCriteria,
+};
 pub use sampling::{GenConfig, Sampler};
 pub use stream::{TextCodec, TextStream};
 

@@ -21,13 +21,21 @@ use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
 use crate::model::layers::swiglu::{swiglu_backward, swiglu_forward};
 use crate::model::layers::{acc_dtype, mix_seed};
+use crate::model::weights::WeightSource;
+use crate::profile::scope;
+use crate::quant::Nf4Weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 
-/// Rows of the LM head + cross-entropy processed at once: bounds the f32 logits to
-/// `rows × vocab` (1024 × 152k × 4 B ≈ 620 MB for Qwen2).
-pub const DEFAULT_CE_CHUNK_ROWS: usize = 1024;
+/// Bytes of f32 logits one LM head + cross-entropy chunk may hold: the rows per chunk follow
+/// from the vocabulary (InternLM2's 92544 -> 181 rows, Llama-2's 32000 -> 524), so the head never
+/// adds more than a few such temporaries to the step's peak memory.
+pub const CE_CHUNK_BYTES: usize = 64 << 20;
+
+/// Rows per LM-head chunk for `vocab` under [`CE_CHUNK_BYTES`] (at least 64, at most 1024).
+pub fn ce_chunk_rows_for(vocab: usize) -> usize {
+    (CE_CHUNK_BYTES / (vocab.max(1) * 4)).clamp(64, 1024)
+}
 
 /// What is trained.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +56,14 @@ pub struct LoraSpec {
     pub dropout: f64,
     /// Leaf module names (`q_proj`, `wqkv`, `w1`, ...). Empty = every linear but the LM head.
     pub targets: Vec<String>,
+}
+
+/// QLoRA base weights: every linear of every block stored as NF4 (bitsandbytes layout), the
+/// embedding, norms and LM head kept in the compute dtype, as bitsandbytes QLoRA does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantSpec {
+    /// Quantize the NF4 block scales too (4.127 instead of 4.5 bits per parameter).
+    pub double_quant: bool,
 }
 
 /// Packed token batch: samples concatenated, `cu_seqlens` their boundaries (`[0, l0, l0+l1, ...]`),
@@ -139,6 +155,8 @@ pub struct Decoder {
     dtype: DType,
     device: Device,
     params: Vec<Tensor>,
+    /// Parameter index -> its NF4 form; `params` then holds an empty placeholder.
+    nf4: Vec<Option<Nf4Weight>>,
     names: Vec<String>,
     /// Parameter index -> gradient slot (None = frozen).
     slot_of: Vec<Option<usize>>,
@@ -175,13 +193,15 @@ fn linear_leaves(arch: Arch) -> &'static [&'static str] {
 
 /// Builds the parameter table while the decoder is assembled.
 struct Builder<'a> {
-    weights: &'a mut HashMap<String, Tensor>,
+    weights: &'a mut dyn WeightSource,
     dtype: DType,
     device: Device,
     full: bool,
     lora: Option<LoraSpec>,
+    quant: Option<QuantSpec>,
     seed: u64,
     params: Vec<Tensor>,
+    nf4: Vec<Option<Nf4Weight>>,
     names: Vec<String>,
     slot_of: Vec<Option<usize>>,
     slot_param: Vec<usize>,
@@ -203,14 +223,15 @@ impl Builder<'_> {
         } else {
             self.slot_of.push(None);
         }
+        self.nf4.push(None);
         self.params.push(value);
         self.names.push(name);
         idx
     }
 
-    /// Takes `name` out of the weight map, checks its shape, casts it to the compute dtype.
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
-        let t = self.weights.remove(name).with_context(|| {
+    /// Takes `name` out of the weight source and checks its shape.
+    fn take_raw(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.weights.take(name)?.with_context(|| {
             format!("weight `{name}` (shape {shape:?}) is missing from the checkpoint")
         })?;
         if t.dims() != shape {
@@ -219,9 +240,31 @@ impl Builder<'_> {
                 t.dims()
             );
         }
+        Ok(t)
+    }
+
+    /// Takes `name`, casts it to the compute dtype on the device.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        let t = self.take_raw(name, shape)?;
         let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
         let full = self.full;
         Ok(self.push(name.to_string(), t, full))
+    }
+
+    /// A linear weight: NF4 under QLoRA (quantized on the host as it is streamed in, so only
+    /// the packed form reaches the device), else as [`Builder::take`].
+    fn take_linear(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        let Some(q) = self.quant else {
+            return self.take(name, shape);
+        };
+        let t = self.take_raw(name, shape)?;
+        let w = Nf4Weight::quantize(&t, q.double_quant, &self.device)
+            .with_context(|| format!("quantizing `{name}` to NF4"))?;
+        drop(t);
+        let placeholder = Tensor::zeros(0, self.dtype, &self.device)?;
+        let idx = self.push(name.to_string(), placeholder, false);
+        self.nf4[idx] = Some(w);
+        Ok(idx)
     }
 
     /// `{prefix}.weight [out, in]` (+ `{prefix}.bias`), with a LoRA adapter when `leaf` is targeted.
@@ -234,7 +277,7 @@ impl Builder<'_> {
         in_f: usize,
         bias: bool,
     ) -> Result<Proj> {
-        let weight = self.take(&format!("{prefix}.weight"), &[out_f, in_f])?;
+        let weight = self.take_linear(&format!("{prefix}.weight"), &[out_f, in_f])?;
         let bias = if bias {
             Some(self.take(&format!("{prefix}.bias"), &[out_f])?)
         } else {
@@ -325,12 +368,31 @@ impl Decoder {
     /// `compute_dtype` on `device`. LoRA `A` matrices are drawn from `seed`.
     pub fn new(
         cfg: &ModelConfig,
-        weights: &mut HashMap<String, Tensor>,
+        weights: &mut dyn WeightSource,
         mode: TrainMode,
         compute_dtype: DType,
         device: &Device,
         seed: u64,
     ) -> Result<Decoder> {
+        Self::new_quantized(cfg, weights, mode, None, compute_dtype, device, seed)
+    }
+
+    /// [`Decoder::new`] with the block linears stored as NF4 when `quant` is given (QLoRA, or a
+    /// 4-bit model for inference). Full fine-tuning cannot train quantized weights.
+    pub fn new_quantized(
+        cfg: &ModelConfig,
+        weights: &mut dyn WeightSource,
+        mode: TrainMode,
+        quant: Option<QuantSpec>,
+        compute_dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Decoder> {
+        if quant.is_some() && mode == TrainMode::Full {
+            bail!(
+                "full fine-tuning cannot train 4-bit weights: use method \"qlora\" or drop [quant]"
+            );
+        }
         let leaves = linear_leaves(cfg.arch);
         let (full, lora) = match mode {
             TrainMode::Frozen => (false, None),
@@ -365,8 +427,10 @@ impl Decoder {
             device: device.clone(),
             full,
             lora,
+            quant,
             seed,
             params: Vec::new(),
+            nf4: Vec::new(),
             names: Vec::new(),
             slot_of: Vec::new(),
             slot_param: Vec::new(),
@@ -457,6 +521,7 @@ impl Decoder {
             dtype: compute_dtype,
             device: device.clone(),
             params: b.params,
+            nf4: b.nf4,
             names: b.names,
             slot_of: b.slot_of,
             slot_param: b.slot_param,
@@ -468,7 +533,7 @@ impl Decoder {
             blocks,
             final_norm,
             head,
-            ce_chunk_rows: DEFAULT_CE_CHUNK_ROWS,
+            ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size),
         })
     }
 
@@ -480,7 +545,7 @@ impl Decoder {
         self.dtype
     }
 
-    /// Rows per LM-head/cross-entropy chunk (default [`DEFAULT_CE_CHUNK_ROWS`]).
+    /// Rows per LM-head/cross-entropy chunk (default [`ce_chunk_rows_for`] the vocabulary).
     pub fn set_ce_chunk_rows(&mut self, rows: usize) {
         self.ce_chunk_rows = rows.max(1);
     }
@@ -526,11 +591,11 @@ impl Decoder {
         Ok(())
     }
 
-    /// Frozen parameters under their HF names (for merging and export).
-    pub fn frozen_weights(&self) -> Vec<(String, Tensor)> {
+    /// Frozen parameters under their HF names, NF4 weights dequantized (for merging and export).
+    pub fn frozen_weights(&self) -> Result<Vec<(String, Tensor)>> {
         (0..self.params.len())
             .filter(|&i| self.slot_of[i].is_none())
-            .map(|i| (self.names[i].clone(), self.params[i].clone()))
+            .map(|i| Ok((self.names[i].clone(), self.weight(i)?)))
             .collect()
     }
 
@@ -555,6 +620,30 @@ impl Decoder {
             None => g,
         });
         Ok(())
+    }
+
+    /// Parameter `idx` in the compute dtype: NF4 weights are dequantized into a temporary that
+    /// lives only as long as the caller's matmul.
+    fn weight(&self, idx: usize) -> Result<Tensor> {
+        match &self.nf4[idx] {
+            Some(w) => scope(&self.device, "nf4_dequant", || w.dequantize(self.dtype)),
+            None => Ok(self.params[idx].clone()),
+        }
+    }
+
+    /// Whether the block linears are NF4.
+    pub fn is_quantized(&self) -> bool {
+        self.nf4.iter().any(Option::is_some)
+    }
+
+    /// Bytes of device memory held by the base weights (NF4 codes and scales counted as stored).
+    pub fn weight_bytes(&self) -> usize {
+        (0..self.params.len())
+            .map(|i| match &self.nf4[i] {
+                Some(w) => w.device_bytes(),
+                None => self.params[i].elem_count() * self.params[i].dtype().size_in_bytes(),
+            })
+            .sum()
     }
 
     fn trains(&self, param: usize) -> bool {
@@ -612,7 +701,11 @@ impl Decoder {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let y = linear_forward(x, &self.params[p.weight], p.bias.map(|b| &self.params[b]))?;
+        let w = self.weight(p.weight)?;
+        let y = scope(&self.device, "linear_fwd", || {
+            linear_forward(x, &w, p.bias.map(|b| &self.params[b]))
+        })?;
+        drop(w);
         let Some((a, b)) = p.lora else {
             return Ok((y, None));
         };
@@ -630,8 +723,9 @@ impl Decoder {
             }
             None => None,
         };
-        let (delta, saved) =
-            lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)?;
+        let (delta, saved) = scope(&self.device, "lora_fwd", || {
+            lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)
+        })?;
         Ok(((y + delta)?, Some(saved)))
     }
 
@@ -644,15 +738,18 @@ impl Decoder {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor> {
-        let w = &self.params[p.weight];
-        let lg = linear_backward(
-            x,
-            w,
-            dy,
-            true,
-            self.trains(p.weight),
-            p.bias.is_some_and(|b| self.trains(b)),
-        )?;
+        let w = self.weight(p.weight)?;
+        let lg = scope(&self.device, "linear_bwd", || {
+            linear_backward(
+                x,
+                &w,
+                dy,
+                true,
+                self.trains(p.weight),
+                p.bias.is_some_and(|b| self.trains(b)),
+            )
+        })?;
+        drop(w); // a dequantized NF4 weight dies here, before the adapter's backward
         if let Some(dw) = &lg.dw {
             self.accumulate(grads, p.weight, dw)?;
         }
@@ -661,14 +758,16 @@ impl Decoder {
         }
         let mut dx = lg.dx.context("linear backward returned no dx")?;
         if let (Some((a, b)), Some(saved)) = (p.lora, saved) {
-            let g = lora_backward(
-                x,
-                &self.params[a],
-                &self.params[b],
-                self.lora_scale,
-                saved,
-                dy,
-            )?;
+            let g = scope(&self.device, "lora_bwd", || {
+                lora_backward(
+                    x,
+                    &self.params[a],
+                    &self.params[b],
+                    self.lora_scale,
+                    saved,
+                    dy,
+                )
+            })?;
             self.accumulate(grads, a, &g.da)?;
             self.accumulate(grads, b, &g.db)?;
             dx = (dx + g.dx)?;
@@ -773,10 +872,12 @@ impl Decoder {
         let attn_flat = attn.reshape((n, self.cfg.num_heads * self.cfg.head_dim))?;
         let (o, o_saved) = self.proj_forward(&blk.o, &attn_flat, seed)?;
         let x2 = (x + o)?; // [n, h]
-        let (h2, rstd2) = rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)?;
+        let (h2, rstd2) = scope(&self.device, "rmsnorm_fwd", || {
+            rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)
+        })?;
         let (g, gate_saved) = self.proj_forward(&blk.gate, &h2, seed)?; // [n, inter]
         let (u, up_saved) = self.proj_forward(&blk.up, &h2, seed)?;
-        let m = swiglu_forward(&g, &u)?;
+        let m = scope(&self.device, "swiglu_fwd", || swiglu_forward(&g, &u))?;
         let (down, down_saved) = self.proj_forward(&blk.down, &m, seed)?; // [n, h]
         let out = (&x2 + down)?;
         Ok((
@@ -805,11 +906,20 @@ impl Decoder {
         ctx: &BatchCtx,
         seed: Option<u64>,
     ) -> Result<(Tensor, BlockActs)> {
-        let (h1, rstd1) = rmsnorm_forward(x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
+        let dev = &self.device;
+        let (h1, rstd1) = scope(dev, "rmsnorm_fwd", || {
+            rmsnorm_forward(x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)
+        })?;
         let (q, k, v, qkv_saved) = self.qkv_forward(&blk.qkv, &h1, seed)?;
-        let q = rope_forward(&q, &ctx.cos, &ctx.sin)?;
-        let k = rope_forward(&k, &ctx.cos, &ctx.sin)?;
-        let (attn, lse) = attention_forward(&q, &k, &v, ctx.cu_seqlens)?;
+        let (q, k) = scope(dev, "rope_fwd", || {
+            Ok::<_, candle_core::Error>((
+                rope_forward(&q, &ctx.cos, &ctx.sin)?,
+                rope_forward(&k, &ctx.cos, &ctx.sin)?,
+            ))
+        })?;
+        let (attn, lse) = scope(dev, "attn_fwd", || {
+            attention_forward(&q, &k, &v, ctx.cu_seqlens)
+        })?;
         let (out, tail) = self.tail_forward(blk, x, &attn, seed)?;
         let acts = BlockActs {
             x: x.clone(),
@@ -840,12 +950,15 @@ impl Decoder {
         let (t, a) = (&acts.tail, &acts.attn);
         // MLP half: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
         let dm = self.proj_backward(&blk.down, &t.m, t.down_saved.as_ref(), dout, grads)?;
-        let (dg, du) = swiglu_backward(&t.g, &t.u, &dm)?;
+        let (dg, du) = scope(&self.device, "swiglu_bwd", || {
+            swiglu_backward(&t.g, &t.u, &dm)
+        })?;
         let dh2 = (self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?
             + self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads)?)?;
         let ffn_w = &self.params[blk.ffn_norm];
-        let (dx2_norm, dw2) =
-            rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))?;
+        let (dx2_norm, dw2) = scope(&self.device, "rmsnorm_bwd", || {
+            rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))
+        })?;
         if let Some(dw) = dw2 {
             self.accumulate(grads, blk.ffn_norm, &dw)?;
         }
@@ -854,14 +967,20 @@ impl Decoder {
         let dattn_flat =
             self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
         let dattn = dattn_flat.reshape(a.attn.shape())?;
-        let (dq, dk, dv) =
-            attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)?;
-        let dq = rope_backward(&dq, &ctx.cos, &ctx.sin)?;
-        let dk = rope_backward(&dk, &ctx.cos, &ctx.sin)?;
+        let (dq, dk, dv) = scope(&self.device, "attn_bwd", || {
+            attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)
+        })?;
+        let (dq, dk) = scope(&self.device, "rope_bwd", || {
+            Ok::<_, candle_core::Error>((
+                rope_backward(&dq, &ctx.cos, &ctx.sin)?,
+                rope_backward(&dk, &ctx.cos, &ctx.sin)?,
+            ))
+        })?;
         let dh1 = self.qkv_backward(&blk.qkv, &a.h1, &a.qkv_saved, (&dq, &dk, &dv), grads)?;
         let attn_w = &self.params[blk.attn_norm];
-        let (dx_norm, dw1) =
-            rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))?;
+        let (dx_norm, dw1) = scope(&self.device, "rmsnorm_bwd", || {
+            rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))
+        })?;
         if let Some(dw) = dw1 {
             self.accumulate(grads, blk.attn_norm, &dw)?;
         }
@@ -921,13 +1040,15 @@ impl Decoder {
             loss_scale,
             need_dw: self.trains(self.head),
         };
-        let ce = lm_head_ce(
-            &hf,
-            &self.params[self.head],
-            &batch.labels,
-            self.ce_chunk_rows,
-            Some(&req),
-        )?;
+        let ce = scope(&self.device, "lm_head_ce", || {
+            lm_head_ce(
+                &hf,
+                &self.params[self.head],
+                &batch.labels,
+                self.ce_chunk_rows,
+                Some(&req),
+            )
+        })?;
         if let Some(dw) = &ce.dw {
             self.accumulate(grads, self.head, dw)?;
         }

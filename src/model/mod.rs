@@ -5,6 +5,7 @@ pub mod config;
 pub mod decoder;
 pub mod demo;
 pub mod layers;
+pub mod vision;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling};

@@ -71,6 +71,93 @@ pub fn load_weights(
     Ok(out)
 }
 
+/// Where a model builder takes its weights from, one tensor at a time.
+pub trait WeightSource {
+    /// Removes `name` and returns it (any float dtype, on any device); `None` when absent.
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>>;
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.remove(name))
+    }
+}
+
+/// A Hugging Face checkpoint read lazily: files stay memory mapped and a tensor is copied out
+/// (on the host, in its stored dtype) only when the model builder takes it. Building a
+/// quantized model from it keeps host and device memory near the quantized size plus one tensor,
+/// never the whole bf16 model.
+pub struct LazyCheckpoint {
+    files: Vec<(PathBuf, memmap2::Mmap)>,
+    /// tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl LazyCheckpoint {
+    pub fn open(dir: &Path) -> Result<LazyCheckpoint> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (file, expected) in weight_plan(dir)? {
+            let mmap = map_file(&file)?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                anyhow!("{}: corrupt or not a safetensors file: {e}", file.display())
+            })?;
+            let names: Vec<String> = match expected {
+                Some(names) => names,
+                None => st.names().into_iter().map(String::from).collect(),
+            };
+            for name in names {
+                if st.tensor(&name).is_err() {
+                    bail!(
+                        "{}: tensor `{name}` listed in {INDEX_FILE} is not in this shard",
+                        file.display()
+                    );
+                }
+                if index.insert(name.clone(), files.len()).is_some() {
+                    bail!(
+                        "{}: tensor `{name}` appears in more than one weight file",
+                        file.display()
+                    );
+                }
+            }
+            drop(st);
+            files.push((file, mmap));
+        }
+        Ok(LazyCheckpoint { files, index })
+    }
+
+    /// Names not taken yet, sorted.
+    pub fn remaining(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.index.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+impl WeightSource for LazyCheckpoint {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let Some(i) = self.index.remove(name) else {
+            return Ok(None);
+        };
+        let (file, mmap) = &self.files[i];
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| anyhow!("{}: corrupt safetensors file: {e}", file.display()))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", file.display()))?;
+        let dtype = float_dtype(view.dtype()).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor `{name}` has dtype {:?}; only bf16, fp16 and fp32 weights can be loaded",
+                file.display(),
+                view.dtype()
+            )
+        })?;
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+            .with_context(|| format!("{}: loading tensor `{name}`", file.display()))?;
+        Ok(Some(t))
+    }
+}
+
 /// The weight files of the checkpoint in `dir`, each with the tensor names the index assigns to it
 /// (None for a single `model.safetensors`: every tensor in it).
 fn weight_plan(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {

@@ -105,7 +105,9 @@ impl Nf4Weight {
     pub fn device_bytes(&self) -> usize {
         let scales = match &self.absmax {
             DeviceAbsmax::Plain(t) => t.elem_count() * 4,
-            DeviceAbsmax::Double { codes, scales, .. } => codes.elem_count() + scales.elem_count() * 4 + 1024,
+            DeviceAbsmax::Double { codes, scales, .. } => {
+                codes.elem_count() + scales.elem_count() * 4 + 1024
+            }
         };
         self.packed.elem_count() + scales
     }
@@ -123,8 +125,10 @@ impl Nf4Weight {
                 blocks,
             } => {
                 let groups = scales.elem_count();
+                // u32 indices: candle's index_select reads an all-ones index (u8 255) as "no
+                // row" and yields 0, which would silently zero every block using code 255.
                 let centered = code
-                    .index_select(codes, 0)? // [groups * 256]
+                    .index_select(&codes.to_dtype(DType::U32)?, 0)? // [groups * 256]
                     .reshape((groups, NESTED_BLOCKSIZE))?
                     .broadcast_mul(&scales.reshape((groups, 1))?)?; // [groups, 256]
                 (centered.flatten_all()?.narrow(0, 0, *blocks)? + *offset as f64)?
@@ -137,7 +141,7 @@ impl Nf4Weight {
         let device = self.packed.device();
         let numel = self.numel();
         let values = byte_pair_table(device)?
-            .index_select(&self.packed, 0)? // [bytes, 2]
+            .index_select(&self.packed.to_dtype(DType::U32)?, 0)? // [bytes, 2] (u32: see above)
             .flatten_all()?;
         let blocks = numel.div_ceil(self.blocksize);
         let padded = blocks * self.blocksize;
@@ -181,7 +185,10 @@ mod tests {
     fn device_dequant_equals_host_dequant_bit_for_bit() {
         // 96 x 200: 300 blocks (not a multiple of 256: a padded nested group).
         for (rows, cols) in [(96, 200), (64, 128), (3, 5)] {
-            let w = weights(rows * cols);
+            let mut w = weights(rows * cols);
+            // Max-magnitude positive values in the first block: absmax code 255, NF4 byte 0xFF.
+            w[0] = 30.0;
+            w[1] = 30.0;
             for dq in [false, true] {
                 let host = quantize_nf4(&w, &[rows, cols], dq).unwrap();
                 let expect = dequantize_nf4(&host).unwrap();

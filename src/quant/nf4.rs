@@ -19,6 +19,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 /// The 16 NF4 values (bitsandbytes `get_4bit_type("nf4")`), indexed by the 4-bit code.
@@ -375,23 +376,38 @@ pub fn quantize_nf4(values: &[f32], shape: &[usize], double_quant: bool) -> Resu
     }
 
     let blocksize = NF4_BLOCKSIZE;
-    let mut absmax = Vec::with_capacity(numel.div_ceil(blocksize));
-    let mut codes = Vec::with_capacity(numel + 1); // one code per value, padded to even length
-    for block in values.chunks(blocksize) {
-        let block_absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        // bitsandbytes scales by the reciprocal (1/0 = inf gives NaN for an all-zero block,
-        // which the decision tree maps to code 0; dequantized it is -1 * 0 = -0.0).
-        let inverse = 1.0f32 / block_absmax;
-        codes.extend(block.iter().map(|&v| nf4_code_index(v * inverse)));
-        absmax.push(block_absmax);
-    }
-    if codes.len() % 2 == 1 {
-        codes.push(NF4_ZERO_CODE);
-    }
-    let packed = codes
-        .chunks_exact(2)
-        .map(|pair| (pair[0] << 4) | pair[1])
+    // Chunks of whole blocks (an even element count, so bytes never straddle chunks) are
+    // quantized in parallel; the result does not depend on the split.
+    let chunk = blocksize * 1024;
+    let parts: Vec<(Vec<f32>, Vec<u8>)> = values
+        .par_chunks(chunk)
+        .map(|part| {
+            let mut absmax = Vec::with_capacity(part.len().div_ceil(blocksize));
+            let mut codes = Vec::with_capacity(part.len() + 1); // one code per value
+            for block in part.chunks(blocksize) {
+                let block_absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                // bitsandbytes scales by the reciprocal (1/0 = inf gives NaN for an all-zero
+                // block, which the decision tree maps to code 0; dequantized it is -1 * 0 = -0.0).
+                let inverse = 1.0f32 / block_absmax;
+                codes.extend(block.iter().map(|&v| nf4_code_index(v * inverse)));
+                absmax.push(block_absmax);
+            }
+            if codes.len() % 2 == 1 {
+                codes.push(NF4_ZERO_CODE); // only the last chunk can be odd
+            }
+            let packed = codes
+                .chunks_exact(2)
+                .map(|pair| (pair[0] << 4) | pair[1])
+                .collect();
+            (absmax, packed)
+        })
         .collect();
+    let mut absmax = Vec::with_capacity(numel.div_ceil(blocksize));
+    let mut packed = Vec::with_capacity(numel.div_ceil(2));
+    for (a, p) in parts {
+        absmax.extend(a);
+        packed.extend(p);
+    }
 
     let absmax = if double_quant {
         let offset = absmax_mean(&absmax);

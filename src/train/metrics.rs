@@ -102,6 +102,61 @@ pub fn device_memory_mib(device: &candle_core::Device) -> f64 {
     peak_rss_mib()
 }
 
+/// On a GPU, keeps memory freed by the engine in the stream-ordered pool instead of returning
+/// it to the driver at every synchronization (the pool's release threshold to the maximum):
+/// re-allocation is cheaper, and the driver's used memory becomes the pool's high-water mark, so
+/// [`device_memory_mib`] sampled after a step reports its true peak. No-op on CPU.
+pub fn keep_memory_pool(device: &candle_core::Device) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ordinal = dev.cuda_stream().context().ordinal() as i32;
+        // SAFETY: plain driver calls on the device's default pool; `threshold` outlives the call.
+        unsafe {
+            let mut cu_dev = 0;
+            sys::cuDeviceGet(&mut cu_dev, ordinal).result()?;
+            let mut pool = std::ptr::null_mut();
+            sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev).result()?;
+            let mut threshold: u64 = u64::MAX;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()?;
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Peak bytes the engine had allocated at once from the device's memory pool since the last call
+/// (MiB), without the pool's fragmentation or the CUDA context; resets the mark. None on CPU.
+pub fn pool_used_high_mib(device: &candle_core::Device) -> anyhow::Result<Option<f64>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ordinal = dev.cuda_stream().context().ordinal() as i32;
+        // SAFETY: plain driver calls on the device's default pool; `value` outlives each call.
+        unsafe {
+            let mut cu_dev = 0;
+            sys::cuDeviceGet(&mut cu_dev, ordinal).result()?;
+            let mut pool = std::ptr::null_mut();
+            sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev).result()?;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            let mut value: u64 = 0;
+            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
+                .result()?;
+            let mut zero: u64 = 0;
+            sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut std::ffi::c_void)
+                .result()?;
+            return Ok(Some(value as f64 / (1u64 << 20) as f64));
+        }
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// Draw loss (top) and learning rate (bottom) against the step into a PNG.
 pub fn plot_curves(path: &Path, loss: &[(usize, f64)], lr: &[(usize, f64)]) -> Result<()> {
     const W: u32 = 800;

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::data::sampler::{DistributedSampler, SamplerState};
 use crate::data::IGNORE_INDEX;
 use crate::dist::parallel::Parallel;
-use crate::model::decoder::{Batch, Decoder, LoraSpec, TrainMode};
+use crate::model::decoder::{Batch, Decoder, LoraSpec, QuantSpec, TrainMode};
 use crate::model::{weights, ModelConfig};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{
@@ -85,6 +85,14 @@ pub fn compute_dtype(name: &str, device: &Device) -> DType {
         _ if device.is_cuda() => DType::BF16,
         _ => DType::F32,
     }
+}
+
+/// The NF4 setting of `train.method = "qlora"` (None for other methods); `[quant]` itself is
+/// validated when the config is loaded.
+pub fn quant_spec(cfg: &Config) -> Option<QuantSpec> {
+    (cfg.train.method == "qlora").then_some(QuantSpec {
+        double_quant: cfg.quant.double_quant,
+    })
 }
 
 /// The train mode the config asks for.
@@ -184,10 +192,15 @@ pub fn run_parallel(
     check_parallel_config(cfg, par)?;
     let main = par.is_main();
     let device = select_device(&cfg.train.device)?;
-    let dtype = compute_dtype(&cfg.model.dtype, &device);
-    if cfg.train.method == "qlora" {
-        bail!("train.method = \"qlora\" needs NF4 base weights, which this build does not have yet; use \"lora\"");
-    }
+    metrics::keep_memory_pool(&device)?;
+    let quant = quant_spec(cfg);
+    let dtype = match quant {
+        // QLoRA computes in `quant.compute_dtype` on a GPU; on CPU `model.dtype` rules as usual.
+        Some(_) if device.is_cuda() && cfg.model.dtype == "auto" => {
+            compute_dtype(&cfg.quant.compute_dtype, &device)
+        }
+        _ => compute_dtype(&cfg.model.dtype, &device),
+    };
 
     // Data: tokenized and packed once (by rank 0), cached in the work dir for every rank.
     let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
@@ -205,16 +218,18 @@ pub fn run_parallel(
         data: data_key,
         method: method_id(cfg),
     };
-    let mut w = weights::load_weights(&cfg.model.path, dtype, &device, |_| true)?;
-    let mut model = Decoder::new(
+    // Streamed tensor by tensor (QLoRA quantizes each linear as it arrives).
+    let mut source = weights::LazyCheckpoint::open(&cfg.model.path)?;
+    let mut model = Decoder::new_quantized(
         &model_cfg,
-        &mut w,
+        &mut source,
         train_mode(cfg),
+        quant,
         dtype,
         &device,
         cfg.train.seed,
     )?;
-    drop(w);
+    drop(source);
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
     let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
     let params = FlatParams::from_values(&model.initial_trainable_values()?, &decay)?;

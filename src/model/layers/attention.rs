@@ -28,6 +28,21 @@ pub fn check_cu_seqlens(cu_seqlens: &[u32], n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of f32 scores one chunk of KV heads may materialize: long samples are processed a few KV
+/// heads at a time so a 2048-token sample of a 32-head model needs ~64 MiB, not 512 MiB, per
+/// score-sized temporary (the backward holds several at once).
+const SCORE_BUDGET_BYTES: usize = 64 << 20;
+
+/// `(first KV head, count)` chunks covering `kv_heads` for a sample of `l` tokens.
+fn kv_chunks(kv_heads: usize, group: usize, l: usize, budget: usize) -> Vec<(usize, usize)> {
+    let per_kv = group * l * l * 4;
+    let step = (budget / per_kv.max(1)).clamp(1, kv_heads);
+    (0..kv_heads)
+        .step_by(step)
+        .map(|s| (s, step.min(kv_heads - s)))
+        .collect()
+}
+
 /// `[L, heads, d]` -> `[kv_heads, group * L, d]` with rows ordered (group member, token).
 fn group_queries(q: &Tensor, kv_heads: usize) -> Result<Tensor> {
     let (l, hq, d) = q.dims3()?;
@@ -119,19 +134,35 @@ pub fn attention_forward(
     v: &Tensor,
     cu_seqlens: &[u32],
 ) -> Result<(Tensor, Tensor)> {
+    forward_chunked(q, k, v, cu_seqlens, SCORE_BUDGET_BYTES)
+}
+
+fn forward_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[u32],
+    budget: usize,
+) -> Result<(Tensor, Tensor)> {
     check_cu_seqlens(cu_seqlens, q.dim(0)?)?;
     let mut outs = Vec::with_capacity(cu_seqlens.len() - 1);
     let mut lses = Vec::with_capacity(cu_seqlens.len() - 1);
     for w in cu_seqlens.windows(2) {
         let (a, l) = (w[0] as usize, (w[1] - w[0]) as usize);
-        let (o, lse) = attend(
-            &q.narrow(0, a, l)?,
-            &k.narrow(0, a, l)?,
-            &v.narrow(0, a, l)?,
-            0,
-        )?;
-        outs.push(o);
-        lses.push(lse);
+        let (q, k, v) = (q.narrow(0, a, l)?, k.narrow(0, a, l)?, v.narrow(0, a, l)?);
+        let (kv_heads, group) = (k.dim(1)?, q.dim(1)? / k.dim(1)?);
+        let mut parts = vec![];
+        for (h0, hn) in kv_chunks(kv_heads, group, l, budget) {
+            parts.push(attend(
+                &q.narrow(1, h0 * group, hn * group)?,
+                &k.narrow(1, h0, hn)?,
+                &v.narrow(1, h0, hn)?,
+                0,
+            )?);
+        }
+        let (o, lse): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+        outs.push(Tensor::cat(&o, 1)?); // [l, heads, d]
+        lses.push(Tensor::cat(&lse, 0)?); // [heads, l]
     }
     Ok((Tensor::cat(&outs, 0)?, Tensor::cat(&lses, 1)?))
 }
@@ -149,6 +180,20 @@ pub fn attention_backward(
     dout: &Tensor,
     cu_seqlens: &[u32],
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_chunked(q, k, v, out, lse, dout, cu_seqlens, SCORE_BUDGET_BYTES)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    cu_seqlens: &[u32],
+    budget: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     check_cu_seqlens(cu_seqlens, q.dim(0)?)?;
     let (_, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
@@ -159,36 +204,90 @@ pub fn attention_backward(
     let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
     for w in cu_seqlens.windows(2) {
         let (a, l) = (w[0] as usize, (w[1] - w[0]) as usize);
-        let qg = group_queries(&q.narrow(0, a, l)?, kv_heads)?; // [kv, gL, d]
-        let kh = heads_first(&k.narrow(0, a, l)?)?; // [kv, L, d]
-        let vh = heads_first(&v.narrow(0, a, l)?)?;
-        let og = group_queries(&out.narrow(0, a, l)?, kv_heads)?; // [kv, gL, d]
-        let dog = group_queries(&dout.narrow(0, a, l)?, kv_heads)?;
-        let lse_s = lse
-            .narrow(1, a, l)?
-            .contiguous()?
-            .reshape((kv_heads, group * l, 1))?;
         let mask = causal_mask(group, l, l, 0, q.device())?;
-        let scores = (qg.matmul(&kh.transpose(1, 2)?)?.to_dtype(acc)? * scale)?; // [kv, gL, L]
-        let p = scores.broadcast_sub(&lse_s)?.exp()?;
-        let p = mask
-            .unsqueeze(0)?
-            .broadcast_as(p.shape())?
-            .where_cond(&p, &p.zeros_like()?)?; // exact zeros above the diagonal
-        let p_c = p.to_dtype(dtype)?;
-        let dv = p_c.transpose(1, 2)?.matmul(&dog)?; // [kv, L, gL]·[kv, gL, d] = [kv, L, d]
-        let dp = dog.matmul(&vh.transpose(1, 2)?)?.to_dtype(acc)?; // [kv, gL, L]
-        let delta = (dog.to_dtype(acc)? * og.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?; // [kv, gL, 1]
-        let ds = ((p * dp.broadcast_sub(&delta)?)? * scale)?.to_dtype(dtype)?; // [kv, gL, L]
-        let dq = ds.matmul(&kh)?; // [kv, gL, d]
-        let dk = ds.transpose(1, 2)?.matmul(&qg)?; // [kv, L, d]
-        dqs.push(ungroup_queries(&dq, heads)?);
-        dks.push(heads_first(&dk)?);
-        dvs.push(heads_first(&dv)?);
+        let (mut dq_parts, mut dk_parts, mut dv_parts) = (vec![], vec![], vec![]);
+        for (h0, hn) in kv_chunks(kv_heads, group, l, budget) {
+            let (qh, qn) = (h0 * group, hn * group);
+            let qg = group_queries(&q.narrow(0, a, l)?.narrow(1, qh, qn)?, hn)?; // [hn, gL, d]
+            let kh = heads_first(&k.narrow(0, a, l)?.narrow(1, h0, hn)?)?; // [hn, L, d]
+            let vh = heads_first(&v.narrow(0, a, l)?.narrow(1, h0, hn)?)?;
+            let og = group_queries(&out.narrow(0, a, l)?.narrow(1, qh, qn)?, hn)?;
+            let dog = group_queries(&dout.narrow(0, a, l)?.narrow(1, qh, qn)?, hn)?;
+            let lse_s = lse
+                .narrow(1, a, l)?
+                .narrow(0, qh, qn)?
+                .contiguous()?
+                .reshape((hn, group * l, 1))?;
+            let scores = (qg.matmul(&kh.transpose(1, 2)?)?.to_dtype(acc)? * scale)?; // [hn, gL, L]
+            let p = scores.broadcast_sub(&lse_s)?.exp()?;
+            drop(scores);
+            let p = mask
+                .unsqueeze(0)?
+                .broadcast_as(p.shape())?
+                .where_cond(&p, &p.zeros_like()?)?; // exact zeros above the diagonal
+            let p_c = p.to_dtype(dtype)?;
+            let dv = p_c.transpose(1, 2)?.matmul(&dog)?; // [hn, L, gL]·[hn, gL, d] = [hn, L, d]
+            drop(p_c);
+            let dp = dog.matmul(&vh.transpose(1, 2)?)?.to_dtype(acc)?; // [hn, gL, L]
+            let delta = (dog.to_dtype(acc)? * og.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?; // [hn, gL, 1]
+            let ds = ((p * dp.broadcast_sub(&delta)?)? * scale)?.to_dtype(dtype)?; // [hn, gL, L]
+            let dq = ds.matmul(&kh)?; // [hn, gL, d]
+            let dk = ds.transpose(1, 2)?.matmul(&qg)?; // [hn, L, d]
+            dq_parts.push(ungroup_queries(&dq, qn)?); // [L, qn, d]
+            dk_parts.push(heads_first(&dk)?); // [L, hn, d]
+            dv_parts.push(heads_first(&dv)?);
+        }
+        dqs.push(Tensor::cat(&dq_parts, 1)?);
+        dks.push(Tensor::cat(&dk_parts, 1)?);
+        dvs.push(Tensor::cat(&dv_parts, 1)?);
     }
     Ok((
         Tensor::cat(&dqs, 0)?,
         Tensor::cat(&dks, 0)?,
         Tensor::cat(&dvs, 0)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn randn(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2;
+        let v: Vec<f64> = (0..n)
+            .map(|i| ((i as f64 * 0.7548776662 + seed as f64 * 0.5698402910).fract() - 0.5) * 2.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// One KV head per chunk (budget 1 byte) equals all heads at once, forward and backward.
+    #[test]
+    fn head_chunking_does_not_change_results() {
+        let (n, heads, kv, d) = (19, 6, 3, 8);
+        let (q, k, v) = (
+            randn((n, heads, d), 1),
+            randn((n, kv, d), 2),
+            randn((n, kv, d), 3),
+        );
+        let dout = randn((n, heads, d), 4);
+        let cu = [0u32, 7, 19];
+        let (o1, l1) = forward_chunked(&q, &k, &v, &cu, usize::MAX).unwrap();
+        let (o2, l2) = forward_chunked(&q, &k, &v, &cu, 1).unwrap();
+        let same = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f64>().unwrap()
+        };
+        assert!(same(&o1, &o2) < 1e-12 && same(&l1, &l2) < 1e-12);
+        let g1 = backward_chunked(&q, &k, &v, &o1, &l1, &dout, &cu, usize::MAX).unwrap();
+        let g2 = backward_chunked(&q, &k, &v, &o1, &l1, &dout, &cu, 1).unwrap();
+        assert!(same(&g1.0, &g2.0) < 1e-12);
+        assert!(same(&g1.1, &g2.1) < 1e-12);
+        assert!(same(&g1.2, &g2.2) < 1e-12);
+        assert_eq!(kv_chunks(3, 2, 19, 1), vec![(0, 1), (1, 1), (2, 1)]);
+        assert_eq!(
+            kv_chunks(8, 2, 2048, 64 << 20),
+            vec![(0, 2), (2, 2), (4, 2), (6, 2)]
+        );
+    }
 }
