@@ -405,28 +405,39 @@ fn workers_with_different_configs_are_refused_naming_the_difference() {
     }
 }
 
-#[test]
-fn full_fine_tuning_on_two_ranks_matches_one_rank() {
+/// `train.method = method` for 2 steps on 2 ranks and on 1: the same losses and weights.
+/// Returns the number of trainable tensors.
+fn method_parity(method: &str) -> usize {
     let r = runs();
     let tmp = tempfile::tempdir().unwrap();
-    let full: &[&str] = &[
-        "train.method=\"full\"",
-        "train.max_steps=2",
-        "optim.lr=1e-3",
-    ];
+    let method_set = format!("train.method=\"{method}\"");
+    let sets: &[&str] = &[&method_set, "train.max_steps=2", "optim.lr=1e-3"];
     let two = tmp.path().join("two");
-    let out = ftrun_nproc(2, &r.setup, &two, &[full, &[TWO_RANKS]].concat(), &[], &[]);
-    assert_success(&out, "full fine-tuning on 2 ranks");
+    let out = ftrun_nproc(2, &r.setup, &two, &[sets, &[TWO_RANKS]].concat(), &[], &[]);
+    assert_success(&out, &format!("{method} on 2 ranks"));
     let one = tmp.path().join("one");
-    let cfg = config(&r.setup, &[RUN, full, &[ONE_RANK]].concat());
+    let cfg = config(&r.setup, &[RUN, sets, &[ONE_RANK]].concat());
     run(&cfg, &one, Resume::No).unwrap();
     let (two_hist, two_w) = final_state(&two, 2);
     let (one_hist, one_w) = final_state(&one, 2);
-    assert!(
-        two_w.len() > 10,
-        "every weight is trainable: {}",
-        two_w.len()
+    assert_histories_close(
+        &two_hist,
+        &one_hist,
+        1e-4,
+        &format!("{method}: 2 ranks vs 1"),
     );
-    assert_histories_close(&two_hist, &one_hist, 1e-4, "full: 2 ranks vs 1");
-    assert_tensors_close(&two_w, &one_w, 1e-4, "full: final weights");
+    assert_tensors_close(&two_w, &one_w, 1e-4, &format!("{method}: final weights"));
+    two_w.len()
+}
+
+#[test]
+fn full_fine_tuning_on_two_ranks_matches_one_rank() {
+    let n = method_parity("full");
+    assert!(n > 10, "every weight is trainable: {n}");
+}
+
+#[test]
+fn qlora_on_two_ranks_matches_one_rank() {
+    let n = method_parity("qlora");
+    assert!(n > 0, "the adapters are trainable");
 }
