@@ -103,8 +103,11 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Values of tensors, by name.
+type Values = Vec<(String, Vec<f64>)>;
+
 /// (history, trainable values by name) of a work dir's checkpoint at `step`.
-fn final_state(work: &Path, step: usize) -> (Vec<(usize, f64)>, Vec<(String, Vec<f64>)>) {
+fn final_state(work: &Path, step: usize) -> (Vec<(usize, f64)>, Values) {
     let ck = checkpoint::load(&checkpoint::step_dir(work, step), &Device::Cpu).unwrap();
     let tensors = ck
         .trainable
@@ -128,7 +131,7 @@ fn assert_histories_close(a: &[(usize, f64)], b: &[(usize, f64)], rel: f64, what
     }
 }
 
-fn assert_tensors_close(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)], tol: f64, what: &str) {
+fn assert_tensors_close(a: &Values, b: &Values, tol: f64, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");
     for ((na, va), (nb, vb)) in a.iter().zip(b) {
         assert_eq!(na, nb, "{what}");
@@ -189,7 +192,7 @@ fn two_ranks_train_like_one_rank_with_the_same_global_batch() {
     assert!(ok, "{err}");
     ftrun::export::export_checkpoint(&checkpoint::step_dir(&r.one, 6), &eb).unwrap();
     let load = |d: &Path| {
-        let mut v: Vec<(String, Vec<f64>)> =
+        let mut v: Values =
             candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu)
                 .unwrap()
                 .into_iter()
@@ -400,4 +403,41 @@ fn workers_with_different_configs_are_refused_naming_the_difference() {
             "node {node}:\n{err}"
         );
     }
+}
+
+/// `train.method = method` for 2 steps on 2 ranks and on 1: the same losses and weights.
+/// Returns the number of trainable tensors.
+fn method_parity(method: &str) -> usize {
+    let r = runs();
+    let tmp = tempfile::tempdir().unwrap();
+    let method_set = format!("train.method=\"{method}\"");
+    let sets: &[&str] = &[&method_set, "train.max_steps=2", "optim.lr=1e-3"];
+    let two = tmp.path().join("two");
+    let out = ftrun_nproc(2, &r.setup, &two, &[sets, &[TWO_RANKS]].concat(), &[], &[]);
+    assert_success(&out, &format!("{method} on 2 ranks"));
+    let one = tmp.path().join("one");
+    let cfg = config(&r.setup, &[RUN, sets, &[ONE_RANK]].concat());
+    run(&cfg, &one, Resume::No).unwrap();
+    let (two_hist, two_w) = final_state(&two, 2);
+    let (one_hist, one_w) = final_state(&one, 2);
+    assert_histories_close(
+        &two_hist,
+        &one_hist,
+        1e-4,
+        &format!("{method}: 2 ranks vs 1"),
+    );
+    assert_tensors_close(&two_w, &one_w, 1e-4, &format!("{method}: final weights"));
+    two_w.len()
+}
+
+#[test]
+fn full_fine_tuning_on_two_ranks_matches_one_rank() {
+    let n = method_parity("full");
+    assert!(n > 10, "every weight is trainable: {n}");
+}
+
+#[test]
+fn qlora_on_two_ranks_matches_one_rank() {
+    let n = method_parity("qlora");
+    assert!(n > 0, "the adapters are trainable");
 }
