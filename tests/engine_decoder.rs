@@ -494,6 +494,40 @@ fn kv_cache_logits_match_full_forward() {
 }
 
 #[test]
+fn batched_inference_equals_sequences_one_by_one() {
+    for arch in [Arch::Llama, Arch::InternLM2] {
+        let (_, _, mut dec) = build(arch, lora(0.0));
+        randomize_trainables(&mut dec, 5);
+        let prompts: [&[u32]; 3] = [&[3, 1, 4], &[1, 5, 9, 2, 6, 5], &[8]];
+        // Reference: each sequence alone, a prefill then two single tokens.
+        let mut alone = vec![];
+        for p in prompts {
+            let mut c = dec.new_cache();
+            let mut rows = vec![dec.forward_infer(p, &mut c).unwrap()];
+            rows.push(dec.forward_infer(&[2], &mut c).unwrap());
+            rows.push(dec.forward_infer(&[7], &mut c).unwrap());
+            alone.push(rows);
+        }
+        let mut caches: Vec<_> = (0..3).map(|_| dec.new_cache()).collect();
+        let feeds: [[&[u32]; 3]; 3] = [prompts, [&[2], &[2], &[2]], [&[7], &[7], &[7]]];
+        for (round, feed) in feeds.iter().enumerate() {
+            let mut items: Vec<(&[u32], &mut _)> =
+                feed.iter().copied().zip(caches.iter_mut()).collect();
+            let got = dec.forward_infer_batch(&mut items).unwrap();
+            for (i, row) in got.iter().enumerate() {
+                assert_close(
+                    &Tensor::new(row.as_slice(), &CPU).unwrap(),
+                    &Tensor::new(alone[i][round].as_slice(), &CPU).unwrap(),
+                    1e-6,
+                    "batched logits",
+                );
+            }
+        }
+        assert_eq!(Decoder::cache_len(&caches[1]), 8);
+    }
+}
+
+#[test]
 fn packed_batch_equals_samples_alone() {
     let (cfg, _, mut dec) = build(Arch::Llama, TrainMode::Full);
     randomize_trainables(&mut dec, 31);

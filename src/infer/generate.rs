@@ -236,6 +236,41 @@ impl<'a> Decoding<'a> {
         if let Some(id) = self.pending.take() {
             self.logits = forward(model, &[id], cache)?;
         }
+        self.sample_next(sampler)
+    }
+
+    /// The token this generation must feed before it samples again, taken (None when nothing is
+    /// pending or it has finished). A caller that feeds many generations in one batched forward
+    /// takes each one's token, runs the model, hands the logits back with
+    /// [`Decoding::set_logits`], then calls [`Decoding::sample_next`].
+    pub fn take_feed(&mut self) -> Option<u32> {
+        if self.finished.is_some() {
+            return None;
+        }
+        self.pending.take()
+    }
+
+    /// The logits (`[vocab]`) of the token [`Decoding::take_feed`] returned.
+    pub fn set_logits(&mut self, logits: Vec<f32>) -> Result<()> {
+        if logits.len() != self.logits.len() {
+            bail!(
+                "{} logits given, the model's vocabulary has {}",
+                logits.len(),
+                self.logits.len()
+            );
+        }
+        self.logits = logits;
+        Ok(())
+    }
+
+    /// [`Decoding::step`] once the pending token has been fed (or there was none).
+    pub fn sample_next(&mut self, sampler: &mut Sampler) -> Result<Option<FinishReason>> {
+        if self.finished.is_some() {
+            return Ok(self.finished);
+        }
+        if self.pending.is_some() {
+            bail!("sample_next: the pending token was not fed (take_feed, then set_logits)");
+        }
         // Only reached with max_new_tokens = 0; later steps check after sampling.
         if self.ids.len() == self.max_new_tokens {
             return Ok(self.finish(FinishReason::Length));

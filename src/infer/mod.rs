@@ -24,6 +24,18 @@ pub trait CausalLm {
     /// Append `ids` at the cache's current position and return the logits (f32, length
     /// vocab_size) of the last of them.
     fn forward_infer(&self, ids: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>>;
+    /// [`CausalLm::forward_infer`] for several independent sequences at once (a server's
+    /// batch): returns each one's last-token logits. The default runs them one by one; a model
+    /// overrides it to share its matmuls across the batch.
+    fn forward_infer_batch(
+        &self,
+        items: &mut [(&[u32], &mut Self::Cache)],
+    ) -> Result<Vec<Vec<f32>>> {
+        items
+            .iter_mut()
+            .map(|(ids, cache)| self.forward_infer(ids, cache))
+            .collect()
+    }
     /// Number of tokens the cache already holds.
     fn cache_len(cache: &Self::Cache) -> usize;
     fn vocab_size(&self) -> usize;

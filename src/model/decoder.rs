@@ -1205,18 +1205,33 @@ impl CausalLm for Decoder {
     }
 
     fn forward_infer(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        if ids.is_empty() {
-            bail!("forward_infer needs at least one token");
+        let mut items = [(ids, cache)];
+        Ok(self.forward_infer_batch(&mut items)?.remove(0))
+    }
+
+    /// All sequences' new tokens go through the linears, norms and head as one `[rows, h]`
+    /// matrix; attention runs per sequence against its own cache.
+    fn forward_infer_batch(&self, items: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        if items.is_empty() {
+            return Ok(vec![]);
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            bail!(
-                "token id {bad} is not below vocab_size {}",
-                self.cfg.vocab_size
-            );
+        let mut all_ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(items.len()); // (first row, rows, cache offset)
+        for (ids, cache) in items.iter() {
+            if ids.is_empty() {
+                bail!("forward_infer needs at least one token");
+            }
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                bail!(
+                    "token id {bad} is not below vocab_size {}",
+                    self.cfg.vocab_size
+                );
+            }
+            spans.push((all_ids.len(), ids.len(), cache.len));
+            all_ids.extend_from_slice(ids);
+            positions.extend(cache.len as u32..(cache.len + ids.len()) as u32);
         }
-        let m = ids.len();
-        let offset = cache.len;
-        let positions: Vec<u32> = (offset as u32..(offset + m) as u32).collect();
         let (cos, sin) = rope_table(
             &positions,
             self.cfg.head_dim,
@@ -1224,28 +1239,46 @@ impl CausalLm for Decoder {
             self.dtype,
             &self.device,
         )?;
-        let ids_t = Tensor::from_slice(ids, m, &self.device)?;
-        let mut x = embedding_forward(&ids_t, &self.params[self.embed])?; // [m, h]
-        for (blk, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        let ids_t = Tensor::from_slice(&all_ids, all_ids.len(), &self.device)?;
+        let mut x = embedding_forward(&ids_t, &self.params[self.embed])?; // [rows, h]
+        for (li, blk) in self.blocks.iter().enumerate() {
             let (h1, _) = rmsnorm_forward(&x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
             let (q, k, v, _) = self.qkv_forward(&blk.qkv, &h1, None)?;
             let q = rope_forward(&q, &cos, &sin)?;
             let k = rope_forward(&k, &cos, &sin)?;
-            let (k_all, v_all) = match layer_cache.take() {
-                Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 0)?, Tensor::cat(&[&vc, &v], 0)?),
-                None => (k, v),
-            }; // [offset + m, kv_heads, d]
-            let (attn, _) = attend(&q, &k_all, &v_all, offset)?;
-            *layer_cache = Some((k_all, v_all));
+            let mut outs = Vec::with_capacity(items.len());
+            for ((_, cache), &(row, m, offset)) in items.iter_mut().zip(&spans) {
+                let (kn, vn) = (k.narrow(0, row, m)?, v.narrow(0, row, m)?);
+                let (k_all, v_all) = match cache.layers[li].take() {
+                    Some((kc, vc)) => (Tensor::cat(&[&kc, &kn], 0)?, Tensor::cat(&[&vc, &vn], 0)?),
+                    None => (kn, vn),
+                }; // [offset + m, kv_heads, d]
+                let (attn, _) = attend(&q.narrow(0, row, m)?, &k_all, &v_all, offset)?;
+                cache.layers[li] = Some((k_all, v_all));
+                outs.push(attn); // [m, heads, d]
+            }
+            let attn = Tensor::cat(&outs, 0)?; // [rows, heads, d]
             x = self.tail_forward(blk, &x, &attn, None)?.0;
         }
-        cache.len += m;
-        let last = x.narrow(0, m - 1, 1)?; // [1, h]
-        let (hf, _) = rmsnorm_forward(&last, &self.params[self.final_norm], self.cfg.rms_norm_eps)?;
+        for ((_, cache), &(_, m, _)) in items.iter_mut().zip(&spans) {
+            cache.len += m;
+        }
+        // The last row of every sequence through the final norm and the head, at once.
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|&(row, m, _)| (row + m - 1) as u32)
+            .collect();
+        let last = Tensor::from_slice(&last, last.len(), &self.device)?;
+        let x_last = x.index_select(&last, 0)?; // [items, h]
+        let (hf, _) = rmsnorm_forward(
+            &x_last,
+            &self.params[self.final_norm],
+            self.cfg.rms_norm_eps,
+        )?;
         let logits = hf
             .matmul(&self.params[self.head].t()?)?
-            .to_dtype(DType::F32)?; // [1, vocab]
-        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+            .to_dtype(DType::F32)?; // [items, vocab]
+        Ok(logits.to_vec2::<f32>()?)
     }
 
     fn cache_len(cache: &KvCache) -> usize {

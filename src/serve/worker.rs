@@ -130,9 +130,16 @@ pub fn run<M: CausalLm>(
         }
         stats.active.store(batch.len(), Ordering::SeqCst);
         stats.peak_batch.fetch_max(batch.len(), Ordering::SeqCst);
+        // Feed every sequence's last token, one batched forward per model.
+        let failed = feed_round(models, &mut batch);
         // One token for every sequence; finished and cancelled ones leave the batch.
-        for mut seq in std::mem::take(&mut batch) {
-            match advance(models, &mut seq, stats) {
+        for (i, mut seq) in std::mem::take(&mut batch).into_iter().enumerate() {
+            if let Some(e) = &failed[i] {
+                stats.failed.fetch_add(1, Ordering::SeqCst);
+                let _ = seq.events.send(Event::Failed(e.clone()));
+                continue;
+            }
+            match advance(&mut seq, stats) {
                 Ok(Outcome::Running) => batch.push(seq),
                 Ok(Outcome::Finished) => {
                     let events = seq.events.clone();
@@ -200,14 +207,57 @@ fn start<'a, M: CausalLm>(
     }
 }
 
-/// Sample one token of `seq` and send the text it released.
-fn advance<M: CausalLm>(models: &[M], seq: &mut Sequence<'_, M>, stats: &Stats) -> Result<Outcome> {
+/// Feeds the pending token of every live sequence: the sequences of one model share one
+/// [`CausalLm::forward_infer_batch`] (their matmuls run as one batch). Returns, per sequence, the
+/// error that ended it, if any.
+fn feed_round<M: CausalLm>(models: &[M], batch: &mut [Sequence<'_, M>]) -> Vec<Option<String>> {
+    let mut failed = vec![None; batch.len()];
+    for (mi, model) in models.iter().enumerate() {
+        let mut fed: Vec<(usize, [u32; 1])> = Vec::new();
+        for (i, seq) in batch.iter_mut().enumerate() {
+            if seq.model == mi && !seq.events.is_closed() {
+                if let Some(id) = seq.decoding.take_feed() {
+                    fed.push((i, [id]));
+                }
+            }
+        }
+        if fed.is_empty() {
+            continue;
+        }
+        let result = {
+            let mut next = fed.iter().peekable();
+            let mut items: Vec<(&[u32], &mut M::Cache)> = Vec::with_capacity(fed.len());
+            for (i, seq) in batch.iter_mut().enumerate() {
+                if let Some((_, token)) = next.next_if(|(j, _)| *j == i) {
+                    items.push((&token[..], &mut seq.cache));
+                }
+            }
+            model.forward_infer_batch(&mut items)
+        };
+        match result {
+            Ok(logits) => {
+                for ((i, _), l) in fed.iter().zip(logits) {
+                    if let Err(e) = batch[*i].decoding.set_logits(l) {
+                        failed[*i] = Some(format!("{e:#}"));
+                    }
+                }
+            }
+            Err(e) => {
+                for (i, _) in &fed {
+                    failed[*i] = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    failed
+}
+
+/// Sample one token of `seq` (its pending token already fed) and send the text it released.
+fn advance<M: CausalLm>(seq: &mut Sequence<'_, M>, stats: &Stats) -> Result<Outcome> {
     if seq.events.is_closed() {
         return Ok(Outcome::Cancelled);
     }
-    let finished = seq
-        .decoding
-        .step(&models[seq.model], &mut seq.cache, &mut seq.sampler)?;
+    let finished = seq.decoding.sample_next(&mut seq.sampler)?;
     stats.tokens.fetch_add(1, Ordering::SeqCst);
     let mut delta = String::new();
     while let Some(id) = seq.decoding.next_token() {
