@@ -14,6 +14,9 @@ pub struct KernelCheckArgs {
     /// Only checks whose name contains this text.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Small shapes (for compute-sanitizer, which runs kernels ~100x slower).
+    #[arg(long)]
+    pub small: bool,
 }
 
 pub fn run(a: KernelCheckArgs) -> Result<()> {
@@ -21,6 +24,7 @@ pub fn run(a: KernelCheckArgs) -> Result<()> {
         bail!("kernel-check needs a CUDA build (cargo build --features cuda) and a GPU");
     }
     let device = Device::new_cuda(a.gpu)?;
+    crate::kernels::set_small_checks(a.small);
     let checks: Vec<_> = all_checks()
         .into_iter()
         .filter(|c| {
@@ -65,8 +69,12 @@ pub fn run(a: KernelCheckArgs) -> Result<()> {
 }
 
 fn line(name: &str, width: usize, o: &CheckOutcome) -> String {
+    let worst = match (o.pass, o.worst) {
+        (false, Some((i, got, want))) => format!("  worst: [{i}] got {got:e}, want {want:e}"),
+        _ => String::new(),
+    };
     format!(
-        "{name:width$}  {:>10.3e}  {:>10.3e}  {:>8.1e}, {:>7.1e}  {}    {:>10.1}  {:>10.1}  {:>6.2}x  {}",
+        "{name:width$}  {:>10.3e}  {:>10.3e}  {:>8.1e}, {:>7.1e}  {}    {:>10.1}  {:>10.1}  {:>6.2}x  {}{worst}",
         o.max_abs,
         o.max_rel,
         o.tol.atol,

@@ -104,6 +104,8 @@ pub struct CheckOutcome {
     pub candle_us: f64,
     /// What was run (shapes, dtype).
     pub what: String,
+    /// The element with the largest error: `(flat index, got, want)`.
+    pub worst: Option<(usize, f64, f64)>,
 }
 
 type CheckFn = Box<dyn Fn(&Device) -> Result<CheckOutcome> + Send + Sync>;
@@ -140,8 +142,18 @@ pub fn all_checks() -> Vec<KernelCheck> {
     checks
 }
 
+/// Errors of one output against its reference.
+#[derive(Debug, Clone, Copy)]
+pub struct Comparison {
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub pass: bool,
+    /// `(flat index, got, want)` of the largest absolute error (None when all are equal).
+    pub worst: Option<(usize, f64, f64)>,
+}
+
 /// Compares `got` (any device/dtype) with `want` element by element in f64.
-pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> Result<(f64, f64, bool)> {
+pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> Result<Comparison> {
     if got.dims() != want.dims() {
         bail!(
             "shape {:?} differs from the reference {:?}",
@@ -157,23 +169,38 @@ pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> Result<(f64, f64,
     };
     let (g, w) = (flat(got)?, flat(want)?);
     let rel_floor = if tol.atol > 0.0 { tol.atol } else { 1e-30 };
-    let (mut max_abs, mut max_rel, mut pass) = (0.0f64, 0.0f64, true);
-    for (&g, &w) in g.iter().zip(&w) {
+    let mut c = Comparison {
+        max_abs: 0.0,
+        max_rel: 0.0,
+        pass: true,
+        worst: None,
+    };
+    let mut seen_nan = false;
+    for (i, (&g, &w)) in g.iter().zip(&w).enumerate() {
         let err = (g - w).abs();
         // NaN never passes (and a NaN where the reference has one is still worth a look).
         if err.is_nan() || err > tol.atol + tol.rtol * w.abs() {
-            pass = false;
+            c.pass = false;
         }
         if err.is_nan() {
-            max_abs = f64::NAN;
+            if !seen_nan {
+                c.worst = Some((i, g, w));
+            }
+            seen_nan = true;
             continue;
         }
-        max_abs = max_abs.max(err);
+        if err > c.max_abs && !seen_nan {
+            c.worst = Some((i, g, w));
+        }
+        c.max_abs = c.max_abs.max(err);
         if w.abs() > rel_floor {
-            max_rel = max_rel.max(err / w.abs());
+            c.max_rel = c.max_rel.max(err / w.abs());
         }
     }
-    Ok((max_abs, max_rel, pass))
+    if seen_nan {
+        c.max_abs = f64::NAN;
+    }
+    Ok(c)
 }
 
 /// Median wall time of `f` in microseconds over `iters` runs (after one warm-up), the device
@@ -208,10 +235,18 @@ pub fn random_tensor(
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }
 
+static SMALL_CHECKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the checks use their small shapes on a GPU too (for compute-sanitizer runs).
+pub fn set_small_checks(small: bool) {
+    SMALL_CHECKS.store(small, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// On a GPU a check uses realistic shapes and bf16; on the CPU (the harness's own test) small
-/// shapes and f32, so the test stays fast and the comparison meaningful.
+/// shapes and f32, so the test stays fast and the comparison meaningful. With
+/// [`set_small_checks`] a GPU run keeps bf16 but takes the small shapes.
 pub fn sized<T>(device: &Device, gpu: T, cpu: T) -> T {
-    if device.is_cuda() {
+    if device.is_cuda() && !SMALL_CHECKS.load(std::sync::atomic::Ordering::Relaxed) {
         gpu
     } else {
         cpu
@@ -220,7 +255,11 @@ pub fn sized<T>(device: &Device, gpu: T, cpu: T) -> T {
 
 /// The compute dtype of a check on `device`: bf16 on a GPU, f32 on the CPU.
 pub fn check_dtype(device: &Device) -> DType {
-    sized(device, DType::BF16, DType::F32)
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
 }
 
 /// The usual shape of a check: `fused` (the dispatching entry point, on `device`) is compared with
@@ -238,12 +277,19 @@ pub fn run_check(
     if got.len() != want.len() {
         bail!("{} outputs, the reference has {}", got.len(), want.len());
     }
-    let (mut max_abs, mut max_rel, mut pass) = (0.0f64, 0.0f64, true);
+    let (mut max_abs, mut max_rel, mut pass, mut worst) = (0.0f64, 0.0f64, true, None);
     for (g, w) in got.iter().zip(&want) {
-        let (a, r, p) = compare(g, w, tol)?;
-        max_abs = if a.is_nan() { a } else { max_abs.max(a) };
-        max_rel = max_rel.max(r);
-        pass &= p;
+        let c = compare(g, w, tol)?;
+        if c.max_abs.is_nan() || c.max_abs > max_abs {
+            worst = c.worst;
+        }
+        max_abs = if max_abs.is_nan() || c.max_abs.is_nan() {
+            f64::NAN
+        } else {
+            max_abs.max(c.max_abs)
+        };
+        max_rel = max_rel.max(c.max_rel);
+        pass &= c.pass;
     }
     let iters = sized(device, 20, 1);
     let kernel_us = time_us(device, iters, || fused().map(drop))?;
@@ -256,6 +302,7 @@ pub fn run_check(
         kernel_us,
         candle_us,
         what,
+        worst,
     })
 }
 
@@ -268,14 +315,15 @@ mod tests {
         let dev = Device::Cpu;
         let want = Tensor::new(&[1.0f32, -2.0, 0.0, 4.0], &dev).unwrap();
         let got = Tensor::new(&[1.01f32, -2.0, 0.0, 4.0], &dev).unwrap();
-        let (abs, rel, pass) = compare(&got, &want, Tolerance::BF16).unwrap();
-        assert!((abs - 0.01).abs() < 1e-6 && (rel - 0.01).abs() < 1e-6);
-        assert!(!pass, "1% error is outside bf16 tolerance");
-        let (_, _, pass) = compare(&want, &want, Tolerance::EXACT).unwrap();
-        assert!(pass);
+        let c = compare(&got, &want, Tolerance::BF16).unwrap();
+        assert!((c.max_abs - 0.01).abs() < 1e-6 && (c.max_rel - 0.01).abs() < 1e-6);
+        assert!(!c.pass, "1% error is outside bf16 tolerance");
+        assert_eq!(c.worst.map(|w| w.0), Some(0));
+        let c = compare(&want, &want, Tolerance::EXACT).unwrap();
+        assert!(c.pass && c.worst.is_none());
         let nan = Tensor::new(&[f32::NAN, -2.0, 0.0, 4.0], &dev).unwrap();
-        let (abs, _, pass) = compare(&nan, &want, Tolerance::BF16).unwrap();
-        assert!(abs.is_nan() && !pass, "NaN must fail");
+        let c = compare(&nan, &want, Tolerance::BF16).unwrap();
+        assert!(c.max_abs.is_nan() && !c.pass, "NaN must fail");
         let short = Tensor::new(&[1.0f32], &dev).unwrap();
         assert!(compare(&short, &want, Tolerance::EXACT).is_err());
     }

@@ -158,9 +158,11 @@ fn check_weights(n: usize, seed: u64) -> Vec<f32> {
 /// Bit-exact checks against the CPU path: a 7B-MLP-sized weight and odd shapes (partial block,
 /// padded nested group, odd element count), plain and double quantization, bf16 and f32.
 pub fn self_checks() -> Vec<KernelCheck> {
-    let cases: [(&'static str, usize, usize, bool, DType); 4] = [
+    let cases: [(&'static str, usize, usize, bool, DType); 6] = [
         ("nf4_dequant bf16 dq", 4096, 11008, true, DType::BF16),
         ("nf4_dequant f32 plain", 2048, 2048, false, DType::F32),
+        ("nf4_dequant f32 dq", 2048, 2048, true, DType::F32),
+        ("nf4_dequant bf16 plain", 2048, 2048, false, DType::BF16),
         ("nf4_dequant bf16 odd shape dq", 3, 333, true, DType::BF16),
         ("nf4_dequant f32 odd shape plain", 7, 9, false, DType::F32),
     ];
