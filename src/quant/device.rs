@@ -125,8 +125,8 @@ impl Nf4Weight {
                 blocks,
             } => {
                 let groups = scales.elem_count();
-                // u32 indices: candle's index_select reads an all-ones index (u8 255) as "no
-                // row" and yields 0, which would silently zero every block using code 255.
+                // u32 indices: candle's index_select turns the index type's max value (u8 255,
+                // a real code) into a zero row.
                 let centered = code
                     .index_select(&codes.to_dtype(DType::U32)?, 0)? // [groups * 256]
                     .reshape((groups, NESTED_BLOCKSIZE))?
@@ -138,10 +138,15 @@ impl Nf4Weight {
 
     /// The weight `[out, in]` in `dtype` (f32 products cast once, as bitsandbytes does).
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = crate::kernels::nf4::dequantize(self, dtype)? {
+            return Ok(t);
+        }
         let device = self.packed.device();
         let numel = self.numel();
+        // u32 indices: with u8 ones candle would zero the byte 0xFF (see block_absmax).
         let values = byte_pair_table(device)?
-            .index_select(&self.packed.to_dtype(DType::U32)?, 0)? // [bytes, 2] (u32: see above)
+            .index_select(&self.packed.to_dtype(DType::U32)?, 0)? // [bytes, 2]
             .flatten_all()?;
         let blocks = numel.div_ceil(self.blocksize);
         let padded = blocks * self.blocksize;
@@ -185,10 +190,7 @@ mod tests {
     fn device_dequant_equals_host_dequant_bit_for_bit() {
         // 96 x 200: 300 blocks (not a multiple of 256: a padded nested group).
         for (rows, cols) in [(96, 200), (64, 128), (3, 5)] {
-            let mut w = weights(rows * cols);
-            // Max-magnitude positive values in the first block: absmax code 255, NF4 byte 0xFF.
-            w[0] = 30.0;
-            w[1] = 30.0;
+            let w = weights(rows * cols);
             for dq in [false, true] {
                 let host = quantize_nf4(&w, &[rows, cols], dq).unwrap();
                 let expect = dequantize_nf4(&host).unwrap();
@@ -203,6 +205,24 @@ mod tests {
                 assert!(same, "{rows}x{cols} double_quant={dq}: device path differs");
             }
         }
+    }
+
+    #[test]
+    fn code_255_and_byte_0xff_dequantize_like_the_host() {
+        // The largest block's absmax gets double-quant code 255, and a block of its maximum
+        // packs two top nibbles into the byte 0xFF: both are index-type maxima for candle.
+        let mut w = vec![0.01f32; 256];
+        w[..64].fill(2.0);
+        let host = quantize_nf4(&w, &[4, 64], true).unwrap();
+        assert!(host.packed.contains(&0xFF));
+        match &host.absmax {
+            crate::quant::nf4::Absmax::Double { codes, .. } => assert!(codes.contains(&255)),
+            _ => unreachable!("double quantization was asked for"),
+        }
+        let dev = Nf4Weight::from_host(&host, &Device::Cpu).unwrap();
+        let got = dev.dequantize(DType::F32).unwrap().flatten_all().unwrap();
+        let got = got.to_vec1::<f32>().unwrap();
+        assert_eq!(got, dequantize_nf4(&host).unwrap());
     }
 
     #[test]
