@@ -8,6 +8,7 @@ pub mod dist;
 pub mod export;
 pub mod fsutil;
 pub mod infer;
+pub mod kernels;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;

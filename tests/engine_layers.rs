@@ -101,10 +101,11 @@ fn lora_backward_matches_autograd_and_fd_with_dropout() {
     let mask = dropout_mask(n, fin, 0.4, 99, DType::F64, &CPU)
         .unwrap()
         .unwrap();
+    let mask_t = mask.to_tensor().unwrap(); // [n, fin] f64: 0 or 1/0.6
     let (y, saved) = lora_forward(&x, &a, &b, scale, Some(mask.clone())).unwrap();
     let g = lora_backward(&x, &a, &b, scale, &saved, &r).unwrap();
     let (xv, av, bv) = (var(&x), var(&a), var(&b));
-    let yr = ((xv.mul(&mask).unwrap().matmul(&av.t().unwrap()).unwrap())
+    let yr = ((xv.mul(&mask_t).unwrap().matmul(&av.t().unwrap()).unwrap())
         .matmul(&bv.t().unwrap())
         .unwrap()
         * scale)
@@ -130,16 +131,22 @@ fn dropout_mask_is_reproducible_and_inverted() {
     let m1 = flat(
         &dropout_mask(64, 32, 0.25, 7, DType::F32, &CPU)
             .unwrap()
+            .unwrap()
+            .to_tensor()
             .unwrap(),
     );
     let m2 = flat(
         &dropout_mask(64, 32, 0.25, 7, DType::F32, &CPU)
             .unwrap()
+            .unwrap()
+            .to_tensor()
             .unwrap(),
     );
     let m3 = flat(
         &dropout_mask(64, 32, 0.25, 8, DType::F32, &CPU)
             .unwrap()
+            .unwrap()
+            .to_tensor()
             .unwrap(),
     );
     assert_eq!(m1, m2, "same seed, same mask");

@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod check_data;
 mod demo;
+mod kernel_check;
 mod logits;
 
 use crate::config::{self, builtin};
@@ -74,6 +75,9 @@ pub enum Command {
     /// Dump a model's logits for a text as JSON (interop checks against transformers / peft).
     #[command(hide = true)]
     Logits(logits::LogitsArgs),
+    /// Run every fused CUDA kernel against its CPU reference and time it (needs a GPU).
+    #[command(hide = true)]
+    KernelCheck(kernel_check::KernelCheckArgs),
     /// Print the version.
     Version,
     /// Print a shell completion script.
@@ -208,6 +212,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo { dir, steps, prompt } => demo::run(&dir, steps, prompt.as_deref()),
         Command::Bench(a) => bench::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::KernelCheck(a) => kernel_check::run(a),
         Command::Version => {
             println!("ftrun {} ({})", env!("CARGO_PKG_VERSION"), build_flavour());
             Ok(())

@@ -105,7 +105,9 @@ impl Nf4Weight {
     pub fn device_bytes(&self) -> usize {
         let scales = match &self.absmax {
             DeviceAbsmax::Plain(t) => t.elem_count() * 4,
-            DeviceAbsmax::Double { codes, scales, .. } => codes.elem_count() + scales.elem_count() * 4 + 1024,
+            DeviceAbsmax::Double { codes, scales, .. } => {
+                codes.elem_count() + scales.elem_count() * 4 + 1024
+            }
         };
         self.packed.elem_count() + scales
     }
@@ -134,6 +136,10 @@ impl Nf4Weight {
 
     /// The weight `[out, in]` in `dtype` (f32 products cast once, as bitsandbytes does).
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = crate::kernels::nf4::dequantize(self, dtype)? {
+            return Ok(t);
+        }
         let device = self.packed.device();
         let numel = self.numel();
         let values = byte_pair_table(device)?

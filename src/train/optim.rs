@@ -284,6 +284,12 @@ pub fn adamw_update(
     decay_mask: Option<&Tensor>,
     h: &AdamWStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    // One fused kernel on CUDA (bit-exact with the candle ops below, which are its reference).
+    if let Some(r) =
+        crate::kernels::adamw::adamw_update_fused(param, grad, exp_avg, exp_avg_sq, decay_mask, h)?
+    {
+        return Ok(r);
+    }
     // Decoupled weight decay first, on the pre-update parameter (torch order).
     let mut p = param.clone();
     if h.weight_decay > 0.0 && h.lr > 0.0 {
@@ -308,6 +314,10 @@ pub fn adamw_update(
 
 /// Sum of squares of an `[n]` f32 gradient (or a rank's range of it), as f64.
 pub fn sum_squares(grad: &Tensor) -> Result<f64> {
+    // One reduction kernel with f64 accumulation on CUDA.
+    if let Some(s) = crate::kernels::adamw::sum_squares_fused(grad)? {
+        return Ok(s);
+    }
     Ok(grad
         .sqr()?
         .sum_all()?

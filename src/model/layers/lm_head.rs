@@ -67,7 +67,7 @@ pub fn lm_head_ce(
     let dev = hidden.device();
     let (rows, targets) = shifted_targets(labels, vocab)?;
     let n_trained = rows.len();
-    let mut loss_sum = 0.0f64;
+    let mut loss_sum: Option<Tensor> = None; // [] f64
     let mut dhidden = match grad {
         Some(_) => Some(Tensor::zeros((n, h), dtype, dev)?),
         None => None,
@@ -80,25 +80,15 @@ pub fn lm_head_ce(
         let rows_c = Tensor::from_slice(&rows[start..start + len], len, dev)?;
         let tgt_c = Tensor::from_slice(&targets[start..start + len], len, dev)?;
         let hc = hidden.index_select(&rows_c, 0)?; // [c, h]
-        let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?; // [c, vocab]
-        let max = logits.max_keepdim(D::Minus1)?; // [c, 1]
-        let shifted = logits.broadcast_sub(&max)?;
-        let e = shifted.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?; // [c, 1]
-        let tgt_logit = shifted.gather(&tgt_c.unsqueeze(1)?, 1)?; // [c, 1]
-                                                                  // token loss = log Σ exp(shifted) − shifted[target]
-        let token_loss = (sum.log()? - tgt_logit)?;
-        loss_sum += token_loss
-            .to_dtype(candle_core::DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        if let Some(req) = grad {
-            // dlogits = scale · (softmax − onehot(target))
-            let onehot = Tensor::arange(0u32, vocab as u32, dev)?
-                .unsqueeze(0)?
-                .broadcast_eq(&tgt_c.unsqueeze(1)?)?
-                .to_dtype(acc)?; // [c, vocab]
-            let dlogits = ((e.broadcast_div(&sum)? - onehot)? * req.loss_scale)?.to_dtype(dtype)?;
+        let logits = hc.matmul(&w.t()?)?; // [c, vocab] in the compute dtype
+        let (token_loss, dlogits) = chunk_loss(&logits, &tgt_c, grad.map(|r| r.loss_scale))?;
+        // Summed on the device; read back once after the last chunk (no sync per chunk).
+        let chunk_sum = token_loss.to_dtype(candle_core::DType::F64)?.sum_all()?;
+        loss_sum = Some(match loss_sum {
+            Some(prev) => (prev + chunk_sum)?,
+            None => chunk_sum,
+        });
+        if let (Some(req), Some(dlogits)) = (grad, dlogits) {
             let dhc = dlogits.matmul(w)?; // [c, vocab]·[vocab, h] = [c, h]
             if let Some(dh) = dhidden.as_mut() {
                 *dh = dh.index_add(&rows_c, &dhc, 0)?;
@@ -116,10 +106,50 @@ pub fn lm_head_ce(
     if grad.is_some_and(|r| r.need_dw) && dw.is_none() {
         dw = Some(Tensor::zeros((vocab, h), acc, dev)?);
     }
+    let loss_sum = match loss_sum {
+        Some(t) => t.to_scalar::<f64>()?,
+        None => 0.0,
+    };
     Ok(CeOutput {
         loss_sum,
         n_trained,
         dhidden,
         dw,
     })
+}
+
+/// Cross-entropy of one chunk: `logits [c, vocab]` (compute dtype), `targets [c]` u32.
+/// Returns the token losses `[c]` (acc dtype) and, with `grad_scale`, `dlogits [c, vocab] =
+/// grad_scale · (softmax − onehot(target))` in the logits' dtype. One fused kernel on CUDA
+/// (`kernels::lm_ce`); this candle-ops code elsewhere (the reference).
+pub fn chunk_loss(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad_scale: Option<f64>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    if let Some(r) = crate::kernels::lm_ce::chunk(logits, targets, grad_scale)? {
+        return Ok(r);
+    }
+    let dtype = logits.dtype();
+    let acc = acc_dtype(dtype);
+    let vocab = logits.dim(D::Minus1)?;
+    let logits = logits.to_dtype(acc)?; // [c, vocab]
+    let max = logits.max_keepdim(D::Minus1)?; // [c, 1]
+    let shifted = logits.broadcast_sub(&max)?;
+    let e = shifted.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?; // [c, 1]
+    let tgt_logit = shifted.gather(&targets.unsqueeze(1)?, 1)?; // [c, 1]
+                                                                // token loss = log Σ exp(shifted) − shifted[target]
+    let token_loss = (sum.log()? - tgt_logit)?.squeeze(1)?; // [c]
+    let dlogits = match grad_scale {
+        None => None,
+        Some(scale) => {
+            let onehot = Tensor::arange(0u32, vocab as u32, logits.device())?
+                .unsqueeze(0)?
+                .broadcast_eq(&targets.unsqueeze(1)?)?
+                .to_dtype(acc)?; // [c, vocab]
+            Some(((e.broadcast_div(&sum)? - onehot)? * scale)?.to_dtype(dtype)?)
+        }
+    };
+    Ok((token_loss, dlogits))
 }

@@ -2,9 +2,9 @@
 //! `A [r, in]` kaiming-uniform(a = sqrt 5) like `nn.Linear`'s default, `B [out, r]` zero.
 //! The base linear is computed separately (see [`super::linear`]); the adapter only adds its delta.
 
-use super::mix_seed;
+use super::{acc_dtype, mix_seed};
 use candle_core::{DType, Device, Result, Tensor};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
@@ -19,14 +19,95 @@ pub fn lora_a_init(r: usize, in_features: usize, seed: u64, device: &Device) -> 
     Tensor::from_vec(data, (r, in_features), device)
 }
 
-/// Elements per independently seeded RNG stream of a dropout mask: chunks are drawn in parallel
-/// and the result does not depend on the thread count.
-const MASK_CHUNK: usize = 1 << 16;
+/// The inverted-dropout mask of a LoRA input `[n, in]`, as a rule rather than data: element `i`
+/// (row-major) is kept when the top 32 bits of [`mix_seed`]`(seed, i)` are at least
+/// `round(p · 2^32)`, and kept values are scaled by `1 / (1 − p)`. The hash is counter-based, so
+/// the CPU (rayon) and the CUDA kernel (`kernels::dropout`) drop the same elements, the mask is
+/// never uploaded nor stored, and an activation-checkpoint recompute or the backward regenerates it
+/// from the seed.
+#[derive(Debug, Clone)]
+pub struct DropoutMask {
+    /// `(n, in)` of the input it applies to.
+    pub shape: (usize, usize),
+    pub p: f64,
+    pub seed: u64,
+    /// Compute dtype and device of the inputs (for [`DropoutMask::to_tensor`]).
+    pub dtype: DType,
+    pub device: Device,
+}
 
-/// Inverted-dropout mask `[n, in]` (entries 0 or `1 / (1 - p)`), reproducible from `seed` so an
-/// activation-checkpoint recompute draws the same mask. `None` when `p == 0`: no mask work at all.
-/// Drawn on the host (16-bit uniforms, so the drop probability is `p` rounded to 1/65536) and
-/// uploaded as bytes.
+impl DropoutMask {
+    pub fn new(shape: (usize, usize), p: f64, seed: u64, dtype: DType, device: &Device) -> Self {
+        DropoutMask {
+            shape,
+            p,
+            seed,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Elements whose 32-bit hash is below this are dropped (`p` rounded to 2^-32).
+    pub fn threshold(&self) -> u64 {
+        ((self.p * 4_294_967_296.0).round() as u64).min(u32::MAX as u64)
+    }
+
+    /// The factor of kept values, `1 / (1 − p)`.
+    pub fn scale(&self) -> f64 {
+        1.0 / (1.0 - self.p)
+    }
+
+    fn keeps(&self, index: u64, threshold: u64) -> bool {
+        (mix_seed(self.seed, index) >> 32) >= threshold
+    }
+
+    /// The mask `[n, in]` (0 or `1/(1−p)`) in f32 (f64 for f64 inputs), on the mask's device;
+    /// computed on the host in parallel. Only the CPU path and tests materialize it.
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let (n, cols) = self.shape;
+        let threshold = self.threshold();
+        let keep: Vec<u8> = (0..(n * cols) as u64)
+            .into_par_iter()
+            .map(|i| u8::from(self.keeps(i, threshold)))
+            .collect();
+        let acc = acc_dtype(self.dtype);
+        let keep = Tensor::from_vec(keep, (n, cols), &self.device)?; // [n, in] u8
+                                                                     // 0/1 then one multiply by the scale in the accumulation dtype: exact for both values.
+        keep.to_dtype(acc)? * scale_in(acc, self.scale())
+    }
+
+    /// `x · mask` for `x [n, in]`: the product in f32 (f64 for f64 inputs), rounded once to x's
+    /// dtype (as PyTorch's dropout). The CUDA kernel when `x` is on a GPU, else the host mask.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dims2()? != self.shape {
+            candle_core::bail!(
+                "dropout mask for {:?} applied to an input of shape {:?}",
+                self.shape,
+                x.dims()
+            );
+        }
+        if let Some(y) = crate::kernels::dropout::apply(x, self)? {
+            return Ok(y);
+        }
+        let acc = acc_dtype(x.dtype());
+        x.to_dtype(acc)?
+            .mul(&self.to_tensor()?.to_dtype(acc)?)?
+            .to_dtype(x.dtype())
+    }
+}
+
+/// `scale` as the multiplier of an affine in `dtype`: f32 inputs get the f32-rounded scale (as
+/// the CUDA kernel's f32 argument), f64 inputs the exact one.
+fn scale_in(dtype: DType, scale: f64) -> f64 {
+    if dtype == DType::F64 {
+        scale
+    } else {
+        scale as f32 as f64
+    }
+}
+
+/// The dropout mask of a LoRA input `[n, in]`, reproducible from `seed` so an activation-checkpoint
+/// recompute draws the same mask. `None` when `p == 0`: no mask work at all.
 pub fn dropout_mask(
     n: usize,
     in_features: usize,
@@ -34,34 +115,28 @@ pub fn dropout_mask(
     seed: u64,
     dtype: DType,
     device: &Device,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<DropoutMask>> {
     if p <= 0.0 {
         return Ok(None);
     }
-    let threshold = (p * 65536.0).round() as u32;
-    let mut keep = vec![0u8; n * in_features];
-    keep.par_chunks_mut(MASK_CHUNK)
-        .enumerate()
-        .for_each(|(chunk_idx, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, chunk_idx as u64));
-            for quad in chunk.chunks_mut(4) {
-                let bits = rng.next_u64();
-                for (j, k) in quad.iter_mut().enumerate() {
-                    let u = ((bits >> (16 * j)) & 0xFFFF) as u32;
-                    *k = u8::from(u >= threshold);
-                }
-            }
-        });
-    let keep = Tensor::from_vec(keep, (n, in_features), device)?; // [n, in] u8
-    (keep.to_dtype(dtype)? * (1.0 / (1.0 - p))).map(Some)
+    if p >= 1.0 || p.is_nan() {
+        candle_core::bail!("LoRA dropout must be in [0, 1), got {p}");
+    }
+    Ok(Some(DropoutMask::new(
+        (n, in_features),
+        p,
+        seed,
+        dtype,
+        device,
+    )))
 }
 
 /// What [`lora_forward`] keeps for the backward.
 pub struct LoraSaved {
     /// `A · dropout(x)` rows: `[n, r]` (small: r columns).
     pub ax: Tensor,
-    /// The dropout mask `[n, in]`, `None` without dropout.
-    pub mask: Option<Tensor>,
+    /// The dropout rule (a seed, no data), `None` without dropout.
+    pub mask: Option<DropoutMask>,
 }
 
 /// Returns `delta_y [n, out] = scale · (dropout(x) A^T) B^T` for `x [n, in]`.
@@ -70,10 +145,10 @@ pub fn lora_forward(
     a: &Tensor,
     b: &Tensor,
     scale: f64,
-    mask: Option<Tensor>,
+    mask: Option<DropoutMask>,
 ) -> Result<(Tensor, LoraSaved)> {
     let xd = match &mask {
-        Some(m) => x.mul(m)?,
+        Some(m) => m.apply(x)?,
         None => x.clone(),
     }; // [n, in]
     let ax = xd.matmul(&a.t()?)?; // [n, r]
@@ -101,15 +176,16 @@ pub fn lora_backward(
     dy: &Tensor,
 ) -> Result<LoraGrads> {
     let xd = match &saved.mask {
-        Some(m) => x.mul(m)?,
+        Some(m) => m.apply(x)?,
         None => x.clone(),
     }; // [n, in]
     let db = (dy.t()?.matmul(&saved.ax)? * scale)?; // [out, n] · [n, r] = [out, r]
     let dax = (dy.matmul(b)? * scale)?; // [n, out] · [out, r] = [n, r]
     let da = dax.t()?.matmul(&xd)?; // [r, n] · [n, in] = [r, in]
     let dxd = dax.matmul(a)?; // [n, r] · [r, in] = [n, in]
+                              // d(x · mask)/dx = mask: the same rule applied to the upstream gradient.
     let dx = match &saved.mask {
-        Some(m) => dxd.mul(m)?,
+        Some(m) => m.apply(&dxd)?,
         None => dxd,
     };
     Ok(LoraGrads { dx, da, db })

@@ -1,11 +1,15 @@
 //! RMSNorm (HF Llama semantics): `y = w · cast(x / sqrt(mean(x²) + eps))`, statistics computed in
-//! [`acc_dtype`] even for bf16 inputs.
+//! [`acc_dtype`] even for bf16 inputs. On CUDA each direction is one fused kernel
+//! (`kernels::rmsnorm`); the candle-ops code here is its reference.
 
 use super::acc_dtype;
 use candle_core::{Result, Tensor, D};
 
 /// Returns `(y [n, h] in x's dtype, rstd [n, 1] in acc dtype)` for `x [n, h]`, `w [h]`.
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if let Some(r) = crate::kernels::rmsnorm::forward(x, w, eps)? {
+        return Ok(r);
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(acc_dtype(dtype))?; // [n, h]
     let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
@@ -26,6 +30,9 @@ pub fn rmsnorm_backward(
     dy: &Tensor,
     need_dw: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    if let Some(r) = crate::kernels::rmsnorm::backward(x, w, rstd, dy, need_dw)? {
+        return Ok(r);
+    }
     let dtype = x.dtype();
     let acc = acc_dtype(dtype);
     let xhat = x.to_dtype(acc)?.broadcast_mul(rstd)?; // [n, h]

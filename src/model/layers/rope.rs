@@ -1,6 +1,8 @@
 //! Rotary position embedding in the HF Llama `rotate_half` convention:
 //! `y = x · cos + rotate_half(x) · sin` with `rotate_half([x1, x2]) = [−x2, x1]` and
 //! `inv_freq[i] = theta^(−2i / head_dim)`, the angle table duplicated over both halves.
+//! On CUDA forward and backward are one fused kernel each (`kernels::rope`); the candle-ops code
+//! here is its reference.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -46,6 +48,9 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 
 /// Rotates `x [n, heads, head_dim]` by the per-token angles `cos`/`sin [n, head_dim]`.
 pub fn rope_forward(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if let Some(y) = crate::kernels::rope::rotate(x, cos, sin, 1.0)? {
+        return Ok(y);
+    }
     let cos = cos.unsqueeze(1)?; // [n, 1, d]
     let sin = sin.unsqueeze(1)?;
     x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
@@ -54,5 +59,8 @@ pub fn rope_forward(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Backward of [`rope_forward`]: the rotation is orthogonal, so `dx` is `dy` rotated by the
 /// opposite angle (the same formula with `−sin`).
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if let Some(dx) = crate::kernels::rope::rotate(dy, cos, sin, -1.0)? {
+        return Ok(dx);
+    }
     rope_forward(dy, cos, &sin.neg()?)
 }

@@ -1,0 +1,292 @@
+//! Fused CUDA kernels and the machinery to build, load, launch and check them.
+//!
+//! # Dispatch rule
+//! Every public kernel entry point takes candle `Tensor`s. When the tensors live on a CUDA device
+//! with a dtype the kernel supports (and kernels are enabled, see [`enabled`]), it runs the CUDA
+//! kernel and returns `Some(result)`; otherwise it returns `None` (or falls through to the same
+//! candle-ops code that is the CPU reference). The layer functions (`model::layers::*`,
+//! `train::optim`, `quant::device`) call the entry point first and fall back to their candle-ops
+//! code, so callers never branch on the device and the CPU build is the reference of the CUDA one.
+//!
+//! # Build and load
+//! `build.rs` compiles every `src/kernels/cuda/*.cu` with nvcc into a fatbin (sm_80, sm_90 and
+//! compute_90 PTX) when the `cuda` feature is on; [`cuda::func`] loads a module once per device
+//! from the embedded bytes and returns its functions. Kernels run on candle's stream of the device,
+//! so they are ordered with candle's own ops.
+//!
+//! # Checks
+//! Each kernel file exposes `self_checks()`; `ftrun kernel-check` (hidden) runs them all on a GPU
+//! against the CPU reference, see [`KernelCheck`].
+
+pub mod adamw;
+pub mod dropout;
+pub mod lm_ce;
+pub mod nf4;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use std::cell::Cell;
+use std::time::Instant;
+
+thread_local! {
+    static SUSPENDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Kernels are on unless `FTRUN_KERNELS=0` (then every entry point answers `None` and the
+/// candle-ops path runs on the GPU too: for A/B timing and for bisecting a numerical problem), and
+/// not inside [`without_kernels`] on this thread.
+pub fn enabled() -> bool {
+    static ENV_ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let env =
+        *ENV_ENABLED.get_or_init(|| std::env::var("FTRUN_KERNELS").map_or(true, |v| v != "0"));
+    env && !SUSPENDED.with(Cell::get)
+}
+
+/// Runs `f` with the kernels off on this thread: the candle-ops path of every entry point (the
+/// checks time it on the GPU this way).
+pub fn without_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SUSPENDED.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SUSPENDED.with(|s| s.replace(true)));
+    f()
+}
+
+/// Whether a kernel may run on `t`: CUDA storage, kernels enabled, and the `cuda` feature built.
+pub fn on_cuda(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && enabled()
+}
+
+/// Whether `dtype` is one the elementwise/normalization kernels are built for.
+pub fn float_kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F32)
+}
+
+/// Element-wise acceptance: `|got − want| <= atol + rtol · |want|`.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+impl Tolerance {
+    pub const EXACT: Tolerance = Tolerance {
+        atol: 0.0,
+        rtol: 0.0,
+    };
+    /// One bf16 rounding of the result (2^-8 relative) plus slack for f32 reduction order.
+    pub const BF16: Tolerance = Tolerance {
+        atol: 1e-5,
+        rtol: 8e-3,
+    };
+}
+
+/// The outcome of one kernel check.
+#[derive(Debug, Clone)]
+pub struct CheckOutcome {
+    pub max_abs: f64,
+    /// Largest `|got − want| / |want|` over elements with `|want| > atol` (or > 1e-30 when exact).
+    pub max_rel: f64,
+    pub tol: Tolerance,
+    pub pass: bool,
+    /// Median time of the fused path, microseconds.
+    pub kernel_us: f64,
+    /// Median time of the candle-ops path on the same device, microseconds.
+    pub candle_us: f64,
+    /// What was run (shapes, dtype).
+    pub what: String,
+}
+
+type CheckFn = Box<dyn Fn(&Device) -> Result<CheckOutcome> + Send + Sync>;
+
+/// One named check: runs the kernel on random inputs of realistic shapes on the given device,
+/// compares with the CPU reference and times both paths.
+pub struct KernelCheck {
+    pub name: &'static str,
+    pub run: CheckFn,
+}
+
+impl KernelCheck {
+    pub fn new(
+        name: &'static str,
+        run: impl Fn(&Device) -> Result<CheckOutcome> + Send + Sync + 'static,
+    ) -> KernelCheck {
+        KernelCheck {
+            name,
+            run: Box::new(run),
+        }
+    }
+}
+
+/// Every kernel's checks, in the order `ftrun kernel-check` prints them.
+pub fn all_checks() -> Vec<KernelCheck> {
+    let mut checks = Vec::new();
+    checks.extend(nf4::self_checks());
+    checks.extend(adamw::self_checks());
+    checks.extend(dropout::self_checks());
+    checks.extend(rmsnorm::self_checks());
+    checks.extend(swiglu::self_checks());
+    checks.extend(rope::self_checks());
+    checks.extend(lm_ce::self_checks());
+    checks
+}
+
+/// Compares `got` (any device/dtype) with `want` element by element in f64.
+pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> Result<(f64, f64, bool)> {
+    if got.dims() != want.dims() {
+        bail!(
+            "shape {:?} differs from the reference {:?}",
+            got.dims(),
+            want.dims()
+        );
+    }
+    let flat = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?)
+    };
+    let (g, w) = (flat(got)?, flat(want)?);
+    let rel_floor = if tol.atol > 0.0 { tol.atol } else { 1e-30 };
+    let (mut max_abs, mut max_rel, mut pass) = (0.0f64, 0.0f64, true);
+    for (&g, &w) in g.iter().zip(&w) {
+        let err = (g - w).abs();
+        // NaN never passes (and a NaN where the reference has one is still worth a look).
+        if err.is_nan() || err > tol.atol + tol.rtol * w.abs() {
+            pass = false;
+        }
+        if err.is_nan() {
+            max_abs = f64::NAN;
+            continue;
+        }
+        max_abs = max_abs.max(err);
+        if w.abs() > rel_floor {
+            max_rel = max_rel.max(err / w.abs());
+        }
+    }
+    Ok((max_abs, max_rel, pass))
+}
+
+/// Median wall time of `f` in microseconds over `iters` runs (after one warm-up), the device
+/// synchronized around each run.
+pub fn time_us(device: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Deterministic pseudo-random `[shape]` values in `[-scale, scale)` (f32, then cast to `dtype`),
+/// generated on the host so CPU and GPU checks see the same inputs.
+pub fn random_tensor(
+    shape: &[usize],
+    scale: f32,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+}
+
+/// On a GPU a check uses realistic shapes and bf16; on the CPU (the harness's own test) small
+/// shapes and f32, so the test stays fast and the comparison meaningful.
+pub fn sized<T>(device: &Device, gpu: T, cpu: T) -> T {
+    if device.is_cuda() {
+        gpu
+    } else {
+        cpu
+    }
+}
+
+/// The compute dtype of a check on `device`: bf16 on a GPU, f32 on the CPU.
+pub fn check_dtype(device: &Device) -> DType {
+    sized(device, DType::BF16, DType::F32)
+}
+
+/// The usual shape of a check: `fused` (the dispatching entry point, on `device`) is compared with
+/// `reference` (the CPU path, usually in f32 from the same inputs), then timed against itself with
+/// the kernels off ([`without_kernels`]: the candle-ops path on the same device).
+pub fn run_check(
+    device: &Device,
+    what: String,
+    tol: Tolerance,
+    fused: &dyn Fn() -> Result<Vec<Tensor>>,
+    reference: &dyn Fn() -> Result<Vec<Tensor>>,
+) -> Result<CheckOutcome> {
+    let got = fused()?;
+    let want = reference()?;
+    if got.len() != want.len() {
+        bail!("{} outputs, the reference has {}", got.len(), want.len());
+    }
+    let (mut max_abs, mut max_rel, mut pass) = (0.0f64, 0.0f64, true);
+    for (g, w) in got.iter().zip(&want) {
+        let (a, r, p) = compare(g, w, tol)?;
+        max_abs = if a.is_nan() { a } else { max_abs.max(a) };
+        max_rel = max_rel.max(r);
+        pass &= p;
+    }
+    let iters = sized(device, 20, 1);
+    let kernel_us = time_us(device, iters, || fused().map(drop))?;
+    let candle_us = time_us(device, iters, || without_kernels(|| fused().map(drop)))?;
+    Ok(CheckOutcome {
+        max_abs,
+        max_rel,
+        tol,
+        pass,
+        kernel_us,
+        candle_us,
+        what,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_reports_errors_and_tolerance() {
+        let dev = Device::Cpu;
+        let want = Tensor::new(&[1.0f32, -2.0, 0.0, 4.0], &dev).unwrap();
+        let got = Tensor::new(&[1.01f32, -2.0, 0.0, 4.0], &dev).unwrap();
+        let (abs, rel, pass) = compare(&got, &want, Tolerance::BF16).unwrap();
+        assert!((abs - 0.01).abs() < 1e-6 && (rel - 0.01).abs() < 1e-6);
+        assert!(!pass, "1% error is outside bf16 tolerance");
+        let (_, _, pass) = compare(&want, &want, Tolerance::EXACT).unwrap();
+        assert!(pass);
+        let nan = Tensor::new(&[f32::NAN, -2.0, 0.0, 4.0], &dev).unwrap();
+        let (abs, _, pass) = compare(&nan, &want, Tolerance::BF16).unwrap();
+        assert!(abs.is_nan() && !pass, "NaN must fail");
+        let short = Tensor::new(&[1.0f32], &dev).unwrap();
+        assert!(compare(&short, &want, Tolerance::EXACT).is_err());
+    }
+
+    #[test]
+    fn every_check_passes_on_cpu() {
+        // On the CPU the entry points fall back to the candle-ops path: the harness itself (inputs,
+        // reference, comparison) must agree with itself for every registered kernel.
+        for check in all_checks() {
+            let out = (check.run)(&Device::Cpu).unwrap();
+            assert!(out.pass, "{}: {:?}", check.name, out);
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! NF4 dequantization in one kernel (`cuda/nf4.cu`): packed codes + (double-quantized) block
+//! scales -> the `[out, in]` weight in bf16 or f32, bit-exact with
+//! [`crate::quant::Nf4Weight::dequantize`]'s candle-ops path (and so with bitsandbytes).
+
+use super::{run_check, KernelCheck, Tolerance};
+use crate::quant::device::Nf4Weight;
+use anyhow::Result;
+use candle_core::Tensor;
+use candle_core::{DType, Device};
+
+/// The weight `[out, in]` in `dtype` (bf16 or f32) from the CUDA kernel; `None` when `w` is not on
+/// a CUDA device (or the dtype/kernels are not available): the caller runs the candle-ops path.
+pub fn dequantize(w: &Nf4Weight, dtype: DType) -> Result<Option<Tensor>> {
+    if !super::on_cuda(&w.packed) || !super::float_kernel_dtype(dtype) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        imp::dequantize(w, dtype).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(None)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use crate::kernels::cuda::{alloc, device_of, func, grid_1d, stream, wrap, CudaInput};
+    use crate::quant::device::{DeviceAbsmax, Nf4Weight};
+    use crate::quant::nf4::NF4_CODE;
+    use anyhow::{bail, Result};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{DType, Tensor};
+    use half::bf16;
+
+    /// The 16 NF4 values, passed by value (single source: `quant::nf4::NF4_CODE`).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Nf4Table([f32; 16]);
+    // SAFETY: plain-old-data, layout identical to the kernel's `struct Nf4Table { float v[16]; }`.
+    unsafe impl DeviceRepr for Nf4Table {}
+
+    pub fn dequantize(w: &Nf4Weight, dtype: DType) -> Result<Tensor> {
+        match dtype {
+            DType::BF16 => launch::<bf16>(w, "nf4_dequant_bf16"),
+            DType::F32 => launch::<f32>(w, "nf4_dequant_f32"),
+            other => bail!("NF4 dequantization kernel: no {other:?} output"),
+        }
+    }
+
+    fn launch<T: CudaDType + DeviceRepr>(w: &Nf4Weight, kernel: &str) -> Result<Tensor> {
+        let dev = device_of(&w.packed)?;
+        let numel = w.numel();
+        let packed = w.packed.contiguous()?; // [ceil(numel / 2)] u8
+        let n_bytes = packed.elem_count();
+        if n_bytes < numel.div_ceil(2) {
+            bail!(
+                "NF4 weight {:?}: {n_bytes} packed bytes for {numel} values",
+                w.shape
+            );
+        }
+        let blocks = numel.div_ceil(w.blocksize);
+        // The scale arrays, in the kernel's argument order.
+        let (scale_tensors, offset) = match &w.absmax {
+            DeviceAbsmax::Plain(t) => {
+                if t.elem_count() < blocks {
+                    bail!(
+                        "NF4 weight {:?}: {} block scales for {blocks} blocks",
+                        w.shape,
+                        t.elem_count()
+                    );
+                }
+                (vec![t.contiguous()?], 0f32)
+            }
+            DeviceAbsmax::Double {
+                codes,
+                scales,
+                offset,
+                code,
+                blocks: real_blocks,
+            } => {
+                if *real_blocks < blocks
+                    || codes.elem_count() < blocks
+                    || scales.elem_count() < blocks.div_ceil(256)
+                {
+                    bail!("NF4 weight {:?}: too few double-quantized block scales for {blocks} blocks", w.shape);
+                }
+                (
+                    vec![
+                        codes.contiguous()?,
+                        scales.contiguous()?,
+                        code.contiguous()?,
+                    ],
+                    *offset,
+                )
+            }
+        };
+        let packed_in = CudaInput::new(&packed)?;
+        let scale_in = scale_tensors
+            .iter()
+            .map(CudaInput::new)
+            .collect::<Result<Vec<_>>>()?;
+        let packed_v = packed_in.view::<u8>()?;
+        let plain_v = match scale_in.as_slice() {
+            [plain] => Some(plain.view::<f32>()?),
+            _ => None,
+        };
+        let double_v = match scale_in.as_slice() {
+            [codes, scales, code] => Some((
+                codes.view::<u8>()?,
+                scales.view::<f32>()?,
+                code.view::<f32>()?,
+            )),
+            _ => None,
+        };
+        let table = Nf4Table(NF4_CODE);
+        let (n_bytes_u, numel_u, blocksize) = (n_bytes as u64, numel as u64, w.blocksize as u32);
+        // A null pointer for the scale arrays the chosen quantization does not use.
+        let null: u64 = 0;
+        let f = func(&dev, "nf4", kernel)?;
+        let mut out = alloc::<T>(&dev, numel)?;
+        let stream = stream(&dev);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&packed_v).arg(&n_bytes_u);
+        match (&plain_v, &double_v) {
+            (Some(plain), _) => b.arg(plain).arg(&null).arg(&null).arg(&offset).arg(&null),
+            (None, Some((codes, scales, code))) => {
+                b.arg(&null).arg(codes).arg(scales).arg(&offset).arg(code)
+            }
+            (None, None) => bail!("NF4 weight {:?}: unknown scale layout", w.shape),
+        };
+        b.arg(&table).arg(&numel_u).arg(&blocksize).arg(&mut out);
+        // SAFETY: argument order and types match `nf4_dequant_*` in nf4.cu; the kernel reads
+        // packed bytes < n_bytes and block scales < blocks (checked above) and writes out[< numel].
+        unsafe { b.launch(grid_1d(n_bytes, 256)) }?;
+        drop(b);
+        Ok(wrap(out, &dev, w.shape))
+    }
+}
+
+/// Deterministic weights with outliers (every 97th value 40x), like real ones.
+fn check_weights(n: usize, seed: u64) -> Vec<f32> {
+    let scale = 0.05;
+    (0..n)
+        .map(|i| {
+            let x = ((i as f64 * 0.618_034 + seed as f64 * 0.1).fract() - 0.5) as f32 * scale;
+            if i % 97 == 0 {
+                x * 40.0
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+
+/// Bit-exact checks against the CPU path: a 7B-MLP-sized weight and odd shapes (partial block,
+/// padded nested group, odd element count), plain and double quantization, bf16 and f32.
+pub fn self_checks() -> Vec<KernelCheck> {
+    let cases: [(&'static str, usize, usize, bool, DType); 4] = [
+        ("nf4_dequant bf16 dq", 4096, 11008, true, DType::BF16),
+        ("nf4_dequant f32 plain", 2048, 2048, false, DType::F32),
+        ("nf4_dequant bf16 odd shape dq", 3, 333, true, DType::BF16),
+        ("nf4_dequant f32 odd shape plain", 7, 9, false, DType::F32),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, rows, cols, dq, dtype)| {
+            KernelCheck::new(name, move |device: &Device| {
+                // The big case shrinks on the CPU (harness test), the odd ones keep their shape.
+                let (rows, cols) =
+                    super::sized(device, (rows, cols), (rows.min(64), cols.min(200)));
+                let values = check_weights(rows * cols, 1);
+                let host = crate::quant::nf4::quantize_nf4(&values, &[rows, cols], dq)?;
+                let on_device = Nf4Weight::from_host(&host, device)?;
+                let on_cpu = Nf4Weight::from_host(&host, &Device::Cpu)?;
+                run_check(
+                    device,
+                    format!("[{rows}, {cols}] {dtype:?} double_quant={dq}"),
+                    Tolerance::EXACT,
+                    &|| Ok(vec![on_device.dequantize(dtype)?]),
+                    &|| Ok(vec![on_cpu.dequantize(dtype)?]),
+                )
+            })
+        })
+        .collect()
+}
