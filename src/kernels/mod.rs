@@ -20,6 +20,7 @@
 
 pub mod adamw;
 pub mod dropout;
+pub mod flash_attn;
 pub mod lm_ce;
 pub mod nf4;
 pub mod rmsnorm;
@@ -139,6 +140,7 @@ pub fn all_checks() -> Vec<KernelCheck> {
     checks.extend(swiglu::self_checks());
     checks.extend(rope::self_checks());
     checks.extend(lm_ce::self_checks());
+    checks.extend(flash_attn::self_checks());
     checks
 }
 

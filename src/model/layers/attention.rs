@@ -128,7 +128,22 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_offset: usize) -> Result<(Te
 
 /// Varlen causal GQA attention. `q [n, heads, d]`, `k, v [n, kv_heads, d]`.
 /// Returns `(out [n, heads, d], lse [heads, n] acc dtype)`; keep both for the backward.
+/// Runs the flash attention kernel where it applies (CUDA, bf16, head dim 64/128), else
+/// [`attention_forward_ops`].
 pub fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[u32],
+) -> Result<(Tensor, Tensor)> {
+    if let Some(res) = crate::kernels::flash_attn::forward(q, k, v, cu_seqlens)? {
+        return Ok(res);
+    }
+    attention_forward_ops(q, k, v, cu_seqlens)
+}
+
+/// [`attention_forward`] in candle ops: the reference of the kernel, and the path on the CPU.
+pub fn attention_forward_ops(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -170,8 +185,25 @@ fn forward_chunked(
 /// Backward of [`attention_forward`] for upstream `dout [n, heads, d]`.
 /// Per sample: `P = exp(S − lse)`, `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − rowsum(dO ∘ O))`,
 /// `dQ = scale · dS K`, `dK = scale · dSᵀ Q` (the GQA group sums fall out of the grouped layout).
-/// Returns `(dq, dk, dv)` in the shapes of `q, k, v`.
+/// Returns `(dq, dk, dv)` in the shapes of `q, k, v`. Runs the flash attention kernel where it
+/// applies, else [`attention_backward_ops`].
 pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    cu_seqlens: &[u32],
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if let Some(res) = crate::kernels::flash_attn::backward(q, k, v, out, lse, dout, cu_seqlens)? {
+        return Ok(res);
+    }
+    attention_backward_ops(q, k, v, out, lse, dout, cu_seqlens)
+}
+
+/// [`attention_backward`] in candle ops: the reference of the kernel, and the path on the CPU.
+pub fn attention_backward_ops(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

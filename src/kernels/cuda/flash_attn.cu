@@ -1,0 +1,511 @@
+// FlashAttention-2 style causal GQA attention over packed samples (varlen), bf16 in/out, f32
+// accumulation, tensor cores through mma.sync.m16n8k16 (sm_80+). Head dims 64 and 128.
+//
+// Layouts (all row-major, contiguous):
+//   q, out, dout, dq : [n, heads, D]        k, v, dk, dv : [n, kv_heads, D]
+//   lse, delta       : [heads, n] f32        cu_seqlens   : [batch + 1] u32
+// Query head h reads KV head h / (heads / kv_heads). Token i of sample b (cu[b] <= i < cu[b+1])
+// attends to tokens cu[b]..=i. Nothing of size n x n ever reaches global memory: the forward keeps
+// the output and the natural-log row log-sum-exp; the backward recomputes P from them.
+//
+// Fragment conventions of mma.m16n8k16 (g = lane / 4, t = lane % 4):
+//   A 16x16: a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B 16x8 : b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
+//   C 16x8 : c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// Two adjacent C tiles (n 0..7, 8..15) therefore form an A fragment with k 0..15 once packed to
+// bf16: that is how P and dS go from one matmul's output to the next one's input in registers.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+namespace {
+
+constexpr int NUM_THREADS = 128;  // 4 warps; each warp owns 16 rows of the 64-row tile
+constexpr int BLOCK = 64;         // query and key rows per tile (forward and backward)
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; `valid == false` writes zeros (src-size 0), reading nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c += a * b for one 16x8 tile.
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Two floats -> packed bf16x2 (lo in the low half: the lower column of a fragment pair).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fragment loads from shared memory (row stride `ld` elements). Each loads 16x16 of A, or the
+// B fragments of two adjacent n8 tiles over k16 (b[0], b[1] for tile 0; b[2], b[3] for tile 1).
+
+// A stored as [m][k].
+__device__ __forceinline__ void load_a(uint32_t a[4], const bf16* s, int ld, int lane) {
+    ldsm_x4(a, s + (lane % 16) * ld + (lane / 16) * 8);
+}
+// A stored transposed, as [k][m].
+__device__ __forceinline__ void load_a_t(uint32_t a[4], const bf16* s, int ld, int lane) {
+    ldsm_x4_trans(a, s + ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8);
+}
+// B stored as [n][k] (the usual "K" layout of Q Kᵀ).
+__device__ __forceinline__ void load_b(uint32_t b[4], const bf16* s, int ld, int lane) {
+    ldsm_x4(b, s + ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8);
+}
+// B stored as [k][n] (the usual "V" layout of P V).
+__device__ __forceinline__ void load_b_t(uint32_t b[4], const bf16* s, int ld, int lane) {
+    ldsm_x4_trans(b, s + (((lane / 8) % 2) * 8 + lane % 8) * ld + (lane / 16) * 8);
+}
+
+// Copies rows `row0..row0+BLOCK` of head `head` of a [n, num_heads, D] tensor (rows relative to
+// the sample starting at token `seq_start` of length `seq_len`) into shared memory with row stride
+// `ld`; rows past the sample are zero-filled.
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* s, int ld, const bf16* g, int seq_start, int seq_len,
+                                          int row0, int num_heads, int head) {
+    constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < BLOCK * CHUNKS; c += NUM_THREADS) {
+        int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+        bool valid = row0 + r < seq_len;
+        const bf16* src =
+            valid ? g + ((size_t)(seq_start + row0 + r) * num_heads + head) * D + col : g;
+        cp_async16(s + r * ld + col, src, valid);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Grid (query blocks of the longest sample, heads, batch); the heaviest (last) query
+// blocks start first. Shared: K tile and V tile (the Q tile is staged in the V buffer, then held
+// in registers). V_j loads while S = Q K_jᵀ and the softmax run; K_{j+1} loads while O += P V_j.
+template <int D>
+__device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, bf16* __restrict__ out,
+                          float* __restrict__ lse, const uint32_t* __restrict__ cu_seqlens,
+                          int n_tokens, int heads, int kv_heads, float scale) {
+    constexpr int LD = D + 8;     // padded row: ldmatrix rows land in distinct banks
+    constexpr int KSTEPS = D / 16;
+    constexpr int DTILES = D / 8;
+    __shared__ __align__(16) bf16 sK[BLOCK * LD];
+    __shared__ __align__(16) bf16 sV[BLOCK * LD];
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int batch = blockIdx.z, head = blockIdx.y;
+    const int seq_start = cu_seqlens[batch];
+    const int seq_len = cu_seqlens[batch + 1] - seq_start;
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    if (m_block * BLOCK >= seq_len) return;
+    const int kv_head = head / (heads / kv_heads);
+    const int n_blocks = m_block + 1;  // causal: key blocks 0..=m_block
+    const float scale_log2 = scale * LOG2E;
+
+    load_tile<D>(sV, LD, q, seq_start, seq_len, m_block * BLOCK, heads, head);
+    load_tile<D>(sK, LD, k, seq_start, seq_len, 0, kv_heads, kv_head);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    uint32_t qf[KSTEPS][4];  // this warp's 16 query rows x D
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) load_a(qf[ks], sV + warp * 16 * LD + ks * 16, LD, lane);
+    __syncthreads();
+
+    float o[DTILES][4];  // [16 rows, D] accumulator
+#pragma unroll
+    for (int i = 0; i < DTILES; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g+8, scaled to log2 units
+    float row_sum[2] = {0.f, 0.f};              // this thread's partial sums
+
+    for (int j = 0; j < n_blocks; ++j) {
+        load_tile<D>(sV, LD, v, seq_start, seq_len, j * BLOCK, kv_heads, kv_head);
+        cp_async_commit();
+
+        float s[8][4];  // S = Q K_jᵀ: [16 rows, 64 keys]
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                uint32_t b[4];
+                load_b(b, sK + np * 16 * LD + ks * 16, LD, lane);
+                mma16816(s[2 * np], qf[ks], b[0], b[1]);
+                mma16816(s[2 * np + 1], qf[ks], b[2], b[3]);
+            }
+        }
+        if (j == m_block) {  // the diagonal block: hide keys after the query
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qrow = warp * 16 + g + (e / 2) * 8;
+                    int key = nt * 8 + 2 * t + (e % 2);
+                    if (key > qrow) s[nt][e] = -INFINITY;
+                }
+        }
+        // Online softmax. Key 0 of every block up to the diagonal is visible to each row, so the
+        // new maximum is finite.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            float new_max = fmaxf(row_max[r], mx * scale_log2);
+            float alpha = fast_exp2(row_max[r] - new_max);
+            row_max[r] = new_max;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                s[nt][2 * r] = fast_exp2(s[nt][2 * r] * scale_log2 - new_max);
+                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] * scale_log2 - new_max);
+                sum += s[nt][2 * r] + s[nt][2 * r + 1];
+            }
+            row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < DTILES; ++dt) {
+                o[dt][2 * r] *= alpha;
+                o[dt][2 * r + 1] *= alpha;
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();  // V_j visible; every warp is done reading K_j
+        if (j + 1 < n_blocks) {
+            load_tile<D>(sK, LD, k, seq_start, seq_len, (j + 1) * BLOCK, kv_heads, kv_head);
+            cp_async_commit();
+        }
+        // O += P V_j, P packed to bf16 straight from the S accumulators.
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                             pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                uint32_t b[4];
+                load_b_t(b, sV + kk * 16 * LD + dp * 16, LD, lane);
+                mma16816(o[2 * dp], a, b[0], b[1]);
+                mma16816(o[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();  // K_{j+1} visible; every warp is done reading V_j
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        int row = m_block * BLOCK + warp * 16 + g + r * 8;
+        if (row >= seq_len) continue;
+        int tok = seq_start + row;
+        float inv = 1.f / sum;
+        bf16* dst = out + ((size_t)tok * heads + head) * D + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < DTILES; ++dt)
+            *reinterpret_cast<__nv_bfloat162*>(dst + dt * 8) =
+                __floats2bfloat162_rn(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+        if (t == 0) lse[(size_t)head * n_tokens + tok] = row_max[r] * LN2 + logf(sum);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward preprocess: delta[h, i] = sum_d dO[i, h, d] * O[i, h, d] in f32. One warp per row.
+template <int D>
+__device__ void flash_bwd_delta(const bf16* __restrict__ out, const bf16* __restrict__ dout,
+                                float* __restrict__ delta, int n_tokens, int heads) {
+    const int lane = threadIdx.x % 32;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // tok * heads + h
+    if (row >= (size_t)n_tokens * heads) return;
+    const bf16* o = out + row * D;
+    const bf16* d = dout + row * D;
+    float acc = 0.f;
+#pragma unroll
+    for (int c = lane * 2; c < D; c += 64) {
+        float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(o + c));
+        float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(d + c));
+        acc += of.x * df.x + of.y * df.y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off);
+    if (lane == 0) {
+        size_t tok = row / heads, h = row % heads;
+        delta[h * n_tokens + tok] = acc;
+    }
+}
+
+// Backward main pass. Grid (key blocks of the longest sample, kv_heads, batch). A CTA holds one
+// 64-key block of K and V and walks, for every query head of its GQA group, over the query blocks
+// at or after the diagonal; warp w owns keys 16w..16w+15 and accumulates their dK and dV in
+// registers. Per query block (all in transposed form, rows = keys):
+//   Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ·scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)·scale,
+//   dK += dSᵀ Q, then dSᵀ goes through shared memory so that warp w computes dQ rows 16w.. as
+//   dS K and adds them into the f32 dq_accum with atomics.
+// Dynamic shared memory: K, V, Q, dO tiles [64][D+8], dSᵀ [64][72] bf16, lse and delta [64] f32.
+template <int D>
+__device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                          const float* __restrict__ lse, const float* __restrict__ delta,
+                          float* __restrict__ dq_accum, bf16* __restrict__ dk,
+                          bf16* __restrict__ dv, const uint32_t* __restrict__ cu_seqlens,
+                          int n_tokens, int heads, int kv_heads, float scale) {
+    constexpr int LD = D + 8;
+    constexpr int LDS = BLOCK + 8;
+    constexpr int KSTEPS = D / 16;
+    constexpr int DTILES = D / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sK = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sV = sK + BLOCK * LD;
+    bf16* sQ = sV + BLOCK * LD;
+    bf16* sdO = sQ + BLOCK * LD;
+    bf16* sdS = sdO + BLOCK * LD;                            // [key][query]
+    float* sLse = reinterpret_cast<float*>(sdS + BLOCK * LDS);  // lse · log2(e)
+    float* sDelta = sLse + BLOCK;
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int batch = blockIdx.z, kv_head = blockIdx.y;
+    const int seq_start = cu_seqlens[batch];
+    const int seq_len = cu_seqlens[batch + 1] - seq_start;
+    const int n_block = gridDim.x - 1 - blockIdx.x;
+    if (n_block * BLOCK >= seq_len) return;
+    const int group = heads / kv_heads;
+    const int m_blocks = (seq_len + BLOCK - 1) / BLOCK;
+    const float scale_log2 = scale * LOG2E;
+
+    load_tile<D>(sK, LD, k, seq_start, seq_len, n_block * BLOCK, kv_heads, kv_head);
+    load_tile<D>(sV, LD, v, seq_start, seq_len, n_block * BLOCK, kv_heads, kv_head);
+    cp_async_commit();
+
+    float dk_acc[DTILES][4], dv_acc[DTILES][4];  // [16 keys, D] each
+#pragma unroll
+    for (int i = 0; i < DTILES; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
+
+    const bf16* sKw = sK + warp * 16 * LD;  // this warp's keys
+    const bf16* sVw = sV + warp * 16 * LD;
+
+    for (int member = 0; member < group; ++member) {
+        const int head = kv_head * group + member;
+        for (int m_block = n_block; m_block < m_blocks; ++m_block) {
+            load_tile<D>(sQ, LD, q, seq_start, seq_len, m_block * BLOCK, heads, head);
+            load_tile<D>(sdO, LD, dout, seq_start, seq_len, m_block * BLOCK, heads, head);
+            cp_async_commit();
+            if (threadIdx.x < BLOCK) {
+                int row = m_block * BLOCK + threadIdx.x;
+                bool valid = row < seq_len;
+                size_t idx = (size_t)head * n_tokens + seq_start + row;
+                // A row past the sample gets lse = +inf, hence P = 0 and no contribution.
+                sLse[threadIdx.x] = valid ? lse[idx] * LOG2E : INFINITY;
+                sDelta[threadIdx.x] = valid ? delta[idx] : 0.f;
+            }
+            cp_async_wait_all();
+            __syncthreads();
+
+            // Sᵀ = K Qᵀ: [16 keys, 64 queries]
+            float p[8][4];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) p[i][0] = p[i][1] = p[i][2] = p[i][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                uint32_t a[4];
+                load_a(a, sKw + ks * 16, LD, lane);
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t b[4];
+                    load_b(b, sQ + np * 16 * LD + ks * 16, LD, lane);
+                    mma16816(p[2 * np], a, b[0], b[1]);
+                    mma16816(p[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+            // Pᵀ = exp(Sᵀ·scale − lse), zero where the key comes after the query.
+            const bool diagonal = m_block == n_block;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int key = warp * 16 + g + (e / 2) * 8;
+                    int qcol = nt * 8 + 2 * t + (e % 2);
+                    float val = fast_exp2(p[nt][e] * scale_log2 - sLse[qcol]);
+                    p[nt][e] = (diagonal && key > qcol) ? 0.f : val;
+                }
+            // dV += Pᵀ dO: k runs over the 64 queries.
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                uint32_t a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
+                                 pack_bf16(p[2 * kk][2], p[2 * kk][3]),
+                                 pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                                 pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t b[4];
+                    load_b_t(b, sdO + kk * 16 * LD + dp * 16, LD, lane);
+                    mma16816(dv_acc[2 * dp], a, b[0], b[1]);
+                    mma16816(dv_acc[2 * dp + 1], a, b[2], b[3]);
+                }
+            }
+            // dPᵀ = V dOᵀ: [16 keys, 64 queries]
+            float ds[8][4];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                uint32_t a[4];
+                load_a(a, sVw + ks * 16, LD, lane);
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t b[4];
+                    load_b(b, sdO + np * 16 * LD + ks * 16, LD, lane);
+                    mma16816(ds[2 * np], a, b[0], b[1]);
+                    mma16816(ds[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+            // dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale, also stored to shared memory for dQ.
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qcol = nt * 8 + 2 * t + (e % 2);
+                    ds[nt][e] = p[nt][e] * (ds[nt][e] - sDelta[qcol]) * scale;
+                }
+                int key = warp * 16 + g;
+                *reinterpret_cast<uint32_t*>(sdS + key * LDS + nt * 8 + 2 * t) =
+                    pack_bf16(ds[nt][0], ds[nt][1]);
+                *reinterpret_cast<uint32_t*>(sdS + (key + 8) * LDS + nt * 8 + 2 * t) =
+                    pack_bf16(ds[nt][2], ds[nt][3]);
+            }
+            // dK += dSᵀ Q: k runs over the 64 queries.
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                uint32_t a[4] = {pack_bf16(ds[2 * kk][0], ds[2 * kk][1]),
+                                 pack_bf16(ds[2 * kk][2], ds[2 * kk][3]),
+                                 pack_bf16(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
+                                 pack_bf16(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t b[4];
+                    load_b_t(b, sQ + kk * 16 * LD + dp * 16, LD, lane);
+                    mma16816(dk_acc[2 * dp], a, b[0], b[1]);
+                    mma16816(dk_acc[2 * dp + 1], a, b[2], b[3]);
+                }
+            }
+            __syncthreads();  // dSᵀ complete
+            // dQ rows 16w..16w+15 = dS K over this block's 64 keys, in two halves of D to keep
+            // the register count down.
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float dq[DTILES / 2][4];
+#pragma unroll
+                for (int i = 0; i < DTILES / 2; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    uint32_t a[4];
+                    load_a_t(a, sdS + kk * 16 * LDS + warp * 16, LDS, lane);
+#pragma unroll
+                    for (int dp = 0; dp < D / 32; ++dp) {
+                        uint32_t b[4];
+                        load_b_t(b, sK + kk * 16 * LD + half * (D / 2) + dp * 16, LD, lane);
+                        mma16816(dq[2 * dp], a, b[0], b[1]);
+                        mma16816(dq[2 * dp + 1], a, b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    int row = m_block * BLOCK + warp * 16 + g + r * 8;
+                    if (row >= seq_len) continue;
+                    float* dst = dq_accum + ((size_t)(seq_start + row) * heads + head) * D +
+                                 half * (D / 2) + 2 * t;
+#pragma unroll
+                    for (int dt = 0; dt < DTILES / 2; ++dt) {
+                        atomicAdd(dst + dt * 8, dq[dt][2 * r]);
+                        atomicAdd(dst + dt * 8 + 1, dq[dt][2 * r + 1]);
+                    }
+                }
+            }
+            __syncthreads();  // every warp is done with Q, dO, dSᵀ, lse, delta of this block
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int row = n_block * BLOCK + warp * 16 + g + r * 8;
+        if (row >= seq_len) continue;
+        size_t base = ((size_t)(seq_start + row) * kv_heads + kv_head) * D + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < DTILES; ++dt) {
+            *reinterpret_cast<__nv_bfloat162*>(dk + base + dt * 8) =
+                __floats2bfloat162_rn(dk_acc[dt][2 * r], dk_acc[dt][2 * r + 1]);
+            *reinterpret_cast<__nv_bfloat162*>(dv + base + dt * 8) =
+                __floats2bfloat162_rn(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
+        }
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points (one per head dim).
+
+#define FLASH_ENTRY_POINTS(D)                                                                   \
+    extern "C" __global__ void __launch_bounds__(NUM_THREADS)                                   \
+        flash_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,      \
+                       const uint32_t* cu_seqlens, int n_tokens, int heads, int kv_heads,       \
+                       float scale) {                                                           \
+        flash_fwd<D>(q, k, v, out, lse, cu_seqlens, n_tokens, heads, kv_heads, scale);          \
+    }                                                                                           \
+    extern "C" __global__ void flash_bwd_delta_d##D(const bf16* out, const bf16* dout,          \
+                                                    float* delta, int n_tokens, int heads) {    \
+        flash_bwd_delta<D>(out, dout, delta, n_tokens, heads);                                  \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(NUM_THREADS)                                   \
+        flash_bwd_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,           \
+                       const float* lse, const float* delta, float* dq_accum, bf16* dk,         \
+                       bf16* dv, const uint32_t* cu_seqlens, int n_tokens, int heads,           \
+                       int kv_heads, float scale) {                                             \
+        flash_bwd<D>(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens, n_tokens, heads,  \
+                     kv_heads, scale);                                                          \
+    }
+
+FLASH_ENTRY_POINTS(64)
+FLASH_ENTRY_POINTS(128)

@@ -1,0 +1,497 @@
+//! Flash attention (forward and backward) on CUDA: causal, GQA, packed samples via `cu_seqlens`,
+//! bf16 in/out with f32 accumulation, head dims 64 and 128 (`cuda/flash_attn.cu`).
+//!
+//! Same contract as [`crate::model::layers::attention`]'s `attention_forward` /
+//! `attention_backward`, which call these first and fall back to their candle-ops code (the CPU
+//! reference) when they answer `None`: not on CUDA, not bf16, another head dim, kernels disabled.
+//! Memory is O(n): the forward keeps `out` and the natural-log row log-sum-exp `lse [heads, n]`
+//! (f32), the backward recomputes the probabilities from them, accumulates dQ in an f32 buffer
+//! `[n, heads, d]` with atomics and keeps dK/dV of a key block in registers over the GQA group.
+
+use super::{CheckOutcome, KernelCheck, Tolerance};
+use crate::model::layers::attention::{
+    attention_backward_ops, attention_forward_ops, check_cu_seqlens,
+};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Head dims the kernels are compiled for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Whether the kernels take these inputs: all on CUDA (kernels enabled) and [`kernel_shape`].
+fn supported(q: &Tensor, k: &Tensor, v: &Tensor, others: &[&Tensor]) -> bool {
+    super::on_cuda(q) && kernel_shape(q, k, v, others)
+}
+
+/// Shapes and dtypes the kernels are built for: all bf16 on one device, the same token count,
+/// `k` and `v` of one shape, whole GQA groups and a compiled head dim.
+fn kernel_shape(q: &Tensor, k: &Tensor, v: &Tensor, others: &[&Tensor]) -> bool {
+    let (Ok((n, heads, d)), Ok((nk, kv_heads, dk))) = (q.dims3(), k.dims3()) else {
+        return false;
+    };
+    [q, k, v]
+        .iter()
+        .chain(others)
+        .all(|t| t.dtype() == DType::BF16 && t.device().same_device(q.device()))
+        && v.dims() == k.dims()
+        && nk == n
+        && dk == d
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && HEAD_DIMS.contains(&d)
+}
+
+/// Varlen causal GQA attention forward. `q [n, heads, d]`, `k, v [n, kv_heads, d]` bf16 on CUDA.
+/// Returns `Some((out [n, heads, d] bf16, lse [heads, n] f32))`, or `None` where the kernel does
+/// not apply (see the module doc).
+pub fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[u32],
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !supported(q, k, v, &[]) {
+        return Ok(None);
+    }
+    check_cu_seqlens(cu_seqlens, q.dim(0)?)?;
+    #[cfg(feature = "cuda")]
+    {
+        launch::forward(q, k, v, cu_seqlens).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(None)
+    }
+}
+
+/// Backward of [`forward`] for upstream `dout [n, heads, d]`, given its `out` and `lse`.
+/// Returns `Some((dq, dk, dv))` in the shapes of `q, k, v` (bf16), or `None` where the kernel
+/// does not apply.
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    cu_seqlens: &[u32],
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !supported(q, k, v, &[out, dout])
+        || out.dims() != q.dims()
+        || dout.dims() != q.dims()
+        || lse.dims() != [q.dim(1)?, q.dim(0)?]
+    {
+        return Ok(None);
+    }
+    check_cu_seqlens(cu_seqlens, q.dim(0)?)?;
+    #[cfg(feature = "cuda")]
+    {
+        launch::backward(q, k, v, out, lse, dout, cu_seqlens).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(None)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod launch {
+    use super::super::cuda as kc;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaDevice, DType, Result, Tensor};
+    use half::bf16;
+
+    const MODULE: &str = "flash_attn";
+    const THREADS: u32 = 128;
+    /// Query and key rows per tile in the kernels.
+    const BLOCK: usize = 64;
+
+    fn err(e: anyhow::Error) -> candle_core::Error {
+        candle_core::Error::msg(format!("flash attention: {e:#}"))
+    }
+
+    /// A contiguous copy of `t` whose data starts 16-byte aligned (the kernels copy rows with
+    /// 16-byte `cp.async`); a tensor that already is stays as it is.
+    fn aligned(t: &Tensor) -> Result<Tensor> {
+        let t = t.contiguous()?;
+        let start = t.layout().start_offset() * t.dtype().size_in_bytes();
+        if start % 16 == 0 {
+            Ok(t)
+        } else {
+            t.copy()
+        }
+    }
+
+    /// Launch geometry shared by forward and backward: one CTA per 64-row block of the longest
+    /// sample, per head (`heads_in_grid`), per sample.
+    fn grid(cu_seqlens: &[u32], heads_in_grid: usize, shared_mem_bytes: u32) -> LaunchConfig {
+        let longest = cu_seqlens
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(1);
+        LaunchConfig {
+            grid_dim: (
+                longest.div_ceil(BLOCK) as u32,
+                heads_in_grid as u32,
+                (cu_seqlens.len() - 1) as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes,
+        }
+    }
+
+    fn i32_arg(x: usize, what: &str) -> Result<i32> {
+        i32::try_from(x).map_err(|_| {
+            candle_core::Error::msg(format!("flash attention: {what} {x} exceeds i32"))
+        })
+    }
+
+    pub(super) fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cu_seqlens: &[u32],
+    ) -> Result<(Tensor, Tensor)> {
+        let (n, heads, d) = q.dims3()?;
+        let kv_heads = k.dim(1)?;
+        let dev: CudaDevice = kc::device_of(q).map_err(err)?;
+        let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+        let (qi, ki, vi) = (
+            kc::CudaInput::new(&q).map_err(err)?,
+            kc::CudaInput::new(&k).map_err(err)?,
+            kc::CudaInput::new(&v).map_err(err)?,
+        );
+        let (qv, kv, vv) = (
+            qi.view::<bf16>().map_err(err)?,
+            ki.view::<bf16>().map_err(err)?,
+            vi.view::<bf16>().map_err(err)?,
+        );
+        let cu = dev.clone_htod(cu_seqlens)?;
+        let mut out = kc::alloc::<bf16>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
+        let mut lse = kc::alloc::<f32>(&dev, heads * n).map_err(err)?; // [heads, n]
+        let func = kc::func(&dev, MODULE, &format!("flash_fwd_d{d}")).map_err(err)?;
+        let stream = kc::stream(&dev);
+        let (n_i, heads_i, kv_i) = (
+            i32_arg(n, "tokens")?,
+            i32_arg(heads, "heads")?,
+            i32_arg(kv_heads, "kv heads")?,
+        );
+        let scale = 1.0f32 / (d as f32).sqrt();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&mut out)
+            .arg(&mut lse)
+            .arg(&cu);
+        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&scale);
+        // SAFETY: argument list matches flash_fwd_d{64,128}; the kernel writes every element of
+        // `out` and `lse` (each token belongs to one sample and each row block to one CTA).
+        unsafe { b.launch(grid(cu_seqlens, heads, 0)) }.map_err(|e| err(e.into()))?;
+        drop((qv, kv, vv));
+        Ok((
+            kc::wrap(out, &dev, (n, heads, d)),
+            kc::wrap(lse, &dev, (heads, n)),
+        ))
+    }
+
+    pub(super) fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+        cu_seqlens: &[u32],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, heads, d) = q.dims3()?;
+        let kv_heads = k.dim(1)?;
+        let dev: CudaDevice = kc::device_of(q).map_err(err)?;
+        let (q, k, v, out, dout) = (
+            aligned(q)?,
+            aligned(k)?,
+            aligned(v)?,
+            aligned(out)?,
+            aligned(dout)?,
+        );
+        let lse = lse.to_dtype(DType::F32)?.contiguous()?;
+        let inputs = [&q, &k, &v, &out, &dout].map(|t| kc::CudaInput::new(t).map_err(err));
+        let [qi, ki, vi, oi, doi] = inputs;
+        let (qi, ki, vi, oi, doi) = (qi?, ki?, vi?, oi?, doi?);
+        let lsei = kc::CudaInput::new(&lse).map_err(err)?;
+        let qv = qi.view::<bf16>().map_err(err)?;
+        let kv = ki.view::<bf16>().map_err(err)?;
+        let vv = vi.view::<bf16>().map_err(err)?;
+        let ov = oi.view::<bf16>().map_err(err)?;
+        let dov = doi.view::<bf16>().map_err(err)?;
+        let lsev = lsei.view::<f32>().map_err(err)?;
+        let cu = dev.clone_htod(cu_seqlens)?;
+        let (n_i, heads_i, kv_i) = (
+            i32_arg(n, "tokens")?,
+            i32_arg(heads, "heads")?,
+            i32_arg(kv_heads, "kv heads")?,
+        );
+        let scale = 1.0f32 / (d as f32).sqrt();
+        let stream = kc::stream(&dev);
+
+        // delta = rowsum(dO ∘ O): [heads, n] f32, one warp per (token, head).
+        let mut delta = kc::alloc::<f32>(&dev, heads * n).map_err(err)?;
+        let func = kc::func(&dev, MODULE, &format!("flash_bwd_delta_d{d}")).map_err(err)?;
+        let warps_per_block = THREADS as usize / 32;
+        let cfg = LaunchConfig {
+            grid_dim: ((n * heads).div_ceil(warps_per_block) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&func);
+        b.arg(&ov).arg(&dov).arg(&mut delta).arg(&n_i).arg(&heads_i);
+        // SAFETY: matches flash_bwd_delta_d{d}; rows past n * heads return early.
+        unsafe { b.launch(cfg) }.map_err(|e| err(e.into()))?;
+
+        let mut dq_accum = kc::alloc_zeros::<f32>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
+        let mut dk = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
+        let mut dv = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
+        let func = kc::func(&dev, MODULE, &format!("flash_bwd_d{d}")).map_err(err)?;
+        // K, V, Q, dO tiles [64][d+8] bf16, dSᵀ [64][72] bf16, lse and delta [64] f32.
+        let smem = 4 * BLOCK * (d + 8) * 2 + BLOCK * (BLOCK + 8) * 2 + 2 * BLOCK * 4;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| err(e.into()))?;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&dov)
+            .arg(&lsev)
+            .arg(&delta);
+        b.arg(&mut dq_accum).arg(&mut dk).arg(&mut dv).arg(&cu);
+        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&scale);
+        // SAFETY: matches flash_bwd_d{d}; every key row is owned by one CTA, which writes its dK
+        // and dV; dq_accum is zeroed and only accumulated into.
+        unsafe { b.launch(grid(cu_seqlens, kv_heads, smem as u32)) }.map_err(|e| err(e.into()))?;
+        drop((qv, kv, vv, ov, dov, lsev));
+
+        let dq = kc::wrap(dq_accum, &dev, (n, heads, d)).to_dtype(DType::BF16)?;
+        Ok((
+            dq,
+            kc::wrap(dk, &dev, (n, kv_heads, d)),
+            kc::wrap(dv, &dev, (n, kv_heads, d)),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self checks (ftrun kernel-check)
+
+/// Inputs of one check: bf16 `q, k, v, dout` on `device` from a fixed seed, packed samples.
+struct Case {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    cu_seqlens: Vec<u32>,
+}
+
+impl Case {
+    fn new(
+        device: &Device,
+        cu_seqlens: &[u32],
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+    ) -> anyhow::Result<Case> {
+        let n = *cu_seqlens.last().unwrap_or(&0) as usize;
+        // q and k of scale 2 give peaked softmax rows (score std ≈ 1.3 after the 1/√d scale).
+        let rt = |shape: &[usize], scale: f32, seed: u64| {
+            super::random_tensor(shape, scale, seed, DType::BF16, device)
+        };
+        Ok(Case {
+            q: rt(&[n, heads, d], 2.0, 11)?,
+            k: rt(&[n, kv_heads, d], 2.0, 12)?,
+            v: rt(&[n, kv_heads, d], 1.0, 13)?,
+            dout: rt(&[n, heads, d], 1.0, 14)?,
+            cu_seqlens: cu_seqlens.to_vec(),
+        })
+    }
+
+    fn to_cpu_f32(&self) -> anyhow::Result<Case> {
+        let f = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        Ok(Case {
+            q: f(&self.q)?,
+            k: f(&self.k)?,
+            v: f(&self.v)?,
+            dout: f(&self.dout)?,
+            cu_seqlens: self.cu_seqlens.clone(),
+        })
+    }
+
+    fn what(&self) -> String {
+        let lens: Vec<u32> = self.cu_seqlens.windows(2).map(|w| w[1] - w[0]).collect();
+        format!(
+            "samples {lens:?}, heads {}, kv {}, d {}, bf16",
+            self.q.dim(1).unwrap_or(0),
+            self.k.dim(1).unwrap_or(0),
+            self.q.dim(2).unwrap_or(0)
+        )
+    }
+}
+
+/// Compares each output with its reference after dividing both by the reference's largest
+/// magnitude, so that one tolerance fits outputs of very different scales (dq vs lse).
+fn compare_scaled(
+    got: &[Tensor],
+    want: &[Tensor],
+    tol: Tolerance,
+) -> anyhow::Result<(f64, f64, bool)> {
+    let (mut max_abs, mut max_rel, mut pass) = (0.0f64, 0.0f64, true);
+    for (g, w) in got.iter().zip(want) {
+        let w = w.to_dtype(DType::F32)?;
+        let peak = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30) as f64;
+        let g = (g.to_device(&Device::Cpu)?.to_dtype(DType::F32)? / peak)?;
+        let c = super::compare(&g, &(w / peak)?, tol)?;
+        let (a, r, p) = (c.max_abs, c.max_rel, c.pass);
+        max_abs = if a.is_nan() { a } else { max_abs.max(a) };
+        max_rel = max_rel.max(r);
+        pass &= p;
+    }
+    Ok((max_abs, max_rel, pass))
+}
+
+/// Errors are relative to each output's largest reference magnitude: bf16 inputs and outputs,
+/// bf16 P and dS in the tensor-core matmuls.
+const TOL: Tolerance = Tolerance {
+    atol: 1e-2,
+    rtol: 2e-2,
+};
+
+fn check(device: &Device, d: usize, with_backward: bool) -> anyhow::Result<CheckOutcome> {
+    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads); a small
+    // instance on the CPU, where the "fused" path is the candle-ops code itself.
+    let (cu, heads, kv_heads): (&[u32], usize, usize) = if device.is_cuda() {
+        (&[0, 1000, 1637, 2048], 16, 8)
+    } else {
+        (&[0, 37, 100, 130], 4, 2)
+    };
+    let case = Case::new(device, cu, heads, kv_heads, d)?;
+    let cpu = case.to_cpu_f32()?;
+    let cu = &case.cu_seqlens;
+    let fused = || -> anyhow::Result<Vec<Tensor>> {
+        let (q, k, v) = (&case.q, &case.k, &case.v);
+        let (out, lse) = crate::model::layers::attention::attention_forward(q, k, v, cu)?;
+        if !with_backward {
+            return Ok(vec![out, lse]);
+        }
+        let (dq, dk, dv) = crate::model::layers::attention::attention_backward(
+            q, k, v, &out, &lse, &case.dout, cu,
+        )?;
+        Ok(vec![out, lse, dq, dk, dv])
+    };
+    let ops = |c: &Case| -> anyhow::Result<Vec<Tensor>> {
+        let (out, lse) = attention_forward_ops(&c.q, &c.k, &c.v, &c.cu_seqlens)?;
+        if !with_backward {
+            return Ok(vec![out, lse]);
+        }
+        let (dq, dk, dv) =
+            attention_backward_ops(&c.q, &c.k, &c.v, &out, &lse, &c.dout, &c.cu_seqlens)?;
+        Ok(vec![out, lse, dq, dk, dv])
+    };
+    let got = fused()?;
+    let want = ops(&cpu)?;
+    let (max_abs, max_rel, pass) = compare_scaled(&got, &want, TOL)?;
+    let iters = if device.is_cuda() { 20 } else { 1 };
+    let kernel_us = super::time_us(device, iters, || fused().map(drop))?;
+    let candle_us = super::time_us(device, iters, || ops(&case).map(drop))?;
+    Ok(CheckOutcome {
+        max_abs,
+        max_rel,
+        tol: TOL,
+        pass,
+        kernel_us,
+        candle_us,
+        what: format!(
+            "{}{} (errors / max |ref|)",
+            case.what(),
+            if with_backward { ", fwd+bwd" } else { ", fwd" }
+        ),
+        worst: None,
+    })
+}
+
+/// Forward alone and forward + backward, head dims 128 and 64.
+pub fn self_checks() -> Vec<KernelCheck> {
+    vec![
+        KernelCheck::new("flash_attn_fwd_d128", |dev| check(dev, 128, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| check(dev, 128, true)),
+        KernelCheck::new("flash_attn_fwd_d64", |dev| check(dev, 64, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| check(dev, 64, true)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16(shape: &[usize], seed: u64) -> Tensor {
+        super::super::random_tensor(shape, 1.0, seed, DType::BF16, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn cpu_tensors_fall_back_to_the_reference() {
+        let (q, k, v) = (
+            bf16(&[6, 4, 64], 1),
+            bf16(&[6, 2, 64], 2),
+            bf16(&[6, 2, 64], 3),
+        );
+        assert!(forward(&q, &k, &v, &[0, 2, 6]).unwrap().is_none());
+        let (out, lse) = attention_forward_ops(&q, &k, &v, &[0, 2, 6]).unwrap();
+        assert!(backward(&q, &k, &v, &out, &lse, &q, &[0, 2, 6])
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn kernel_shapes_and_dtypes() {
+        let (q, k, v) = (
+            bf16(&[6, 4, 64], 1),
+            bf16(&[6, 2, 64], 2),
+            bf16(&[6, 2, 64], 3),
+        );
+        let none: [&Tensor; 0] = [];
+        assert!(kernel_shape(&q, &k, &v, &none));
+        assert!(kernel_shape(
+            &bf16(&[6, 4, 128], 1),
+            &bf16(&[6, 4, 128], 2),
+            &bf16(&[6, 4, 128], 3),
+            &none
+        ));
+        // Head dim 96 is not compiled; 3 query heads over 2 KV heads is no whole group; f32 is
+        // not bf16 (also as dout); k and v disagree; q has another token count.
+        let (q96, k96) = (bf16(&[6, 4, 96], 1), bf16(&[6, 2, 96], 2));
+        assert!(!kernel_shape(&q96, &k96, &k96, &none));
+        assert!(!kernel_shape(&bf16(&[6, 3, 64], 1), &k, &v, &none));
+        let qf = q.to_dtype(DType::F32).unwrap();
+        assert!(!kernel_shape(&qf, &k, &v, &none));
+        assert!(!kernel_shape(&q, &k, &v, &[&qf]));
+        assert!(!kernel_shape(&q, &k, &bf16(&[6, 1, 64], 3), &none));
+        assert!(!kernel_shape(&bf16(&[5, 4, 64], 1), &k, &v, &none));
+        // Never on the CPU, even for a shape the kernels take.
+        assert!(!supported(&q, &k, &v, &none));
+    }
+
+    #[test]
+    fn self_checks_run_on_the_cpu_reference() {
+        for c in self_checks() {
+            let out = (c.run)(&Device::Cpu).unwrap();
+            // bf16 candle-ops against the f32 reference: the tolerance covers bf16 rounding.
+            assert!(out.pass, "{}: {:?}", c.name, out);
+            assert!(
+                out.max_abs > 0.0,
+                "{}: bf16 and f32 paths cannot agree exactly",
+                c.name
+            );
+        }
+    }
+}
