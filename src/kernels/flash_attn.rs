@@ -189,7 +189,6 @@ mod launch {
         // SAFETY: argument list matches flash_fwd_d{64,128}; the kernel writes every element of
         // `out` and `lse` (each token belongs to one sample and each row block to one CTA).
         unsafe { b.launch(grid(cu_seqlens, heads, 0)) }.map_err(|e| err(e.into()))?;
-        drop((qv, kv, vv));
         Ok((
             kc::wrap(out, &dev, (n, heads, d)),
             kc::wrap(lse, &dev, (heads, n)),
@@ -272,7 +271,6 @@ mod launch {
         // SAFETY: matches flash_bwd_d{d}; every key row is owned by one CTA, which writes its dK
         // and dV; dq_accum is zeroed and only accumulated into.
         unsafe { b.launch(grid(cu_seqlens, kv_heads, smem as u32)) }.map_err(|e| err(e.into()))?;
-        drop((qv, kv, vv, ov, dov, lsev));
 
         let dq = kc::wrap(dq_accum, &dev, (n, heads, d)).to_dtype(DType::BF16)?;
         Ok((
