@@ -11,7 +11,9 @@ use candle_core::{DType, Device};
 /// The weight `[out, in]` in `dtype` (bf16 or f32) from the CUDA kernel; `None` when `w` is not on
 /// a CUDA device (or the dtype/kernels are not available): the caller runs the candle-ops path.
 pub fn dequantize(w: &Nf4Weight, dtype: DType) -> Result<Option<Tensor>> {
-    if !super::on_cuda(&w.packed) || !super::float_kernel_dtype(dtype) {
+    // The kernel indexes with 32 bits and decodes both nibbles of a byte with one block scale.
+    let kernel_layout = w.numel() < (1 << 31) && w.blocksize % 2 == 0;
+    if !super::on_cuda(&w.packed) || !super::float_kernel_dtype(dtype) || !kernel_layout {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
@@ -116,7 +118,9 @@ mod imp {
             _ => None,
         };
         let table = Nf4Table(NF4_CODE);
-        let (n_bytes_u, numel_u, blocksize) = (n_bytes as u64, numel as u64, w.blocksize as u32);
+        // Bytes past ceil(numel / 2) (if any) hold no values.
+        let (n_bytes_u, numel_u, blocksize) =
+            (numel.div_ceil(2) as u32, numel as u32, w.blocksize as u32);
         // A null pointer for the scale arrays the chosen quantization does not use.
         let null: u64 = 0;
         let f = func(&dev, "nf4", kernel)?;
@@ -134,7 +138,7 @@ mod imp {
         b.arg(&table).arg(&numel_u).arg(&blocksize).arg(&mut out);
         // SAFETY: argument order and types match `nf4_dequant_*` in nf4.cu; the kernel reads
         // packed bytes < n_bytes and block scales < blocks (checked above) and writes out[< numel].
-        unsafe { b.launch(grid_1d(n_bytes, 256)) }?;
+        unsafe { b.launch(grid_1d(numel.div_ceil(2), 256)) }?;
         drop(b);
         Ok(wrap(out, &dev, w.shape))
     }
