@@ -84,6 +84,52 @@ pub fn adamw_update_fused(
     }
 }
 
+/// [`adamw_update_fused`] writing the new values over `param`, `exp_avg` and `exp_avg_sq` in
+/// their own device buffers (each thread reads element i of every input before it writes element
+/// i of the outputs, so aliasing them is safe): an optimizer step then allocates nothing, where
+/// the out-of-place update needs three more parameter-sized buffers at once. Returns false (and
+/// changes nothing) off CUDA or for other dtypes. Callers must not hold other tensors sharing
+/// these buffers and expect the old values.
+pub fn adamw_update_in_place(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    decay_mask: Option<&Tensor>,
+    h: &AdamWStep,
+) -> Result<bool> {
+    let ok = [
+        Some(param),
+        Some(grad),
+        Some(exp_avg),
+        Some(exp_avg_sq),
+        decay_mask,
+    ]
+    .into_iter()
+    .flatten()
+    .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
+    if !super::on_cuda(param) || !ok || !super::enabled() {
+        return Ok(false);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        imp::adamw_in_place(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            decay_mask,
+            &AdamWArgs::new(h),
+        )?;
+        Ok(true)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (grad, exp_avg, exp_avg_sq, h);
+        Ok(false)
+    }
+}
+
 /// Σ g² of an `[n]` f32 tensor in one kernel (f64 accumulation); `None` off CUDA.
 pub fn sum_squares_fused(grad: &Tensor) -> Result<Option<f64>> {
     if !super::on_cuda(grad) || grad.dtype() != DType::F32 {
@@ -187,6 +233,56 @@ mod imp {
             wrap(m_out, &dev, shape.clone()),
             wrap(v_out, &dev, shape),
         ))
+    }
+
+    pub fn adamw_in_place(
+        param: &Tensor,
+        grad: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        decay_mask: Option<&Tensor>,
+        args: &AdamWArgs,
+    ) -> Result<()> {
+        let n = param.elem_count();
+        for t in [Some(grad), Some(exp_avg), Some(exp_avg_sq), decay_mask]
+            .into_iter()
+            .flatten()
+        {
+            if t.elem_count() != n {
+                bail!("AdamW kernel: {} values for {n} parameters", t.elem_count());
+            }
+        }
+        let dev = device_of(param)?;
+        let (p_in, g_in, m_in, v_in) = (
+            CudaInput::new(param)?,
+            CudaInput::new(grad)?,
+            CudaInput::new(exp_avg)?,
+            CudaInput::new(exp_avg_sq)?,
+        );
+        let mask_in = decay_mask.map(CudaInput::new).transpose()?;
+        let (pv, gv, mv, vv) = (
+            p_in.view::<f32>()?,
+            g_in.view::<f32>()?,
+            m_in.view::<f32>()?,
+            v_in.view::<f32>()?,
+        );
+        let mask_v = mask_in.as_ref().map(|i| i.view::<f32>()).transpose()?;
+        let null: u64 = 0;
+        let n_u = n as u64;
+        let f = func(&dev, "adamw", "adamw_f32")?;
+        let stream = stream(&dev);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&pv).arg(&gv).arg(&mv).arg(&vv);
+        match &mask_v {
+            Some(mv) => b.arg(mv),
+            None => b.arg(&null),
+        };
+        // Outputs: the inputs' own buffers.
+        b.arg(&n_u).arg(args).arg(&pv).arg(&mv).arg(&vv);
+        // SAFETY: arguments match `adamw_f32`; every buffer holds n f32 (checked above); each
+        // element is read and then written by the same thread only.
+        unsafe { b.launch(grid_1d(n, 256)) }?;
+        Ok(())
     }
 
     pub fn sum_squares(grad: &Tensor) -> Result<f64> {

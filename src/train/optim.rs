@@ -163,7 +163,7 @@ impl AdamW {
         if cfg.weight_decay.is_nan() || cfg.weight_decay < 0.0 {
             bail!("optim.weight_decay: must be >= 0, got {}", cfg.weight_decay);
         }
-        let zeros = params.master.zeros_like()?;
+        // Two buffers: the CUDA step updates each moment in place, so they must not share one.
         let decay_mask = if cfg.weight_decay > 0.0 {
             Some(params.decay_mask()?)
         } else {
@@ -175,8 +175,8 @@ impl AdamW {
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
             step: 0,
-            exp_avg: zeros.clone(),
-            exp_avg_sq: zeros,
+            exp_avg: params.master.zeros_like()?,
+            exp_avg_sq: params.master.zeros_like()?,
             decay_mask,
         })
     }
@@ -197,20 +197,33 @@ impl AdamW {
             );
         }
         self.step += 1;
+        let h = AdamWStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: self.step,
+        };
+        // On CUDA the fused kernel updates the master and moments in place (same arithmetic as
+        // `adamw_update`), so a step allocates no parameter-sized buffers.
+        if crate::kernels::adamw::adamw_update_in_place(
+            &params.master,
+            grad,
+            &self.exp_avg,
+            &self.exp_avg_sq,
+            self.decay_mask.as_ref(),
+            &h,
+        )? {
+            return Ok(());
+        }
         let (p, m, v) = adamw_update(
             &params.master,
             grad,
             &self.exp_avg,
             &self.exp_avg_sq,
             self.decay_mask.as_ref(),
-            &AdamWStep {
-                lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: self.weight_decay,
-                step: self.step,
-            },
+            &h,
         )?;
         params.master = p;
         self.exp_avg = m;
