@@ -148,9 +148,7 @@ pub fn sum_squares_fused(grad: &Tensor) -> Result<Option<f64>> {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::AdamWArgs;
-    use crate::kernels::cuda::{
-        alloc, alloc_zeros, device_of, func, grid_1d, stream, wrap, CudaInput,
-    };
+    use crate::kernels::cuda::{alloc_zeros, device_of, func, grid_1d, stream, wrap, CudaInput};
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::Tensor;
@@ -158,6 +156,7 @@ mod imp {
     // SAFETY: #[repr(C)] plain-old-data, field for field the kernel's `struct AdamWArgs`.
     unsafe impl DeviceRepr for AdamWArgs {}
 
+    /// Out of place: the update runs in place on fresh copies of the param and moments.
     pub fn adamw(
         param: &Tensor,
         grad: &Tensor,
@@ -166,73 +165,9 @@ mod imp {
         decay_mask: Option<&Tensor>,
         args: &AdamWArgs,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let n = param.elem_count();
-        for (name, t) in [
-            ("grad", Some(grad)),
-            ("exp_avg", Some(exp_avg)),
-            ("exp_avg_sq", Some(exp_avg_sq)),
-            ("decay_mask", decay_mask),
-        ] {
-            if let Some(t) = t {
-                if t.elem_count() != n {
-                    bail!(
-                        "AdamW kernel: {name} has {} values, the parameters {n}",
-                        t.elem_count()
-                    );
-                }
-            }
-        }
-        let dev = device_of(param)?;
-        let (p, g, m, v) = (
-            param.contiguous()?,
-            grad.contiguous()?,
-            exp_avg.contiguous()?,
-            exp_avg_sq.contiguous()?,
-        );
-        let mask = decay_mask.map(|t| t.contiguous()).transpose()?;
-        let (p_in, g_in, m_in, v_in) = (
-            CudaInput::new(&p)?,
-            CudaInput::new(&g)?,
-            CudaInput::new(&m)?,
-            CudaInput::new(&v)?,
-        );
-        let mask_in = mask.as_ref().map(CudaInput::new).transpose()?;
-        let (pv, gv, mv, vv) = (
-            p_in.view::<f32>()?,
-            g_in.view::<f32>()?,
-            m_in.view::<f32>()?,
-            v_in.view::<f32>()?,
-        );
-        let mask_v = mask_in.as_ref().map(|i| i.view::<f32>()).transpose()?;
-        let null: u64 = 0;
-        let n_u = n as u64;
-        let f = func(&dev, "adamw", "adamw_f32")?;
-        let (mut p_out, mut m_out, mut v_out) = (
-            alloc::<f32>(&dev, n)?,
-            alloc::<f32>(&dev, n)?,
-            alloc::<f32>(&dev, n)?,
-        );
-        let stream = stream(&dev);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&pv).arg(&gv).arg(&mv).arg(&vv);
-        match &mask_v {
-            Some(mv) => b.arg(mv),
-            None => b.arg(&null),
-        };
-        b.arg(&n_u)
-            .arg(args)
-            .arg(&mut p_out)
-            .arg(&mut m_out)
-            .arg(&mut v_out);
-        // SAFETY: arguments match `adamw_f32`; every buffer holds n f32 (checked above).
-        unsafe { b.launch(grid_1d(n, 256)) }?;
-        drop(b);
-        let shape = param.shape().clone();
-        Ok((
-            wrap(p_out, &dev, shape.clone()),
-            wrap(m_out, &dev, shape.clone()),
-            wrap(v_out, &dev, shape),
-        ))
+        let (p, m, v) = (param.copy()?, exp_avg.copy()?, exp_avg_sq.copy()?);
+        adamw_in_place(&p, &grad.contiguous()?, &m, &v, decay_mask, args)?;
+        Ok((p, m, v))
     }
 
     pub fn adamw_in_place(
