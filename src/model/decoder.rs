@@ -605,6 +605,17 @@ impl Decoder {
         }
     }
 
+    fn check_grads(&self, grads: &Grads) -> Result<()> {
+        if grads.slots.len() != self.trainable.len() {
+            bail!(
+                "grads has {} slots for {} trainables (use Decoder::new_grads)",
+                grads.slots.len(),
+                self.trainable.len()
+            );
+        }
+        Ok(())
+    }
+
     fn grad_dtype(&self) -> DType {
         acc_dtype(self.dtype)
     }
@@ -1010,13 +1021,7 @@ impl Decoder {
         step_seed: u64,
         checkpointing: bool,
     ) -> Result<StepStats> {
-        if grads.slots.len() != self.trainable.len() {
-            bail!(
-                "grads has {} slots for {} trainables (use Decoder::new_grads)",
-                grads.slots.len(),
-                self.trainable.len()
-            );
-        }
+        self.check_grads(grads)?;
         if self.trainable.is_empty() {
             return self.loss(batch);
         }
@@ -1059,13 +1064,7 @@ impl Decoder {
         step_seed: u64,
         checkpointing: bool,
     ) -> Result<(StepStats, Tensor)> {
-        if grads.slots.len() != self.trainable.len() {
-            bail!(
-                "grads has {} slots for {} trainables (use Decoder::new_grads)",
-                grads.slots.len(),
-                self.trainable.len()
-            );
-        }
+        self.check_grads(grads)?;
         let ctx = self.batch_ctx(batch)?;
         let (n, h) = (batch.input_ids.len(), self.cfg.hidden_size);
         if x0.dims() != [n, h] {

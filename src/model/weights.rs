@@ -89,8 +89,16 @@ impl WeightSource for HashMap<String, Tensor> {
 /// never the whole bf16 model.
 pub struct LazyCheckpoint {
     files: Vec<(PathBuf, memmap2::Mmap)>,
-    /// tensor name -> index into `files`.
-    index: HashMap<String, usize>,
+    /// tensor name -> where it lies, read once from the headers at open.
+    index: HashMap<String, LazyTensor>,
+}
+
+/// One tensor of a [`LazyCheckpoint`]: its file, dtype, shape and byte range in the map.
+struct LazyTensor {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: std::ops::Range<usize>,
 }
 
 impl LazyCheckpoint {
@@ -107,13 +115,29 @@ impl LazyCheckpoint {
                 None => st.names().into_iter().map(String::from).collect(),
             };
             for name in names {
-                if st.tensor(&name).is_err() {
-                    bail!(
-                        "{}: tensor `{name}` listed in {INDEX_FILE} is not in this shard",
+                let view = st.tensor(&name).map_err(|e| {
+                    anyhow!(
+                        "{}: tensor `{name}` listed in {INDEX_FILE} is not in this shard ({e})",
                         file.display()
-                    );
-                }
-                if index.insert(name.clone(), files.len()).is_some() {
+                    )
+                })?;
+                let dtype = float_dtype(view.dtype()).ok_or_else(|| {
+                    anyhow!(
+                        "{}: tensor `{name}` has dtype {:?}; only bf16, fp16 and fp32 weights \
+                         can be loaded",
+                        file.display(),
+                        view.dtype()
+                    )
+                })?;
+                // The data is a slice of the map: keep its range, not the parsed header.
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let entry = LazyTensor {
+                    file: files.len(),
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    bytes: start..start + view.data().len(),
+                };
+                if index.insert(name.clone(), entry).is_some() {
                     bail!(
                         "{}: tensor `{name}` appears in more than one weight file",
                         file.display()
@@ -125,36 +149,17 @@ impl LazyCheckpoint {
         }
         Ok(LazyCheckpoint { files, index })
     }
-
-    /// Names not taken yet, sorted.
-    pub fn remaining(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.index.keys().cloned().collect();
-        names.sort();
-        names
-    }
 }
 
 impl WeightSource for LazyCheckpoint {
     fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
-        let Some(i) = self.index.remove(name) else {
+        let Some(t) = self.index.remove(name) else {
             return Ok(None);
         };
-        let (file, mmap) = &self.files[i];
-        let st = SafeTensors::deserialize(mmap)
-            .map_err(|e| anyhow!("{}: corrupt safetensors file: {e}", file.display()))?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", file.display()))?;
-        let dtype = float_dtype(view.dtype()).ok_or_else(|| {
-            anyhow!(
-                "{}: tensor `{name}` has dtype {:?}; only bf16, fp16 and fp32 weights can be loaded",
-                file.display(),
-                view.dtype()
-            )
-        })?;
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+        let (file, mmap) = &self.files[t.file];
+        let tensor = Tensor::from_raw_buffer(&mmap[t.bytes], t.dtype, &t.shape, &Device::Cpu)
             .with_context(|| format!("{}: loading tensor `{name}`", file.display()))?;
-        Ok(Some(t))
+        Ok(Some(tensor))
     }
 }
 

@@ -108,23 +108,12 @@ pub fn device_memory_mib(device: &candle_core::Device) -> f64 {
 /// [`device_memory_mib`] sampled after a step reports its true peak. No-op on CPU.
 pub fn keep_memory_pool(device: &candle_core::Device) -> anyhow::Result<()> {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let ordinal = dev.cuda_stream().context().ordinal() as i32;
-        // SAFETY: plain driver calls on the device's default pool; `threshold` outlives the call.
-        unsafe {
-            let mut cu_dev = 0;
-            sys::cuDeviceGet(&mut cu_dev, ordinal).result()?;
-            let mut pool = std::ptr::null_mut();
-            sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev).result()?;
-            let mut threshold: u64 = u64::MAX;
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            )
-            .result()?;
-        }
+    if let Some(pool) = cuda_pool::default_pool(device)? {
+        cuda_pool::set(
+            pool,
+            cuda_pool::Attr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        )?;
     }
     let _ = device;
     Ok(())
@@ -134,27 +123,55 @@ pub fn keep_memory_pool(device: &candle_core::Device) -> anyhow::Result<()> {
 /// (MiB), without the pool's fragmentation or the CUDA context; resets the mark. None on CPU.
 pub fn pool_used_high_mib(device: &candle_core::Device) -> anyhow::Result<Option<f64>> {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
+    if let Some(pool) = cuda_pool::default_pool(device)? {
+        let attr = cuda_pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        let bytes = cuda_pool::get(pool, attr)?;
+        cuda_pool::set(pool, attr, 0)?;
+        return Ok(Some(bytes as f64 / (1u64 << 20) as f64));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+/// The device's default stream-ordered memory pool and its u64 attributes (driver calls).
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    pub use sys::CUmemPool_attribute as Attr;
+
+    pub fn default_pool(device: &candle_core::Device) -> anyhow::Result<Option<sys::CUmemoryPool>> {
+        let candle_core::Device::Cuda(dev) = device else {
+            return Ok(None);
+        };
         let ordinal = dev.cuda_stream().context().ordinal() as i32;
-        // SAFETY: plain driver calls on the device's default pool; `value` outlives each call.
+        // SAFETY: plain driver queries; the out-pointers outlive the calls.
         unsafe {
             let mut cu_dev = 0;
             sys::cuDeviceGet(&mut cu_dev, ordinal).result()?;
             let mut pool = std::ptr::null_mut();
             sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev).result()?;
-            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            let mut value: u64 = 0;
-            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
-                .result()?;
-            let mut zero: u64 = 0;
-            sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut std::ffi::c_void)
-                .result()?;
-            return Ok(Some(value as f64 / (1u64 << 20) as f64));
+            Ok(Some(pool))
         }
     }
-    let _ = device;
-    Ok(None)
+
+    pub fn get(pool: sys::CUmemoryPool, attr: Attr) -> anyhow::Result<u64> {
+        let mut value: u64 = 0;
+        // SAFETY: the u64 attributes of a valid pool; `value` outlives the call.
+        unsafe {
+            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
+                .result()?;
+        }
+        Ok(value)
+    }
+
+    pub fn set(pool: sys::CUmemoryPool, attr: Attr, mut value: u64) -> anyhow::Result<()> {
+        // SAFETY: as `get`.
+        unsafe {
+            sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
+                .result()?;
+        }
+        Ok(())
+    }
 }
 
 /// Draw loss (top) and learning rate (bottom) against the step into a PNG.
