@@ -681,6 +681,13 @@ impl Decoder {
             .collect()
     }
 
+    /// Frees the LoRA init kept for [`Decoder::initial_trainable_values`] (f32, as large as the
+    /// optimizer's master copy) once the optimizer holds its own copy; afterwards that method
+    /// returns the current values.
+    pub fn release_initial_values(&mut self) {
+        self.lora_init = Vec::new();
+    }
+
     /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step.
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
         if values.len() != self.trainable.len() {

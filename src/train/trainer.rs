@@ -254,6 +254,7 @@ pub fn run_parallel(
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
     let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
     let params = FlatParams::from_values(&model.initial_trainable_values()?, &decay)?;
+    model.release_initial_values();
     let numel = params.numel();
     let mut opt = ZeroOptimizer::new(
         &cfg.optim,
