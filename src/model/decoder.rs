@@ -376,7 +376,9 @@ impl BatchCtx<'_> {
     /// (the identity without sequence parallelism).
     fn scatter_heads<const N: usize>(&self, xs: [Tensor; N]) -> Result<[Tensor; N]> {
         match self.sp {
-            Some(sp) => ulysses::scatter_heads(sp, xs.each_ref()),
+            Some(sp) => scope(self.ids.device(), "ulysses_scatter", || {
+                ulysses::scatter_heads(sp, xs.each_ref())
+            }),
             None => Ok(xs),
         }
     }
@@ -384,7 +386,9 @@ impl BatchCtx<'_> {
     /// After attention: the inverse of [`BatchCtx::scatter_heads`].
     fn gather_heads<const N: usize>(&self, xs: [Tensor; N]) -> Result<[Tensor; N]> {
         match self.sp {
-            Some(sp) => ulysses::gather_heads(sp, xs.each_ref()),
+            Some(sp) => scope(self.ids.device(), "ulysses_gather", || {
+                ulysses::gather_heads(sp, xs.each_ref())
+            }),
             None => Ok(xs),
         }
     }
