@@ -272,7 +272,7 @@ type Outcome = (StepStats, Vec<Vec<f64>>);
 
 fn outcome(dec: &Decoder, grads: ftrun::model::decoder::Grads, stats: StepStats) -> Outcome {
     let g = grads
-        .slots
+        .slots()
         .iter()
         .zip(dec.trainable())
         .map(|(s, info)| match s {
