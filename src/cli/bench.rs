@@ -110,6 +110,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ..OptimConfig::default()
     };
     let mut opt = AdamW::new(&optim, &params)?;
+    crate::train::metrics::release_load_memory(&device)?;
     device.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let after_load = device_memory_mib(&device);
@@ -134,7 +135,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         device.synchronize()?;
         let t0 = Instant::now();
         crate::profile::scope(&device, "set_trainable", || {
-            model.set_trainable(&params.views(dtype)?)
+            model.set_trainable(&params.views(candle_core::DType::F32)?)
         })?;
         let mut grads = model.new_grads();
         let s = model.forward_backward(

@@ -433,6 +433,10 @@ pub struct CheckpointConfig {
     /// Keep the last K checkpoints (0 = keep all).
     #[serde(default = "default_keep")]
     pub keep_last: usize,
+    /// Save when training ends (false: only every `save_steps`; for throughput benchmarks,
+    /// where a full fine-tune's final checkpoint would be ~12 bytes per parameter of disk I/O).
+    #[serde(default = "default_true")]
+    pub save_final: bool,
 }
 
 fn default_save_steps() -> usize {
@@ -447,6 +451,7 @@ impl Default for CheckpointConfig {
         CheckpointConfig {
             save_steps: default_save_steps(),
             keep_last: default_keep(),
+            save_final: true,
         }
     }
 }

@@ -159,7 +159,7 @@ impl Grads {
     }
 
     /// The buffer, zero-filled on first use.
-    fn buffer(&mut self) -> Result<&Tensor> {
+    pub(crate) fn buffer(&mut self) -> Result<&Tensor> {
         if self.flat.is_none() {
             self.flat = Some(Tensor::zeros(self.numel(), self.dtype, &self.device)?);
         }
@@ -664,11 +664,18 @@ impl Decoder {
             };
             b.take(head_name, &[v, h])?
         };
+        let mut params = b.params;
+        // A frozen embedding table that is not also the LM head is only ever gathered from: it
+        // stays in host memory and a batch's rows are copied up (a few MiB), which saves its
+        // whole size in device memory (379 MiB for a 92544 x 2048 bf16 table).
+        if device.is_cuda() && b.slot_of[embed].is_none() && head != embed {
+            params[embed] = params[embed].to_device(&Device::Cpu)?;
+        }
         Ok(Decoder {
             cfg: cfg.clone(),
             dtype: compute_dtype,
             device: device.clone(),
-            params: b.params,
+            params,
             nf4: b.nf4,
             names: b.names,
             slot_of: b.slot_of,
@@ -715,6 +722,29 @@ impl Decoder {
             .collect()
     }
 
+    /// Parameter indices of every LoRA `A` and `B`.
+    fn lora_params(&self) -> impl Iterator<Item = usize> + '_ {
+        self.blocks.iter().flat_map(|blk| {
+            let qkv: Vec<&Proj> = match &blk.qkv {
+                Qkv::Separate { q, k, v } => vec![q, k, v],
+                Qkv::Fused(w) => vec![w],
+            };
+            qkv.into_iter()
+                .chain([&blk.o, &blk.gate, &blk.up, &blk.down])
+                .filter_map(|p| p.lora)
+                .flat_map(|(a, b)| [a, b])
+                .collect::<Vec<_>>()
+        })
+    }
+
+    /// A projection's LoRA `(A, B)` in the compute dtype.
+    fn lora_weights(&self, (a, b): (usize, usize)) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.params[a].to_dtype(self.dtype)?,
+            self.params[b].to_dtype(self.dtype)?,
+        ))
+    }
+
     /// Frees the LoRA init kept for [`Decoder::initial_trainable_values`] (f32, as large as the
     /// optimizer's master copy) once the optimizer holds its own copy; afterwards that method
     /// returns the current values.
@@ -722,8 +752,10 @@ impl Decoder {
         self.lora_init = Vec::new();
     }
 
-    /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step.
+    /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step. Pass
+    /// f32 views of the optimizer's master copy: LoRA weights then cost no second copy.
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
+        let lora: std::collections::HashSet<usize> = self.lora_params().collect();
         if values.len() != self.trainable.len() {
             bail!(
                 "set_trainable got {} tensors for {} trainables",
@@ -741,8 +773,15 @@ impl Decoder {
                     value.dims()
                 );
             }
-            self.params[self.slot_param[slot]] =
-                value.to_device(&self.device)?.to_dtype(self.dtype)?;
+            let p = self.slot_param[slot];
+            let value = value.to_device(&self.device)?;
+            // LoRA weights stay in the given dtype (the optimizer's f32 master views: no copy)
+            // and are cast per use (`lora_weights`); other trainables are read in compute dtype.
+            self.params[p] = if lora.contains(&p) {
+                value
+            } else {
+                value.to_dtype(self.dtype)?
+            };
         }
         Ok(())
     }
@@ -845,6 +884,7 @@ impl Decoder {
         (0..self.params.len())
             .map(|i| match &self.nf4[i] {
                 Some(w) => w.device_bytes(),
+                None if !self.params[i].device().same_device(&self.device) => 0,
                 None => self.params[i].elem_count() * self.params[i].dtype().size_in_bytes(),
             })
             .sum()
@@ -946,14 +986,8 @@ impl Decoder {
             None => None,
         };
         let saved = scope(&self.device, "lora_fwd", || {
-            lora_forward_into(
-                &y,
-                x,
-                &self.params[a],
-                &self.params[b],
-                self.lora_scale,
-                mask,
-            )
+            let (wa, wb) = self.lora_weights((a, b))?;
+            lora_forward_into(&y, x, &wa, &wb, self.lora_scale, mask)
         })?;
         Ok((y, Some(saved)))
     }
@@ -1001,15 +1035,8 @@ impl Decoder {
                 db: GemmOut { buf, offset: db },
             };
             scope(&self.device, "lora_bwd", || {
-                lora_backward_into(
-                    x,
-                    &self.params[a],
-                    &self.params[b],
-                    self.lora_scale,
-                    saved,
-                    dy,
-                    out,
-                )
+                let (wa, wb) = self.lora_weights((a, b))?;
+                lora_backward_into(x, &wa, &wb, self.lora_scale, saved, dy, out)
             })?;
         }
         Ok(dx)
@@ -1388,16 +1415,33 @@ impl Decoder {
         step_seed: u64,
         checkpointing: bool,
     ) -> Result<(StepStats, Tensor)> {
+        // The gradient buffer first: allocated before the activations, not between them.
+        grads.buffer()?;
         let mut x = x0; // [n, h]
+        let (n, h) = x.dims2()?;
+        // With checkpointing the kept block inputs go into one arena `[layers, n, h]`: a kept
+        // tensor allocated between a block's temporaries would pin a hole in the memory pool
+        // at every layer (device memory that is reserved but never usable again).
+        let arena = if checkpointing {
+            Some(Tensor::zeros(
+                (self.blocks.len(), n, h),
+                x.dtype(),
+                x.device(),
+            )?)
+        } else {
+            None
+        };
         let mut kept = Vec::with_capacity(self.blocks.len());
         for (li, blk) in self.blocks.iter().enumerate() {
             let (y, acts) =
                 self.block_forward(blk, &x, ctx, Some(Self::block_seed(step_seed, li)))?;
-            kept.push(if checkpointing {
-                drop(acts);
-                Kept::Input(x)
-            } else {
-                Kept::Acts(Box::new(acts))
+            kept.push(match &arena {
+                Some(arena) => {
+                    drop(acts);
+                    arena.slice_set(&x.unsqueeze(0)?.contiguous()?, 0, li)?;
+                    Kept::Input(arena.get(li)?) // [n, h] view
+                }
+                None => Kept::Acts(Box::new(acts)),
             });
             x = y;
         }

@@ -119,6 +119,28 @@ pub fn keep_memory_pool(device: &candle_core::Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives the device memory that only the loading used back to the driver: the pool's free blocks
+/// (loading's temporaries, which would otherwise stay reserved and fragmented for the whole run)
+/// and the per-thread stack reservation beyond what the kernels launched so far needed (the
+/// driver reserves `stack size x resident threads` up front and grows it again when a kernel
+/// needs more). Call once the model and optimizer are in place. No-op on CPU.
+pub fn release_load_memory(device: &candle_core::Device) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let (Some(pool), candle_core::Device::Cuda(dev)) = (cuda_pool::default_pool(device)?, device)
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        device.synchronize()?;
+        dev.cuda_stream().context().bind_to_thread()?;
+        // SAFETY: a valid pool and the current context; plain driver calls.
+        unsafe {
+            sys::cuMemPoolTrimTo(pool, 0).result()?;
+            sys::cuCtxSetLimit(sys::CUlimit::CU_LIMIT_STACK_SIZE, 256).result()?;
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// High-water marks of the device's memory pool since the last call, in MiB, resetting them:
 /// `used` = the most the engine had allocated at once (no fragmentation, no CUDA context);
 /// `reserved` = the most device memory the pool held (what the driver counts: `used` plus the

@@ -325,6 +325,7 @@ pub fn run_parallel(
         par.world(),
         cfg.parallel.bucket_mb,
     )?;
+    metrics::release_load_memory(&device)?;
     if main {
         eprintln!(
             "model: {:?} {} layers, {:.1}M params, {:.2}M trainable ({}), {dtype:?} on {device:?}{}",
@@ -421,7 +422,7 @@ pub fn run_parallel(
         .then(|| EvalHook::new(cfg, work_dir, &tokenizer))
         .transpose()?;
     if let (0, Some(eval)) = (start_step, eval.as_mut()) {
-        model.set_trainable(&opt.params().views(dtype)?)?;
+        model.set_trainable(&opt.params().views(DType::F32)?)?;
         eval.run(&model, 0)?;
     }
     let mut scalars = main.then(|| ScalarLog::open(work_dir)).transpose()?;
@@ -459,7 +460,7 @@ pub fn run_parallel(
         let (n_targets, tokens) = (counts[0] as usize, counts[1] as usize);
 
         // Forward + backward: grads of the mean loss over every trained token of the step.
-        model.set_trainable(&opt.params().views(dtype)?)?;
+        model.set_trainable(&opt.params().views(DType::F32)?)?;
         let mut grads = model.new_grads();
         let mut local_loss_sum = 0.0;
         for (i, b) in micro.iter().enumerate() {
@@ -556,10 +557,10 @@ pub fn run_parallel(
         }
 
         let save_now = (cfg.checkpoint.save_steps > 0 && done % cfg.checkpoint.save_steps == 0)
-            || done == total_steps;
+            || (done == total_steps && cfg.checkpoint.save_final);
         let eval_now = (cfg.eval.every_steps > 0 && done % cfg.eval.every_steps == 0) || save_now;
         if let (true, false, Some(eval)) = (eval_now, cfg.eval.inputs.is_empty(), eval.as_mut()) {
-            model.set_trainable(&opt.params().views(dtype)?)?;
+            model.set_trainable(&opt.params().views(DType::F32)?)?;
             bar.suspend(|| eval.run(&model, done))?;
         }
         if save_now {

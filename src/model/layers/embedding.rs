@@ -3,9 +3,14 @@
 use super::acc_dtype;
 use candle_core::{Result, Tensor};
 
-/// `y [n, h] = W[ids]` for `ids [n]` (u32) and `W [vocab, h]`.
+/// `y [n, h] = W[ids]` for `ids [n]` (u32) and `W [vocab, h]`, on `ids`' device. A table kept on
+/// another device (a frozen one in host memory) is gathered there and only the rows move.
 pub fn embedding_forward(ids: &Tensor, w: &Tensor) -> Result<Tensor> {
-    w.index_select(ids, 0)
+    if w.device().same_device(ids.device()) {
+        return w.index_select(ids, 0);
+    }
+    w.index_select(&ids.to_device(w.device())?, 0)?
+        .to_device(ids.device())
 }
 
 /// `dW [vocab, h]` (acc dtype) for upstream `dy [n, h]`; repeated ids accumulate.
