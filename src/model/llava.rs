@@ -7,25 +7,10 @@
 
 use crate::model::decoder::{Batch, Decoder, Grads, StepStats};
 use crate::model::layers::acc_dtype;
+pub use crate::model::layers::gelu::{gelu_backward, gelu_forward};
 use crate::model::layers::linear::{linear_backward, linear_forward};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use std::f64::consts::PI;
-
-/// `y = gelu(x)` with the exact (erf) GELU of `nn.GELU()`.
-pub fn gelu_forward(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu_erf()?)
-}
-
-/// `dx = dy · (Φ(x) + x φ(x))`, computed in the accumulation dtype.
-pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let acc = acc_dtype(x.dtype());
-    let xf = x.to_dtype(acc)?;
-    let cdf = ((&xf / 2f64.sqrt())?.erf()? + 1.0)? * 0.5; // Φ(x)
-    let pdf = ((xf.sqr()? * -0.5)?.exp()? / (2.0 * PI).sqrt())?; // φ(x)
-    let local = (cdf? + (xf * pdf)?)?;
-    Ok((dy.to_dtype(acc)? * local)?.to_dtype(dy.dtype())?)
-}
 
 /// The projector's parameters (compute dtype): `w1 [H, V]`, `b1 [H]`, `w2 [H, H]`, `b2 [H]`,
 /// HF/XTuner names `model.0.*` and `model.2.*`.
