@@ -329,7 +329,7 @@ fn check_against_reference(arch: Arch, mode: TrainMode, lora_scale: f64) {
         stats.loss_sum
     );
     let g = loss.backward().unwrap();
-    for ((info, var), slot) in dec.trainable().iter().zip(&vars).zip(&grads.slots) {
+    for ((info, var), slot) in dec.trainable().iter().zip(&vars).zip(&grads.slots()) {
         let expected = (g.get(var.as_tensor()).unwrap() * loss_scale).unwrap();
         assert_close(slot.as_ref().unwrap(), &expected, 1e-9, &info.name);
     }
@@ -352,7 +352,7 @@ fn check_against_reference(arch: Arch, mode: TrainMode, lora_scale: f64) {
         engine_common::check_fd(
             &f,
             &vals[slot],
-            grads.slots[slot].as_ref().unwrap(),
+            &grads.slot(slot).unwrap(),
             Some(&coords),
             1e-6,
             &name,
@@ -422,7 +422,7 @@ fn checkpointing_is_bit_identical_with_lora_dropout_and_full() {
         let (l0, g0) = run_step(&dec, &batch, false);
         let (l1, g1) = run_step(&dec, &batch, true);
         assert_eq!(l0, l1);
-        for (a, b) in g0.slots.iter().zip(&g1.slots) {
+        for (a, b) in g0.slots().iter().zip(&g1.slots()) {
             assert_eq!(flat(a.as_ref().unwrap()), flat(b.as_ref().unwrap()));
         }
     }
@@ -457,7 +457,7 @@ fn lora_dropout_gradient_matches_fd_and_changes_with_seed() {
         engine_common::check_fd(
             &f,
             &vals[slot],
-            grads.slots[slot].as_ref().unwrap(),
+            &grads.slot(slot).unwrap(),
             Some(&[0, numel - 1]),
             1e-6,
             "dropout fd",
@@ -543,7 +543,11 @@ fn packed_batch_equals_samples_alone() {
             .loss_sum;
     }
     assert!((l - lsum).abs() < 1e-12 * l.abs());
-    for (info, (a, b)) in dec.trainable().iter().zip(g.slots.iter().zip(&sum.slots)) {
+    for (info, (a, b)) in dec
+        .trainable()
+        .iter()
+        .zip(g.slots().iter().zip(&sum.slots()))
+    {
         assert_close(a.as_ref().unwrap(), b.as_ref().unwrap(), 1e-10, &info.name);
     }
 }
@@ -556,7 +560,7 @@ fn chunked_ce_in_decoder_equals_single_chunk() {
     dec.set_ce_chunk_rows(2);
     let (l1, g1) = run_step(&dec, &batch, false);
     assert!((l0 - l1).abs() < 1e-12 * l0.abs());
-    for (a, b) in g0.slots.iter().zip(&g1.slots) {
+    for (a, b) in g0.slots().iter().zip(&g1.slots()) {
         assert_close(
             a.as_ref().unwrap(),
             b.as_ref().unwrap(),
@@ -576,7 +580,7 @@ fn lora_freezes_base_weights_and_inits_like_peft() {
         .all(|t| t.name.contains(".lora_A.") || t.name.contains(".lora_B.")));
     assert!(dec.trainable().iter().all(|t| t.decay));
     assert_eq!(
-        dec.new_grads().slots.len(),
+        dec.new_grads().len(),
         dec.trainable().len(),
         "no slot for a frozen weight"
     );
@@ -695,7 +699,7 @@ fn bf16_and_f32_agree_with_f64() {
         let dec = Decoder::new(&cfg, &mut w.clone(), lora(0.1), dt, &CPU, 5).unwrap();
         let mut g = dec.new_grads();
         let s = dec.forward_backward(&batch, 1.0, &mut g, 1, true).unwrap();
-        assert!(g.slots.iter().all(|s| s.as_ref().unwrap().dtype()
+        assert!(g.slots().iter().all(|s| s.as_ref().unwrap().dtype()
             == if dt == DType::F64 {
                 DType::F64
             } else {

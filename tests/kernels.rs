@@ -150,7 +150,7 @@ fn adamw_like_the_kernel(
     mask: Option<f32>,
     a: &AdamWArgs,
 ) -> [f32; 3] {
-    let mut p = p;
+    let (mut p, g) = (p, g * a.grad_scale);
     if a.decay != 0 {
         p = match mask {
             Some(mk) => p * (mk * a.neg_shrink + 1.0),
@@ -174,7 +174,11 @@ fn adamw_kernel_constants_reproduce_the_candle_update_bit_for_bit() {
     let v: Vec<f32> = vals(4.0, 1e-6).iter().map(|x| x.abs()).collect();
     let mask: Vec<f32> = (0..n).map(|i| (i % 3 != 0) as u8 as f32).collect();
     let t = |d: &[f32]| Tensor::from_slice(d, n, &CPU).unwrap();
-    for (step, wd, with_mask) in [(1, 0.01, true), (7, 0.1, false), (1000, 0.0, true)] {
+    for (step, wd, with_mask, grad_scale) in [
+        (1, 0.01, true, 1.0),
+        (7, 0.1, false, 0.37),
+        (1000, 0.0, true, 0.9),
+    ] {
         let h = AdamWStep {
             lr: 3e-4,
             beta1: 0.9,
@@ -182,6 +186,7 @@ fn adamw_kernel_constants_reproduce_the_candle_update_bit_for_bit() {
             eps: 1e-8,
             weight_decay: wd,
             step,
+            grad_scale,
         };
         let mask_t = with_mask.then(|| t(&mask));
         let (pn, mn, vn) =

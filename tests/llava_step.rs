@@ -153,7 +153,7 @@ fn projector_gradients_through_the_llm_match_finite_differences() {
         }
         if matches!(mode, TrainMode::Lora(_)) {
             assert!(
-                grads.slots.iter().all(|g| g.is_some()),
+                grads.slots().iter().all(|g| g.is_some()),
                 "LoRA slots got no gradient"
             );
         }

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use ftrun::config::{OptimConfig, ScheduleConfig};
+use ftrun::model::decoder::Grads;
 use ftrun::train::optim::{adamw_update, clip_coef, sum_squares, AdamWStep};
 use ftrun::train::{clip_grad_norm, AdamW, FlatParams, LrSchedule};
 use std::collections::HashMap;
@@ -77,7 +78,8 @@ fn adamw_matches_torch_algorithm() {
         assert_eq!(params.numel(), case.sizes.iter().sum::<usize>());
         for (t, lr) in case.lrs.iter().enumerate() {
             let grads: Vec<Option<Tensor>> = case.grads[t].iter().map(|g| Some(vec1(g))).collect();
-            let flat = params.flatten_grads(&grads).unwrap();
+            let flat =
+                Tensor::cat(&grads.iter().flatten().cloned().collect::<Vec<_>>(), 0).unwrap();
             opt.step(&mut params, &flat, *lr).unwrap();
             let views = params.views(DType::F32).unwrap();
             for (i, view) in views.iter().enumerate() {
@@ -165,6 +167,7 @@ fn adamw_update_on_a_range_equals_the_whole_buffer_update() {
         eps: 1e-8,
         weight_decay: 0.1,
         step: 1,
+        grad_scale: 1.0,
     };
     let (whole, _, _) =
         adamw_update(&params.master, &grad, &zeros, &zeros, Some(&mask), &h).unwrap();
@@ -208,16 +211,31 @@ fn flat_params_views_and_grads_keep_shapes_and_order() {
     assert_eq!(views[0].dtype(), DType::BF16);
     assert_eq!(to_f64(&views[1]), [10., 11.]);
 
-    let g = p
-        .flatten_grads(&[None, Some(Tensor::new(&[1f32, -2.], &dev).unwrap())])
+    // The decoder's gradient buffer has the same layout: a slot's gradient lands at its offset.
+    let shapes: Vec<Vec<usize>> = p.slots.iter().map(|s| s.shape.clone()).collect();
+    let mut grads = Grads::new(&shapes, DType::F32, &dev);
+    grads
+        .add(1, &Tensor::new(&[1f32, -2.], &dev).unwrap())
         .unwrap();
-    assert_eq!(to_f64(&g), [0., 0., 0., 0., 0., 0., 1., -2.]);
-    let msg = p
-        .flatten_grads(&[Some(Tensor::zeros(6, DType::F32, &dev).unwrap()), None])
+    grads
+        .add(
+            1,
+            &Tensor::new(&[0.5f32, 0.25], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+    assert!(grads.slot(0).is_none() && grads.slot(1).is_some());
+    let msg = grads
+        .add(0, &Tensor::zeros(6, DType::F32, &dev).unwrap())
         .unwrap_err()
         .to_string();
     assert!(msg.contains("[6]") && msg.contains("[2, 3]"), "{msg}");
-    assert!(p.flatten_grads(&[None]).is_err());
+    assert_eq!(
+        to_f64(&grads.into_flat().unwrap()),
+        [0., 0., 0., 0., 0., 0., 1.5, -1.75]
+    );
     assert!(FlatParams::from_values(&[a], &[]).is_err());
 }
 
@@ -268,6 +286,25 @@ fn clip_matches_torch_clip_grad_norm() {
     let (same, norm) = clip_grad_norm(&g, 0.0).unwrap();
     assert_eq!(to_f64(&same), to_f64(&g));
     assert!(norm > 1.0);
+}
+
+/// Clipping folded into the update (`step_scaled` with the clip coefficient, as the trainer runs
+/// it) equals clipping first and stepping with the clipped copy, bit for bit.
+#[test]
+fn folded_clip_equals_clip_then_step() {
+    let cases: Vec<AdamCase> = fixture("adamw.json");
+    let case = &cases[0];
+    let grad = vec1(&case.grads[0].concat()).affine(50.0, 0.0).unwrap();
+    let (clipped, norm) = clip_grad_norm(&grad, 1.0).unwrap();
+    let coef = clip_coef(norm, 1.0);
+    assert!(coef < 0.5, "the case must clip (norm {norm})");
+    let (mut p1, mut o1) = adam_setup(case);
+    let (mut p2, mut o2) = adam_setup(case);
+    o1.step(&mut p1, &clipped, 1e-3).unwrap();
+    o2.step_scaled(&mut p2, &grad, coef, 1e-3).unwrap();
+    assert_eq!(to_f64(&p1.master), to_f64(&p2.master));
+    assert_eq!(clip_coef(norm, 0.0), 1.0, "max_norm 0 disables clipping");
+    assert!(clip_coef(f64::NAN, 1.0).is_nan());
 }
 
 #[derive(serde::Deserialize)]

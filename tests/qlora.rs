@@ -149,7 +149,7 @@ fn qlora_step_equals_lora_on_dequantized_weights() {
             sq.loss_sum,
             sp.loss_sum
         );
-        for (i, (a, b)) in gq.slots.iter().zip(&gp.slots).enumerate() {
+        for (i, (a, b)) in gq.slots().iter().zip(&gp.slots()).enumerate() {
             let (a, b) = (values(a.as_ref().unwrap()), values(b.as_ref().unwrap()));
             let d = max_rel_diff(&a, &b);
             assert!(

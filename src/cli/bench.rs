@@ -12,8 +12,8 @@ use crate::config::{LoraConfig, OptimConfig};
 use crate::data::pack::PackedSeq;
 use crate::model::decoder::{Decoder, QuantSpec};
 use crate::model::{weights::LazyCheckpoint, ModelConfig};
-use crate::train::metrics::{device_memory_mib, keep_memory_pool, pool_used_high_mib};
-use crate::train::optim::{clip_grad_norm, AdamW, FlatParams};
+use crate::train::metrics::{device_memory_mib, keep_memory_pool, pool_high_marks};
+use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams};
 use crate::train::trainer::{
     compute_dtype, make_batch, select_device, train_mode_for, trained_targets,
 };
@@ -112,7 +112,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     device.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let after_load = device_memory_mib(&device);
-    let load_used_high = pool_used_high_mib(&device)?;
+    let load_high = pool_high_marks(&device)?;
 
     let mut rows = vec![];
     let mut peak = after_load;
@@ -144,10 +144,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             !a.no_checkpointing,
         )?;
         let gn = crate::profile::scope(&device, "optimizer", || {
-            let flat = params.flatten_grads(&grads.slots)?;
-            drop(grads);
-            let (flat, gn) = clip_grad_norm(&flat, 1.0)?;
-            opt.step(&mut params, &flat, a.lr)?;
+            let flat = grads.into_flat()?; // [N] f32
+            let gn = sum_squares(&flat)?.sqrt();
+            opt.step_scaled(&mut params, &flat, clip_coef(gn, 1.0), a.lr)?;
             anyhow::Ok(gn)
         })?;
         device.synchronize()?;
@@ -161,7 +160,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{row}");
         rows.push(row);
     }
-    let steps_used_high = pool_used_high_mib(&device)?;
+    let steps_high = pool_high_marks(&device)?;
     let profile = crate::profile::take_report();
     if !profile.is_empty() {
         eprintln!("profile (FTRUN_PROFILE=1; synchronized per phase, so slower than a plain run):\n{profile}");
@@ -178,8 +177,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "before_mib": before,
         "weight_mib": model.weight_bytes() as f64 / (1u64 << 20) as f64,
         // Allocated-at-once peaks from the pool (no fragmentation, no context): loading, steps.
-        "pool_used_high_load_mib": load_used_high,
-        "pool_used_high_steps_mib": steps_used_high,
+        "pool_used_high_load_mib": load_high.map(|h| h.used),
+        "pool_used_high_steps_mib": steps_high.map(|h| h.used),
+        // What the pool held at most (used + fragmentation): loading, steps.
+        "pool_reserved_high_load_mib": load_high.map(|h| h.reserved),
+        "pool_reserved_high_steps_mib": steps_high.map(|h| h.reserved),
         // Host memory high-water mark of the whole run (loading included).
         "peak_rss_mib": crate::train::metrics::peak_rss_mib(),
         "after_load_mib": after_load - before,

@@ -364,7 +364,7 @@ fn train(a: TrainArgs, launch: &crate::dist::launch::LaunchArgs) -> Result<()> {
     } else {
         resume
     };
-    trainer::run_parallel(&cfg, &work_dir, resume, &par)?;
+    trainer::run_parallel(&cfg, &work_dir, resume, &mut par)?;
     par.finish()
 }
 

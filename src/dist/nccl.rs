@@ -53,22 +53,17 @@ fn id_from_bytes(bytes: &[u8]) -> Result<Id> {
 }
 
 impl NcclComm {
-    /// Joins the world communicator: rank 0 makes the id and shares it under `key`.
+    /// Joins the world communicator: rank 0 makes the id and shares it under `key` (unique per
+    /// attempt of the job: a restarted job must not fetch the previous attempt's id).
     pub fn init_world(
         device: &CudaDevice,
         rank: usize,
         world: usize,
         exchange: Rc<dyn IdExchange>,
+        key: &str,
         timeout: Duration,
     ) -> Result<Self> {
-        Self::init(
-            device,
-            rank,
-            world,
-            exchange,
-            "nccl/world".to_string(),
-            timeout,
-        )
+        Self::init(device, rank, world, exchange, key.to_string(), timeout)
     }
 
     fn init(

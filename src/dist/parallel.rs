@@ -97,6 +97,11 @@ fn parse_fault(text: &str) -> Result<Fault> {
 pub struct Parallel {
     comm: Box<dyn Collectives>,
     worker: Option<Worker>,
+    /// This process's GPU index on its node (0 for a single process).
+    local_rank: usize,
+    /// How long a collective may wait for a peer (NCCL's, set up in `use_device`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    collective_timeout: Duration,
     attempt: usize,
     fault: Option<Fault>,
     /// A coordinator this process hosts (rank 0 of a job not started by `ftrun --nproc`).
@@ -109,6 +114,8 @@ impl Parallel {
         Self {
             comm: Box::new(SoloComm),
             worker: None,
+            local_rank: 0,
+            collective_timeout: Duration::MAX,
             attempt: 0,
             fault: None,
             _coordinator: None,
@@ -180,6 +187,8 @@ impl Parallel {
         Ok(Self {
             comm: Box::new(comm),
             worker: Some(worker),
+            local_rank,
+            collective_timeout: timeout,
             attempt,
             fault,
             _coordinator: coordinator,
@@ -188,6 +197,41 @@ impl Parallel {
 
     pub fn rank(&self) -> usize {
         self.comm.rank()
+    }
+
+    /// This process's index among its node's workers (its GPU when each worker sees them all).
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    /// Moves the world's collectives onto the training device, once, before the first
+    /// collective of the run: on a GPU of a distributed run (CUDA build) one NCCL communicator on
+    /// candle's stream replaces the TcpRing, its id made by rank 0 and handed out through the
+    /// coordinator; otherwise the TcpRing stays. `FTRUN_COLLECTIVES=tcp` keeps the TcpRing on
+    /// GPUs too (a fallback where NCCL cannot run).
+    pub fn use_device(&mut self, device: &Device) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let (Some(worker), Device::Cuda(cuda)) = (&self.worker, device) {
+            if std::env::var("FTRUN_COLLECTIVES").as_deref() != Ok("tcp") {
+                let key = format!("nccl/world/attempt-{}", self.attempt);
+                let blobs: std::rc::Rc<dyn super::collectives::IdExchange> =
+                    std::rc::Rc::new(worker.blobs());
+                let comm = super::nccl::NcclComm::init_world(
+                    cuda,
+                    self.rank(),
+                    self.world(),
+                    blobs,
+                    &key,
+                    self.collective_timeout,
+                )?;
+                self.comm = Box::new(comm);
+                if self.is_main() {
+                    eprintln!("collectives: NCCL over {} GPUs", self.world());
+                }
+            }
+        }
+        let _ = device;
+        Ok(())
     }
 
     pub fn world(&self) -> usize {

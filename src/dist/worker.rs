@@ -257,27 +257,20 @@ impl Worker {
     }
 
     pub fn publish_blob(&self, key: &str, value: Vec<u8>) -> Result<()> {
-        let mut c = self.client.clone();
-        self.runtime
-            .block_on(c.publish_blob(PublishBlobRequest {
-                key: key.to_string(),
-                value,
-            }))
-            .map_err(|s| status_error("PublishBlob", s))?;
-        Ok(())
+        self.blobs().publish(key, value)
     }
 
     pub fn fetch_blob(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
-        let mut c = self.client.clone();
-        Ok(self
-            .runtime
-            .block_on(c.fetch_blob(FetchBlobRequest {
-                key: key.to_string(),
-                timeout_ms: timeout.as_millis() as u64,
-            }))
-            .map_err(|s| status_error("FetchBlob", s))?
-            .into_inner()
-            .value)
+        self.blobs().fetch(key, timeout)
+    }
+
+    /// The coordinator's blob store as an owned handle (the [`IdExchange`] NCCL communicators
+    /// keep for their sub-group ids); valid while this worker lives.
+    pub fn blobs(&self) -> BlobStore {
+        BlobStore {
+            runtime: self.runtime.handle().clone(),
+            client: self.client.clone(),
+        }
     }
 
     /// The leader makes a communicator id (e.g. NCCL's 128-byte unique id) and publishes it
@@ -289,13 +282,7 @@ impl Worker {
         make: impl FnOnce() -> Result<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        if leader {
-            let id = make()?;
-            self.publish_blob(key, id.clone())?;
-            Ok(id)
-        } else {
-            self.fetch_blob(key, timeout)
-        }
+        self.blobs().share_id(key, leader, make, timeout)
     }
 
     /// Joins the world TcpRing at the addresses the coordinator published. `listener` must be
@@ -308,7 +295,56 @@ impl Worker {
     }
 }
 
-impl IdExchange for Worker {
+/// The coordinator's key -> bytes store (communicator ids), reached through the worker's runtime.
+#[derive(Clone)]
+pub struct BlobStore {
+    runtime: tokio::runtime::Handle,
+    client: CoordinatorClient<Channel>,
+}
+
+impl BlobStore {
+    pub fn publish(&self, key: &str, value: Vec<u8>) -> Result<()> {
+        let mut c = self.client.clone();
+        self.runtime
+            .block_on(c.publish_blob(PublishBlobRequest {
+                key: key.to_string(),
+                value,
+            }))
+            .map_err(|s| status_error("PublishBlob", s))?;
+        Ok(())
+    }
+
+    pub fn fetch(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
+        let mut c = self.client.clone();
+        Ok(self
+            .runtime
+            .block_on(c.fetch_blob(FetchBlobRequest {
+                key: key.to_string(),
+                timeout_ms: timeout.as_millis() as u64,
+            }))
+            .map_err(|s| status_error("FetchBlob", s))?
+            .into_inner()
+            .value)
+    }
+
+    fn share_id(
+        &self,
+        key: &str,
+        leader: bool,
+        make: impl FnOnce() -> Result<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        if leader {
+            let id = make()?;
+            self.publish(key, id.clone())?;
+            Ok(id)
+        } else {
+            self.fetch(key, timeout)
+        }
+    }
+}
+
+impl IdExchange for BlobStore {
     fn share(
         &self,
         key: &str,
@@ -317,6 +353,17 @@ impl IdExchange for Worker {
     ) -> Result<Vec<u8>> {
         // Members wait as long as a registration may take: the leader may still be starting.
         self.share_id(key, leader, make, Duration::from_secs(600))
+    }
+}
+
+impl IdExchange for Worker {
+    fn share(
+        &self,
+        key: &str,
+        leader: bool,
+        make: &mut dyn FnMut() -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        self.blobs().share(key, leader, make)
     }
 }
 

@@ -22,6 +22,7 @@ pub struct AdamWArgs {
     pub eps: f32,
     pub step_size: f32,
     pub decay: i32,
+    pub grad_scale: f32,
 }
 
 impl AdamWArgs {
@@ -39,6 +40,7 @@ impl AdamWArgs {
             eps: h.eps as f32,
             step_size: (h.lr / (1.0 - h.beta1.powf(t))) as f32,
             decay: i32::from(h.weight_decay > 0.0 && h.lr > 0.0),
+            grad_scale: h.grad_scale as f32,
         }
     }
 }
@@ -274,6 +276,7 @@ pub fn self_checks() -> Vec<KernelCheck> {
                 eps: 1e-8,
                 weight_decay: 0.01,
                 step: 7,
+                grad_scale: 0.75,
             };
             let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
             let (pc, gc, mc, vc) = (cpu(&param)?, cpu(&grad)?, cpu(&m)?, cpu(&v)?);

@@ -21,6 +21,8 @@
 pub mod adamw;
 pub mod dropout;
 pub mod flash_attn;
+pub mod gemm;
+pub mod grad;
 pub mod lm_ce;
 pub mod nf4;
 pub mod rmsnorm;
@@ -135,6 +137,8 @@ pub fn all_checks() -> Vec<KernelCheck> {
     let mut checks = Vec::new();
     checks.extend(nf4::self_checks());
     checks.extend(adamw::self_checks());
+    checks.extend(grad::self_checks());
+    checks.extend(gemm::self_checks());
     checks.extend(dropout::self_checks());
     checks.extend(rmsnorm::self_checks());
     checks.extend(swiglu::self_checks());

@@ -26,13 +26,41 @@ pub fn dequantize(w: &Nf4Weight, dtype: DType) -> Result<Option<Tensor>> {
     }
 }
 
+/// [`dequantize`] into `out`, an existing contiguous bf16 or f32 tensor of the weight's element
+/// count (a reused scratch buffer: no allocation per use). Returns false, writing nothing, where
+/// [`dequantize`] would return `None`.
+pub fn dequantize_into(w: &Nf4Weight, out: &Tensor) -> Result<bool> {
+    let kernel_layout = w.numel() < (1 << 31) && w.blocksize % 2 == 0;
+    if !super::on_cuda(&w.packed) || !super::float_kernel_dtype(out.dtype()) || !kernel_layout {
+        return Ok(false);
+    }
+    if out.elem_count() != w.numel() || !out.is_contiguous() {
+        anyhow::bail!(
+            "NF4 weight {:?}: output of {} values (contiguous: {}) for {} values",
+            w.shape,
+            out.elem_count(),
+            out.is_contiguous(),
+            w.numel()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    {
+        imp::dequantize_into(w, out)?;
+        Ok(true)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(false)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::kernels::cuda::{alloc, device_of, func, grid_1d, stream, wrap, CudaInput};
     use crate::quant::device::{DeviceAbsmax, Nf4Weight};
     use crate::quant::nf4::NF4_CODE;
     use anyhow::{bail, Result};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Tensor};
     use half::bf16;
@@ -45,14 +73,37 @@ mod imp {
     unsafe impl DeviceRepr for Nf4Table {}
 
     pub fn dequantize(w: &Nf4Weight, dtype: DType) -> Result<Tensor> {
+        let dev = device_of(&w.packed)?;
         match dtype {
-            DType::BF16 => launch::<bf16>(w, "nf4_dequant_bf16"),
-            DType::F32 => launch::<f32>(w, "nf4_dequant_f32"),
+            DType::BF16 => {
+                let out = alloc::<bf16>(&dev, w.numel())?;
+                launch(w, "nf4_dequant_bf16", &out.slice(..))?;
+                Ok(wrap(out, &dev, w.shape))
+            }
+            DType::F32 => {
+                let out = alloc::<f32>(&dev, w.numel())?;
+                launch(w, "nf4_dequant_f32", &out.slice(..))?;
+                Ok(wrap(out, &dev, w.shape))
+            }
             other => bail!("NF4 dequantization kernel: no {other:?} output"),
         }
     }
 
-    fn launch<T: CudaDType + DeviceRepr>(w: &Nf4Weight, kernel: &str) -> Result<Tensor> {
+    pub fn dequantize_into(w: &Nf4Weight, out: &Tensor) -> Result<()> {
+        let out_in = CudaInput::new(out)?;
+        match out.dtype() {
+            DType::BF16 => launch(w, "nf4_dequant_bf16", &out_in.view::<bf16>()?),
+            DType::F32 => launch(w, "nf4_dequant_f32", &out_in.view::<f32>()?),
+            other => bail!("NF4 dequantization kernel: no {other:?} output"),
+        }
+    }
+
+    /// Runs the kernel writing `numel` values of `T` to `out` (a fresh slice or a tensor's view).
+    fn launch<T: CudaDType + DeviceRepr>(
+        w: &Nf4Weight,
+        kernel: &str,
+        out: &CudaView<'_, T>,
+    ) -> Result<()> {
         let dev = device_of(&w.packed)?;
         let numel = w.numel();
         let packed = w.packed.contiguous()?; // [ceil(numel / 2)] u8
@@ -124,7 +175,6 @@ mod imp {
         // A null pointer for the scale arrays the chosen quantization does not use.
         let null: u64 = 0;
         let f = func(&dev, "nf4", kernel)?;
-        let mut out = alloc::<T>(&dev, numel)?;
         let stream = stream(&dev);
         let mut b = stream.launch_builder(&f);
         b.arg(&packed_v).arg(&n_bytes_u);
@@ -135,12 +185,17 @@ mod imp {
             }
             (None, None) => bail!("NF4 weight {:?}: unknown scale layout", w.shape),
         };
-        b.arg(&table).arg(&numel_u).arg(&blocksize).arg(&mut out);
+        // Whole 32-bit words of codes when they hold 8 values of one block and are aligned.
+        let vec_ok = i32::from(w.blocksize % 8 == 0 && packed.layout().start_offset() % 4 == 0);
+        b.arg(&table)
+            .arg(&numel_u)
+            .arg(&blocksize)
+            .arg(&vec_ok)
+            .arg(out);
         // SAFETY: argument order and types match `nf4_dequant_*` in nf4.cu; the kernel reads
         // packed bytes < n_bytes and block scales < blocks (checked above) and writes out[< numel].
-        unsafe { b.launch(grid_1d(numel.div_ceil(2), 256)) }?;
-        drop(b);
-        Ok(wrap(out, &dev, w.shape))
+        unsafe { b.launch(grid_1d(numel.div_ceil(8), 256)) }?;
+        Ok(())
     }
 }
 

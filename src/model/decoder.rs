@@ -7,6 +7,7 @@
 //! forward and is recomputed (same dropout seeds) right before its backward.
 
 use crate::infer::CausalLm;
+use crate::kernels::gemm::GemmOut;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::layers::attention::{
     attend, attention_backward, attention_forward, check_cu_seqlens,
@@ -15,7 +16,7 @@ use crate::model::layers::embedding::{embedding_backward, embedding_forward};
 use crate::model::layers::linear::{linear_backward, linear_forward};
 use crate::model::layers::lm_head::{lm_head_ce, CeGradRequest};
 use crate::model::layers::lora::{
-    dropout_mask, lora_a_init, lora_backward, lora_forward, LoraSaved,
+    dropout_mask, lora_a_init, lora_backward_into, lora_forward_into, LoraGradsInto, LoraSaved,
 };
 use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
@@ -100,11 +101,106 @@ pub struct TrainableInfo {
     pub decay: bool,
 }
 
-/// Gradient accumulators, one per trainable (f32; f64 when the compute dtype is f64). `None`
-/// until the first contribution; they accumulate across micro-batches until the caller resets them.
-#[derive(Debug, Clone, Default)]
+/// The trainables' gradients in one flat buffer `[N]` (f32; f64 when the compute dtype is f64),
+/// laid out as the optimizer's `FlatParams` lays out the master copy (trainable order, no gaps), so
+/// the optimizer takes it as it is: no per-slot tensors, no gather, no cast. Zero-filled at the
+/// first contribution; contributions accumulate (across micro-batches too) until the caller takes
+/// the buffer with [`Grads::into_flat`].
+#[derive(Debug, Clone)]
 pub struct Grads {
-    pub slots: Vec<Option<Tensor>>,
+    flat: Option<Tensor>,
+    /// Per slot: offset into `flat` and shape.
+    layout: Vec<(usize, Vec<usize>)>,
+    /// Slots that received a contribution.
+    touched: Vec<bool>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Grads {
+    /// Accumulators for trainables of these shapes.
+    pub fn new(shapes: &[Vec<usize>], dtype: DType, device: &Device) -> Grads {
+        let mut offset = 0;
+        let layout = shapes
+            .iter()
+            .map(|s| {
+                let here = offset;
+                offset += s.iter().product::<usize>();
+                (here, s.clone())
+            })
+            .collect();
+        Grads {
+            flat: None,
+            layout,
+            touched: vec![false; shapes.len()],
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Number of trainables.
+    pub fn len(&self) -> usize {
+        self.layout.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layout.is_empty()
+    }
+
+    /// Total number of gradient values `N`.
+    pub fn numel(&self) -> usize {
+        self.layout
+            .last()
+            .map_or(0, |(o, s)| o + s.iter().product::<usize>())
+    }
+
+    /// The buffer, zero-filled on first use.
+    fn buffer(&mut self) -> Result<&Tensor> {
+        if self.flat.is_none() {
+            self.flat = Some(Tensor::zeros(self.numel(), self.dtype, &self.device)?);
+        }
+        Ok(self.flat.as_ref().expect("allocated above"))
+    }
+
+    /// Marks `slot` as receiving a contribution and returns its offset.
+    fn mark(&mut self, slot: usize) -> usize {
+        self.touched[slot] = true;
+        self.layout[slot].0
+    }
+
+    /// `grad[slot] += g` (`g` of the slot's shape, any float dtype).
+    pub fn add(&mut self, slot: usize, g: &Tensor) -> Result<()> {
+        let shape = &self.layout[slot].1;
+        if g.dims() != shape.as_slice() {
+            bail!(
+                "gradient of shape {:?} for trainable #{slot} of shape {shape:?}",
+                g.dims()
+            );
+        }
+        let offset = self.mark(slot);
+        crate::kernels::grad::accumulate_into(self.buffer()?, offset, g)
+    }
+
+    /// Slot `slot`'s gradient (a view into the buffer), `None` before any contribution.
+    pub fn slot(&self, slot: usize) -> Option<Tensor> {
+        let flat = self.flat.as_ref().filter(|_| self.touched[slot])?;
+        let (offset, shape) = &self.layout[slot];
+        let n = shape.iter().product::<usize>();
+        flat.narrow(0, *offset, n)
+            .and_then(|t| t.reshape(shape.as_slice()))
+            .ok()
+    }
+
+    /// Every slot's gradient, as [`Grads::slot`].
+    pub fn slots(&self) -> Vec<Option<Tensor>> {
+        (0..self.len()).map(|i| self.slot(i)).collect()
+    }
+
+    /// The flat `[N]` gradient (zeros when nothing contributed).
+    pub fn into_flat(mut self) -> Result<Tensor> {
+        self.buffer()?;
+        Ok(self.flat.take().expect("allocated above"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -173,6 +269,24 @@ pub struct Decoder {
     /// Equals `embed` with tied embeddings.
     head: usize,
     ce_chunk_rows: usize,
+    /// One buffer the size of the largest NF4 weight that the training matmuls dequantize into,
+    /// one weight at a time: no allocation per use, and no weight-sized holes left in the memory
+    /// pool between the activations kept for the backward (its fragmentation is device memory).
+    dequant_scratch: std::sync::Mutex<Option<Tensor>>,
+}
+
+/// A weight ready for a matmul (see `Decoder::matmul_weight`): derefs to the tensor and keeps the
+/// dequantization scratch it may live in locked while alive.
+struct MatmulWeight<'a> {
+    weight: Tensor,
+    _scratch: Option<std::sync::MutexGuard<'a, Option<Tensor>>>,
+}
+
+impl std::ops::Deref for MatmulWeight<'_> {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 /// Leaf names of the linears of a block, per architecture, in block order.
@@ -534,6 +648,7 @@ impl Decoder {
             final_norm,
             head,
             ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size),
+            dequant_scratch: std::sync::Mutex::new(None),
         })
     }
 
@@ -600,16 +715,16 @@ impl Decoder {
     }
 
     pub fn new_grads(&self) -> Grads {
-        Grads {
-            slots: vec![None; self.trainable.len()],
-        }
+        let shapes: Vec<Vec<usize>> = self.trainable.iter().map(|t| t.shape.clone()).collect();
+        Grads::new(&shapes, self.grad_dtype(), &self.device)
     }
 
     fn check_grads(&self, grads: &Grads) -> Result<()> {
-        if grads.slots.len() != self.trainable.len() {
+        if grads.len() != self.trainable.len() || grads.dtype != self.grad_dtype() {
             bail!(
-                "grads has {} slots for {} trainables (use Decoder::new_grads)",
-                grads.slots.len(),
+                "grads has {} {:?} slots for {} trainables (use Decoder::new_grads)",
+                grads.len(),
+                grads.dtype,
                 self.trainable.len()
             );
         }
@@ -621,16 +736,10 @@ impl Decoder {
     }
 
     fn accumulate(&self, grads: &mut Grads, param: usize, g: &Tensor) -> Result<()> {
-        let Some(slot) = self.slot_of[param] else {
-            return Ok(());
-        };
-        let g = g.to_dtype(self.grad_dtype())?;
-        let entry = &mut grads.slots[slot];
-        *entry = Some(match entry.take() {
-            Some(prev) => (prev + g)?,
-            None => g,
-        });
-        Ok(())
+        match self.slot_of[param] {
+            Some(slot) => grads.add(slot, g),
+            None => Ok(()),
+        }
     }
 
     /// Parameter `idx` in the compute dtype: NF4 weights are dequantized into a temporary that
@@ -640,6 +749,49 @@ impl Decoder {
             Some(w) => scope(&self.device, "nf4_dequant", || w.dequantize(self.dtype)),
             None => Ok(self.params[idx].clone()),
         }
+    }
+
+    /// Parameter `idx` for a matmul. On a GPU an NF4 weight is dequantized into the shared scratch
+    /// buffer, which the returned value holds locked until it is dropped: drop it right after
+    /// queueing its matmuls (the stream orders the next dequantization after them).
+    fn matmul_weight(&self, idx: usize) -> Result<MatmulWeight<'_>> {
+        let Some(w) = &self.nf4[idx] else {
+            return Ok(MatmulWeight {
+                weight: self.params[idx].clone(),
+                _scratch: None,
+            });
+        };
+        scope(&self.device, "nf4_dequant", || {
+            if !self.device.is_cuda() {
+                return Ok(MatmulWeight {
+                    weight: w.dequantize(self.dtype)?,
+                    _scratch: None,
+                });
+            }
+            let mut scratch = self
+                .dequant_scratch
+                .lock()
+                .map_err(|_| anyhow::anyhow!("dequantization scratch poisoned"))?;
+            if scratch.is_none() {
+                let largest = self.nf4.iter().flatten().map(Nf4Weight::numel).max();
+                *scratch = Some(Tensor::zeros(
+                    largest.unwrap_or(0),
+                    self.dtype,
+                    &self.device,
+                )?);
+            }
+            let buf = scratch.as_ref().expect("allocated above");
+            let out = buf.narrow(0, 0, w.numel())?.reshape(w.shape)?; // [out, in]
+            let weight = if crate::kernels::nf4::dequantize_into(w, &out)? {
+                out
+            } else {
+                w.dequantize(self.dtype)?
+            };
+            Ok(MatmulWeight {
+                weight,
+                _scratch: Some(scratch),
+            })
+        })
     }
 
     /// Whether the block linears are NF4.
@@ -712,7 +864,7 @@ impl Decoder {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let w = self.weight(p.weight)?;
+        let w = self.matmul_weight(p.weight)?;
         let y = scope(&self.device, "linear_fwd", || {
             linear_forward(x, &w, p.bias.map(|b| &self.params[b]))
         })?;
@@ -734,10 +886,17 @@ impl Decoder {
             }
             None => None,
         };
-        let (delta, saved) = scope(&self.device, "lora_fwd", || {
-            lora_forward(x, &self.params[a], &self.params[b], self.lora_scale, mask)
+        let saved = scope(&self.device, "lora_fwd", || {
+            lora_forward_into(
+                &y,
+                x,
+                &self.params[a],
+                &self.params[b],
+                self.lora_scale,
+                mask,
+            )
         })?;
-        Ok(((y + delta)?, Some(saved)))
+        Ok((y, Some(saved)))
     }
 
     /// Returns `dx` and accumulates the gradients of the projection's trainables.
@@ -749,7 +908,7 @@ impl Decoder {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor> {
-        let w = self.weight(p.weight)?;
+        let w = self.matmul_weight(p.weight)?;
         let lg = scope(&self.device, "linear_bwd", || {
             linear_backward(
                 x,
@@ -767,21 +926,32 @@ impl Decoder {
         if let (Some(db), Some(b)) = (&lg.db, p.bias) {
             self.accumulate(grads, b, db)?;
         }
-        let mut dx = lg.dx.context("linear backward returned no dx")?;
+        let dx = lg.dx.context("linear backward returned no dx")?;
         if let (Some((a, b)), Some(saved)) = (p.lora, saved) {
-            let g = scope(&self.device, "lora_bwd", || {
-                lora_backward(
+            let (Some(slot_a), Some(slot_b)) = (self.slot_of[a], self.slot_of[b]) else {
+                bail!(
+                    "LoRA weights of `{}` are not trainable",
+                    self.names[p.weight]
+                );
+            };
+            let (da, db) = (grads.mark(slot_a), grads.mark(slot_b));
+            let buf = grads.buffer()?;
+            let out = LoraGradsInto {
+                dx: &dx,
+                da: GemmOut { buf, offset: da },
+                db: GemmOut { buf, offset: db },
+            };
+            scope(&self.device, "lora_bwd", || {
+                lora_backward_into(
                     x,
                     &self.params[a],
                     &self.params[b],
                     self.lora_scale,
                     saved,
                     dy,
+                    out,
                 )
             })?;
-            self.accumulate(grads, a, &g.da)?;
-            self.accumulate(grads, b, &g.db)?;
-            dx = (dx + g.dx)?;
         }
         Ok(dx)
     }

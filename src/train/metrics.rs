@@ -119,18 +119,32 @@ pub fn keep_memory_pool(device: &candle_core::Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Peak bytes the engine had allocated at once from the device's memory pool since the last call
-/// (MiB), without the pool's fragmentation or the CUDA context; resets the mark. None on CPU.
-pub fn pool_used_high_mib(device: &candle_core::Device) -> anyhow::Result<Option<f64>> {
+/// High-water marks of the device's memory pool since the last call, in MiB, resetting them:
+/// `used` = the most the engine had allocated at once (no fragmentation, no CUDA context);
+/// `reserved` = the most device memory the pool held (what the driver counts: `used` plus the
+/// pool's fragmentation). None on CPU.
+pub fn pool_high_marks(device: &candle_core::Device) -> anyhow::Result<Option<PoolHigh>> {
     #[cfg(feature = "cuda")]
     if let Some(pool) = cuda_pool::default_pool(device)? {
-        let attr = cuda_pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-        let bytes = cuda_pool::get(pool, attr)?;
-        cuda_pool::set(pool, attr, 0)?;
-        return Ok(Some(bytes as f64 / (1u64 << 20) as f64));
+        let mark = |attr| -> anyhow::Result<f64> {
+            let bytes = cuda_pool::get(pool, attr)?;
+            cuda_pool::set(pool, attr, 0)?;
+            Ok(bytes as f64 / (1u64 << 20) as f64)
+        };
+        return Ok(Some(PoolHigh {
+            used: mark(cuda_pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved: mark(cuda_pool::Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        }));
     }
     let _ = device;
     Ok(None)
+}
+
+/// See [`pool_high_marks`].
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PoolHigh {
+    pub used: f64,
+    pub reserved: f64,
 }
 
 /// The device's default stream-ordered memory pool and its u64 attributes (driver calls).

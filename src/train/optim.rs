@@ -80,37 +80,6 @@ impl FlatParams {
             .collect()
     }
 
-    /// Gradients per slot (any float dtype; None = no gradient, counted as zeros) as one `[N]` f32.
-    pub fn flatten_grads(&self, grads: &[Option<Tensor>]) -> Result<Tensor> {
-        if grads.len() != self.slots.len() {
-            bail!(
-                "{} gradients for {} trainable tensors",
-                grads.len(),
-                self.slots.len()
-            );
-        }
-        let device = self.master.device();
-        let parts = grads
-            .iter()
-            .zip(&self.slots)
-            .enumerate()
-            .map(|(i, (g, s))| match g {
-                None => Ok(Tensor::zeros(s.numel, DType::F32, device)?),
-                Some(g) => {
-                    if g.dims() != s.shape.as_slice() {
-                        bail!(
-                            "gradient #{i} has shape {:?}, its parameter {:?}",
-                            g.dims(),
-                            s.shape
-                        );
-                    }
-                    Ok(g.to_dtype(DType::F32)?.flatten_all()?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?) // [N]
-    }
-
     /// `[N]` f32: 1 where the slot takes weight decay, else 0.
     pub fn decay_mask(&self) -> Result<Tensor> {
         let device = self.master.device();
@@ -188,6 +157,18 @@ impl AdamW {
 
     /// One update of `params.master` with the flat `[N]` f32 gradient `grad`.
     pub fn step(&mut self, params: &mut FlatParams, grad: &Tensor, lr: f64) -> Result<()> {
+        self.step_scaled(params, grad, 1.0, lr)
+    }
+
+    /// [`AdamW::step`] with the gradient multiplied by `grad_scale` first (gradient clipping
+    /// folded into the update: no clipped copy of the gradient is made).
+    pub fn step_scaled(
+        &mut self,
+        params: &mut FlatParams,
+        grad: &Tensor,
+        grad_scale: f64,
+        lr: f64,
+    ) -> Result<()> {
         let n = params.numel();
         if grad.dims() != [n] || grad.dtype() != DType::F32 {
             bail!(
@@ -204,6 +185,7 @@ impl AdamW {
             eps: self.eps,
             weight_decay: self.weight_decay,
             step: self.step,
+            grad_scale,
         };
         // On CUDA the fused kernel updates the master and moments in place (same arithmetic as
         // `adamw_update`), so a step allocates no parameter-sized buffers.
@@ -285,6 +267,9 @@ pub struct AdamWStep {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: u64,
+    /// Multiplies the gradient first (the clipping coefficient; 1 = none), as torch's
+    /// `clip_grad_norm_` scales the gradient in place before the step.
+    pub grad_scale: f64,
 }
 
 /// One AdamW update of `[n]` f32 tensors: returns the new (param, exp_avg, exp_avg_sq).
@@ -303,6 +288,14 @@ pub fn adamw_update(
     {
         return Ok(r);
     }
+    let scaled;
+    let grad = if h.grad_scale == 1.0 {
+        grad
+    } else {
+        // f32 multiply, as torch's in-place `g.mul_(clip_coef)` with an f32 coefficient.
+        scaled = grad.affine(h.grad_scale as f32 as f64, 0.0)?;
+        &scaled
+    };
     // Decoupled weight decay first, on the pre-update parameter (torch order).
     let mut p = param.clone();
     if h.weight_decay > 0.0 && h.lr > 0.0 {
@@ -338,9 +331,19 @@ pub fn sum_squares(grad: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// torch `clip_grad_norm_`'s scale for a total norm: `max_norm / (norm + 1e-6)` clamped to 1.
+/// torch `clip_grad_norm_`'s scale for a total norm: `max_norm / (norm + 1e-6)` clamped to 1;
+/// 1 when clipping is off (`max_norm <= 0`). A non-finite norm gives a non-finite scale, which
+/// propagates into the gradient as in torch (the caller decides whether to skip the step).
 pub fn clip_coef(total_norm: f64, max_norm: f64) -> f64 {
-    (max_norm / (total_norm + 1e-6)).min(1.0)
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    let coef = (max_norm / (total_norm + 1e-6)).min(1.0);
+    if total_norm.is_finite() {
+        coef
+    } else {
+        f64::NAN
+    }
 }
 
 /// Clip an `[n]` gradient to global 2-norm `max_norm` (torch `clip_grad_norm_`): returns the
@@ -349,15 +352,12 @@ pub fn clip_coef(total_norm: f64, max_norm: f64) -> f64 {
 /// the caller decides whether to skip the step.
 pub fn clip_grad_norm(grad: &Tensor, max_norm: f64) -> Result<(Tensor, f64)> {
     let norm = sum_squares(grad)?.sqrt();
-    if max_norm <= 0.0 {
-        return Ok((grad.clone(), norm));
-    }
     let coef = clip_coef(norm, max_norm);
     // torch multiplies even when coef is 1 (clamped); skipping that no-op changes nothing.
-    let clipped = if coef < 1.0 || !norm.is_finite() {
-        (grad * coef)?
-    } else {
+    let clipped = if coef == 1.0 {
         grad.clone()
+    } else {
+        grad.affine(coef as f32 as f64, 0.0)?
     };
     Ok((clipped, norm))
 }

@@ -76,6 +76,25 @@ pub fn select_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The device of the worker with local rank `local_rank`: `auto` and `cuda` take GPU
+/// `local_rank` when the node's workers see every GPU (`ftrun --nproc`, torchrun), GPU 0 when
+/// each sees only its own (SLURM's per-task binding); an explicit `cuda:N` is taken as given.
+pub fn worker_device(name: &str, local_rank: usize) -> Result<Device> {
+    let gpu = (name == "auto" && cfg!(feature = "cuda")) || name == "cuda";
+    if !gpu || local_rank == 0 {
+        return select_device(name);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        let visible = CudaContext::device_count().map_err(|e| anyhow::anyhow!("{e:?}"))? as usize;
+        let idx = if visible > local_rank { local_rank } else { 0 };
+        Ok(Device::new_cuda(idx)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    select_device(name)
+}
+
 /// Compute dtype from `model.dtype`: "auto" = bf16 on GPU, f32 on CPU.
 pub fn compute_dtype(name: &str, device: &Device) -> DType {
     match name {
@@ -165,7 +184,7 @@ pub fn trained_targets(b: &Batch) -> usize {
 /// Train a config to the end in this process. `work_dir` receives checkpoints, logs and the
 /// dataset cache.
 pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> {
-    run_parallel(cfg, work_dir, resume, &Parallel::single())
+    run_parallel(cfg, work_dir, resume, &mut Parallel::single())
 }
 
 /// What every worker of a distributed run must agree on: the resolved config's hash and the
@@ -185,13 +204,15 @@ pub fn run_parallel(
     cfg: &Config,
     work_dir: &Path,
     resume: Resume,
-    par: &Parallel,
+    par: &mut Parallel,
 ) -> Result<RunSummary> {
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
     check_parallel_config(cfg, par)?;
     let main = par.is_main();
-    let device = select_device(&cfg.train.device)?;
+    let device = worker_device(&cfg.train.device, par.local_rank())?;
+    par.use_device(&device)?;
+    let par = &*par;
     metrics::keep_memory_pool(&device)?;
     let quant = quant_spec(cfg);
     let dtype = match quant {
@@ -386,8 +407,7 @@ pub fn run_parallel(
         let loss = par.sum_f64s(&[local_loss_sum], &device)?[0] / n_targets.max(1) as f64;
 
         // Reduce (ZeRO-2: into this rank's shard), clip by the global norm, check, update.
-        let flat = opt.params().flatten_grads(&grads.slots)?; // [N]
-        drop(grads);
+        let flat = grads.into_flat()?.to_dtype(DType::F32)?; // [N]
         let shard_grad = opt.reduce_gradients(&flat, par.comm())?; // [N / ranks]
         drop(flat);
         let grad_norm = opt.global_grad_norm(&shard_grad, par.comm())?;

@@ -140,13 +140,10 @@ impl ZeroOptimizer {
         comm: &dyn Collectives,
     ) -> Result<()> {
         self.check_comm(comm)?;
+        // Clipping folded into the update: the gradient is scaled inside the AdamW kernel.
         let coef = clip_coef(grad_norm, max_grad_norm);
-        let grad = if max_grad_norm > 0.0 && (coef < 1.0 || !grad_norm.is_finite()) {
-            (shard_grad * coef)?
-        } else {
-            shard_grad.clone()
-        };
-        self.adamw.step(&mut self.shard, &grad, lr)?;
+        self.adamw
+            .step_scaled(&mut self.shard, shard_grad, coef, lr)?;
         if self.world == 1 {
             self.params.master = self.shard.master.clone();
             return Ok(());

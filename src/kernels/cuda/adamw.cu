@@ -9,6 +9,7 @@ struct AdamWArgs {
   float one_minus_shrink;   // 1 - lr * weight_decay, used without a mask
   float inv_bias_correction2_sqrt, eps, step_size;
   int decay;                // 0: no weight decay this step
+  float grad_scale;         // the gradient clipping coefficient (1: no clipping)
 };
 
 // p, g, m, v: [n]; decay_mask: [n] of 1/0 or null (decay all when `decay`); outputs new p, m, v.
@@ -20,7 +21,7 @@ extern "C" __global__ void adamw_f32(const float* __restrict__ p, const float* _
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)gridDim.x * blockDim.x) {
     float pi = p[i];
-    const float gi = g[i];
+    const float gi = __fmul_rn(g[i], a.grad_scale);  // torch: g.mul_(clip_coef) first
     if (a.decay) {
       if (decay_mask != nullptr) {
         // p * (mask * -shrink + 1)

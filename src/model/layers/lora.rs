@@ -3,6 +3,7 @@
 //! The base linear is computed separately (see [`super::linear`]); the adapter only adds its delta.
 
 use super::{acc_dtype, mix_seed};
+use crate::kernels::gemm::{gemm_into, GemmOut};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -131,7 +132,7 @@ pub fn dropout_mask(
     )))
 }
 
-/// What [`lora_forward`] keeps for the backward.
+/// What [`lora_forward_into`] keeps for the backward.
 pub struct LoraSaved {
     /// `A · dropout(x)` rows: `[n, r]` (small: r columns).
     pub ax: Tensor,
@@ -139,26 +140,82 @@ pub struct LoraSaved {
     pub mask: Option<DropoutMask>,
 }
 
-/// Returns `delta_y [n, out] = scale · (dropout(x) A^T) B^T` for `x [n, in]`.
+/// Adds the adapter's delta onto the base output in place: `y [n, out] += scale · (dropout(x) Aᵀ) Bᵀ`
+/// for `x [n, in]`. On a GPU the second product is one cuBLAS call accumulating into `y` (no
+/// `[n, out]` delta, scale or add pass). `y` must be a fresh contiguous tensor nothing else shares.
+pub fn lora_forward_into(
+    y: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<DropoutMask>,
+) -> anyhow::Result<LoraSaved> {
+    let xd = match &mask {
+        Some(m) => m.apply(x)?,
+        None => x.clone(),
+    }; // [n, in]
+    let ax = xd.matmul(&a.t()?)?; // [n, r]
+    gemm_into(GemmOut::whole(y), &ax, false, b, true, scale, 1.0)?; // y += scale · ax Bᵀ
+    Ok(LoraSaved { ax, mask })
+}
+
+/// The delta alone, `scale · (dropout(x) Aᵀ) Bᵀ` `[n, out]` (tests and references).
 pub fn lora_forward(
     x: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
     mask: Option<DropoutMask>,
-) -> Result<(Tensor, LoraSaved)> {
-    let xd = match &mask {
+) -> anyhow::Result<(Tensor, LoraSaved)> {
+    let y = Tensor::zeros((x.dim(0)?, b.dim(0)?), x.dtype(), x.device())?; // [n, out]
+    let saved = lora_forward_into(&y, x, a, b, scale, mask)?;
+    Ok((y, saved))
+}
+
+/// Where [`lora_backward_into`] adds its results: the layer input's gradient `dx [n, in]` (the base
+/// linear's, updated in place) and the regions of `dA [r, in]` and `dB [out, r]` in the gradient
+/// buffer (accumulated there in its dtype, f32 for bf16 compute).
+pub struct LoraGradsInto<'a> {
+    pub dx: &'a Tensor,
+    pub da: GemmOut<'a>,
+    pub db: GemmOut<'a>,
+}
+
+/// Backward of [`lora_forward_into`] for upstream `dy [n, out]`: `dB += scale · dyᵀ ax`,
+/// `dA += (scale · dy B)ᵀ dropout(x)`, `dx += dropout'((scale · dy B) A)`.
+pub fn lora_backward_into(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    saved: &LoraSaved,
+    dy: &Tensor,
+    out: LoraGradsInto,
+) -> anyhow::Result<()> {
+    gemm_into(out.db, dy, true, &saved.ax, false, scale, 1.0)?; // [out, n] · [n, r]
+    let dax = (dy.matmul(b)? * scale)?; // [n, out] · [out, r] = [n, r]
+    let xd = match &saved.mask {
         Some(m) => m.apply(x)?,
         None => x.clone(),
     }; // [n, in]
-    let ax = xd.matmul(&a.t()?)?; // [n, r]
-    let dy = (ax.matmul(&b.t()?)? * scale)?; // [n, out]
-    Ok((dy, LoraSaved { ax, mask }))
+    gemm_into(out.da, &dax, true, &xd, false, 1.0, 1.0)?; // [r, n] · [n, in]
+    drop(xd);
+    match &saved.mask {
+        // d(x · mask)/dx = mask: the same rule applied to the adapter's part of the gradient.
+        Some(m) => {
+            let dxd = m.apply(&dax.matmul(a)?)?; // [n, in]
+            crate::kernels::grad::accumulate_into(out.dx, 0, &dxd)?;
+        }
+        None => gemm_into(GemmOut::whole(out.dx), &dax, false, a, false, 1.0, 1.0)?, // [n, r] · [r, in]
+    }
+    Ok(())
 }
 
-/// Gradients of the adapter (compute dtype).
+/// Gradients of the adapter alone (`dx` its contribution only; `da`, `db` in the accumulation
+/// dtype: f32, or f64 for f64 inputs).
 pub struct LoraGrads {
-    /// Contribution to the layer input's gradient, `[n, in]`.
+    /// `[n, in]`
     pub dx: Tensor,
     /// `[r, in]`
     pub da: Tensor,
@@ -166,7 +223,7 @@ pub struct LoraGrads {
     pub db: Tensor,
 }
 
-/// Backward of [`lora_forward`] for upstream `dy [n, out]`.
+/// [`lora_backward_into`] into fresh zero buffers (tests and references).
 pub fn lora_backward(
     x: &Tensor,
     a: &Tensor,
@@ -174,19 +231,16 @@ pub fn lora_backward(
     scale: f64,
     saved: &LoraSaved,
     dy: &Tensor,
-) -> Result<LoraGrads> {
-    let xd = match &saved.mask {
-        Some(m) => m.apply(x)?,
-        None => x.clone(),
-    }; // [n, in]
-    let db = (dy.t()?.matmul(&saved.ax)? * scale)?; // [out, n] · [n, r] = [out, r]
-    let dax = (dy.matmul(b)? * scale)?; // [n, out] · [out, r] = [n, r]
-    let da = dax.t()?.matmul(&xd)?; // [r, n] · [n, in] = [r, in]
-    let dxd = dax.matmul(a)?; // [n, r] · [r, in] = [n, in]
-                              // d(x · mask)/dx = mask: the same rule applied to the upstream gradient.
-    let dx = match &saved.mask {
-        Some(m) => m.apply(&dxd)?,
-        None => dxd,
+) -> anyhow::Result<LoraGrads> {
+    let acc = acc_dtype(x.dtype());
+    let dx = x.zeros_like()?;
+    let da = Tensor::zeros(a.dims(), acc, a.device())?;
+    let db = Tensor::zeros(b.dims(), acc, b.device())?;
+    let out = LoraGradsInto {
+        dx: &dx,
+        da: GemmOut::whole(&da),
+        db: GemmOut::whole(&db),
     };
+    lora_backward_into(x, a, b, scale, saved, dy, out)?;
     Ok(LoraGrads { dx, da, db })
 }
