@@ -70,7 +70,11 @@ pub fn build_dataset(
 }
 
 /// `data.max_length` must leave room for more than the template itself.
-pub(crate) fn check_max_length(cfg: &Config, template: &Template, tokenizer: &Tokenizer) -> Result<()> {
+pub(crate) fn check_max_length(
+    cfg: &Config,
+    template: &Template,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     let overhead = template_overhead(template, tokenizer);
     if cfg.data.max_length <= overhead {
         bail!(
@@ -82,7 +86,7 @@ pub(crate) fn check_max_length(cfg: &Config, template: &Template, tokenizer: &To
     Ok(())
 }
 
-fn report_files(cache_dir: &Path, cached: bool) -> String {
+pub(crate) fn report_files(cache_dir: &Path, cached: bool) -> String {
     format!(
         "dataset cache: {} ({})",
         cache_dir.display(),

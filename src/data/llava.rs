@@ -13,7 +13,7 @@
 
 use crate::config::Config;
 use crate::data::cache::{self, DataReport, PackedDataset};
-use crate::data::dataset::{check_max_length, dataset_key, encode_all};
+use crate::data::dataset::{check_max_length, dataset_key, encode_all, report_files};
 use crate::data::format::{read_all_located, Origin};
 use crate::data::image::ClipPreprocess;
 use crate::data::pack::{efficiency, unpacked, PackedSeq};
@@ -158,11 +158,7 @@ pub fn build_llava_dataset(
         );
     }
     if progress {
-        eprintln!(
-            "dataset cache: {} ({})",
-            cache_dir.display(),
-            if cached { "reused" } else { "built" }
-        );
+        eprintln!("{}", report_files(&cache_dir, cached));
     }
     Ok((LlavaDataset { seqs, images }, report, key))
 }

@@ -14,7 +14,7 @@
 //! backward computes the adapters' gradients only: no base weight gets a `dW`, and it stops at
 //! the first layer that holds an adapter.
 
-use crate::model::decoder::{LoraSpec, TrainableInfo};
+use crate::model::decoder::{Grads, LoraSpec, TrainableInfo};
 use crate::model::layers::attention::{
     bidirectional_attention_backward, bidirectional_attention_forward,
 };
@@ -169,13 +169,6 @@ pub struct ClipVision {
     lora_init: Vec<Tensor>,
     lora_scale: f64,
     lora_dropout: f64,
-}
-
-/// Gradient accumulators of the tower's trainables (f32; f64 for an f64 tower), `None` until
-/// the first contribution.
-#[derive(Debug, Clone, Default)]
-pub struct VisionGrads {
-    pub slots: Vec<Option<Tensor>>,
 }
 
 /// What one layer's backward needs.
@@ -430,6 +423,10 @@ impl ClipVision {
         self.dtype
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The adapters' tensors (empty for a frozen tower), in gradient-slot order.
     pub fn trainable(&self) -> &[TrainableInfo] {
         &self.trainable
@@ -464,10 +461,10 @@ impl ClipVision {
         Ok(())
     }
 
-    pub fn new_grads(&self) -> VisionGrads {
-        VisionGrads {
-            slots: vec![None; self.trainable.len()],
-        }
+    /// Gradient accumulators of the trainables (f32; f64 for an f64 tower).
+    pub fn new_grads(&self) -> Grads {
+        let shapes: Vec<Vec<usize>> = self.trainable.iter().map(|t| t.shape.clone()).collect();
+        Grads::new(&shapes, acc_dtype(self.dtype), &self.device)
     }
 
     /// `pixels [B, C, S, S]` -> image features `[B, N, D]` (the selected hidden state without
@@ -525,16 +522,11 @@ impl ClipVision {
     /// Backward of [`ClipVision::forward_train`] for upstream `dfeatures [B, N, D]`: adds the
     /// adapters' gradients into `grads`. Frozen weights get none, and layers before the first
     /// adapted one are not visited.
-    pub fn backward(
-        &self,
-        acts: VisionActs,
-        dfeatures: &Tensor,
-        grads: &mut VisionGrads,
-    ) -> Result<()> {
-        if grads.slots.len() != self.trainable.len() {
+    pub fn backward(&self, acts: VisionActs, dfeatures: &Tensor, grads: &mut Grads) -> Result<()> {
+        if grads.len() != self.trainable.len() {
             bail!(
                 "vision grads have {} slots for {} trainables (use ClipVision::new_grads)",
-                grads.slots.len(),
+                grads.len(),
                 self.trainable.len()
             );
         }
@@ -660,7 +652,7 @@ impl ClipVision {
         saved: Option<&LoraSaved>,
         dy: &Tensor,
         need_dx: bool,
-        grads: &mut VisionGrads,
+        grads: &mut Grads,
     ) -> Result<Option<Tensor>> {
         let mut dx = if need_dx {
             linear_backward(x, &l.w, dy, true, false, false)?.dx
@@ -676,21 +668,11 @@ impl ClipVision {
                 saved,
                 dy,
             )?;
-            self.accumulate(grads, a, &g.da)?;
-            self.accumulate(grads, a + 1, &g.db)?;
+            grads.add(a, &g.da)?;
+            grads.add(a + 1, &g.db)?;
             dx = dx.map(|d| d + g.dx).transpose()?;
         }
         Ok(dx)
-    }
-
-    fn accumulate(&self, grads: &mut VisionGrads, slot: usize, g: &Tensor) -> Result<()> {
-        let g = g.to_dtype(acc_dtype(self.dtype))?;
-        let entry = &mut grads.slots[slot];
-        *entry = Some(match entry.take() {
-            Some(prev) => (prev + g)?,
-            None => g,
-        });
-        Ok(())
     }
 
     fn act_forward(&self, f: &Tensor) -> Result<Tensor> {
@@ -765,7 +747,7 @@ impl ClipVision {
         dout: &Tensor,
         cu_seqlens: &[u32],
         need_dx: bool,
-        grads: &mut VisionGrads,
+        grads: &mut Grads,
     ) -> Result<Option<Tensor>> {
         let [q_s, k_s, v_s, o_s, f1_s, f2_s] = &a.saved;
         let n = dout.dim(0)?;
