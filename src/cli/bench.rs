@@ -103,6 +103,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut params = FlatParams::from_values(&init, &decay)?;
     drop(init);
+    model.release_initial_values();
     let optim = OptimConfig {
         lr: a.lr,
         weight_decay: 0.0,

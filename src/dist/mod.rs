@@ -10,6 +10,7 @@ pub mod nccl;
 pub mod parallel;
 pub mod supervise;
 pub mod tcp_ring;
+pub mod ulysses;
 pub mod worker;
 
 /// Generated gRPC code for proto/coordinator.proto.

@@ -99,16 +99,42 @@ pub fn gemm_into(
     Ok(())
 }
 
+/// `op(a) · op(b)` as a new `[m, n]` tensor of a's dtype. On a GPU one cuBLAS `GemmEx` into an
+/// uninitialized buffer (`beta = 0` never reads it); candle's matmul otherwise.
+pub fn gemm(a: &Tensor, trans_a: bool, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::on_cuda(a) && matches!(a.dtype(), DType::BF16 | DType::F32) {
+        let (m, _) = op_dims(a, trans_a)?;
+        let (_, n) = op_dims(b, trans_b)?;
+        let out = imp::uninit(a, m * n)?.reshape((m, n))?;
+        gemm_into(GemmOut::whole(&out), a, trans_a, b, trans_b, 1.0, 0.0)?;
+        return Ok(out);
+    }
+    let opa = if trans_a { a.t()? } else { a.clone() };
+    let opb = if trans_b { b.t()? } else { b.clone() };
+    Ok(opa.matmul(&opb)?)
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::GemmOut;
-    use crate::kernels::cuda::{device_of, stream, CudaInput};
+    use crate::kernels::cuda::{alloc, device_of, stream, wrap, CudaInput};
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::{DType, Tensor};
     use half::bf16;
     use std::ffi::c_void;
+
+    /// `[n]` of `like`'s dtype on its device, uninitialized.
+    pub fn uninit(like: &Tensor, n: usize) -> Result<Tensor> {
+        let dev = device_of(like)?;
+        Ok(match like.dtype() {
+            DType::BF16 => wrap(alloc::<bf16>(&dev, n)?, &dev, n),
+            DType::F32 => wrap(alloc::<f32>(&dev, n)?, &dev, n),
+            other => bail!("gemm: no cuBLAS path for {other:?}"),
+        })
+    }
 
     fn data_type(dtype: DType) -> Result<sys::cudaDataType> {
         Ok(match dtype {
@@ -253,6 +279,32 @@ pub fn self_checks() -> Vec<KernelCheck> {
                 tol,
                 &|| run(&base, &a, &b),
                 &|| run(&base32, &a32, &b32),
+            )
+        }));
+    }
+    // The base projections' shapes (a 1.8B MLP): forward x·Wᵀ and input gradient dy·W, cuBLAS
+    // GemmEx against candle's matmul (strided-batched) on the same device.
+    for (name, tb) in [
+        ("gemm linear fwd x·Wᵀ", true),
+        ("gemm linear bwd dy·W", false),
+    ] {
+        checks.push(KernelCheck::new(name, move |device: &Device| {
+            let (n, k, o) = sized(device, (2048, 2048, 8192), (6, 5, 7));
+            let dtype = super::check_dtype(device);
+            let x = random_tensor(&[n, k], 1.0, 14, dtype, device)?;
+            let w_shape = if tb { [o, k] } else { [k, o] };
+            let w = random_tensor(&w_shape, 1.0, 15, dtype, device)?;
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+            let (xc, wc) = (cpu(&x)?, cpu(&w)?);
+            run_check(
+                device,
+                format!("[{n}, {k}] · [{k}, {o}] {dtype:?}"),
+                Tolerance {
+                    atol: 2e-2,
+                    rtol: 1e-2,
+                },
+                &|| Ok(vec![gemm(&x, false, &w, tb)?]),
+                &|| Ok(vec![gemm(&xc, false, &wc, tb)?]),
             )
         }));
     }

@@ -6,6 +6,8 @@
 //! computed nor allocated. With activation checkpointing a block keeps only its input during the
 //! forward and is recomputed (same dropout seeds) right before its backward.
 
+use crate::dist::collectives::Collectives;
+use crate::dist::ulysses::{self, SeqPiece};
 use crate::infer::CausalLm;
 use crate::kernels::gemm::GemmOut;
 use crate::model::config::{Arch, ModelConfig};
@@ -14,7 +16,9 @@ use crate::model::layers::attention::{
 };
 use crate::model::layers::embedding::{embedding_backward, embedding_forward};
 use crate::model::layers::linear::{linear_backward, linear_forward};
-use crate::model::layers::lm_head::{lm_head_ce, CeGradRequest};
+use crate::model::layers::lm_head::{
+    lm_head_ce, lm_head_ce_rows, row_targets, shifted_targets, CeGradRequest,
+};
 use crate::model::layers::lora::{
     dropout_mask, lora_a_init, lora_backward_into, lora_forward_into, LoraGradsInto, LoraSaved,
 };
@@ -430,11 +434,12 @@ struct AttnActs {
     h1: Tensor,
     rstd1: Tensor,
     qkv_saved: Vec<Option<LoraSaved>>,
-    /// Post-RoPE `[n, heads, d]` / `[n, kv_heads, d]`.
+    /// Post-RoPE `[n, heads, d]` / `[n, kv_heads, d]` as attention saw them (under sequence
+    /// parallelism: the whole sequence's `[n, heads/sp, d]` after the Ulysses exchange).
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// `[n, heads, d]` and its row log-sum-exp `[heads, n]`.
+    /// `[n, heads, d]` (sequence parallel: `[n, heads/sp, d]`) and its row log-sum-exp.
     attn: Tensor,
     lse: Tensor,
 }
@@ -474,8 +479,37 @@ struct BatchCtx<'a> {
     /// `[n, head_dim]` in compute dtype.
     cos: Tensor,
     sin: Tensor,
+    /// Of the whole sequence (under sequence parallelism longer than this rank's tokens).
     cu_seqlens: &'a [u32],
+    /// The sequence-parallel group when this rank holds one piece of the sequence.
+    sp: Option<&'a dyn Collectives>,
 }
+
+impl BatchCtx<'_> {
+    /// Before attention: this rank's tokens with all heads -> all tokens with this rank's heads
+    /// (the identity without sequence parallelism).
+    fn scatter_heads<const N: usize>(&self, xs: [Tensor; N]) -> Result<[Tensor; N]> {
+        match self.sp {
+            Some(sp) => scope(self.ids.device(), "ulysses_scatter", || {
+                ulysses::scatter_heads(sp, xs.each_ref())
+            }),
+            None => Ok(xs),
+        }
+    }
+
+    /// After attention: the inverse of [`BatchCtx::scatter_heads`].
+    fn gather_heads<const N: usize>(&self, xs: [Tensor; N]) -> Result<[Tensor; N]> {
+        match self.sp {
+            Some(sp) => scope(self.ids.device(), "ulysses_gather", || {
+                ulysses::gather_heads(sp, xs.each_ref())
+            }),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// The trained rows of a batch and their target ids (see `lm_head::shifted_targets`).
+type RowTargets = (Vec<u32>, Vec<u32>);
 
 impl Decoder {
     /// Builds the decoder from HF-named weights, taking them out of `weights` and casting them to
@@ -681,6 +715,13 @@ impl Decoder {
             .collect()
     }
 
+    /// Frees the LoRA init kept for [`Decoder::initial_trainable_values`] (f32, as large as the
+    /// optimizer's master copy) once the optimizer holds its own copy; afterwards that method
+    /// returns the current values.
+    pub fn release_initial_values(&mut self) {
+        self.lora_init = Vec::new();
+    }
+
     /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step.
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
         if values.len() != self.trainable.len() {
@@ -827,8 +868,25 @@ impl Decoder {
                 batch.position_ids.len()
             );
         }
-        if let Some((i, id)) = batch
-            .input_ids
+        self.tokens_ctx(
+            &batch.input_ids,
+            &batch.position_ids,
+            &batch.cu_seqlens,
+            None,
+        )
+    }
+
+    /// The context of `ids` at `positions` (equal lengths); `cu_seqlens` covers the whole
+    /// sequence: `ids` times the sequence-parallel group's size.
+    fn tokens_ctx<'a>(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        cu_seqlens: &'a [u32],
+        sp: Option<&'a dyn Collectives>,
+    ) -> Result<BatchCtx<'a>> {
+        let n = ids.len();
+        if let Some((i, id)) = ids
             .iter()
             .enumerate()
             .find(|(_, &id)| id as usize >= self.cfg.vocab_size)
@@ -838,10 +896,10 @@ impl Decoder {
                 self.cfg.vocab_size
             );
         }
-        check_cu_seqlens(&batch.cu_seqlens, n)?;
-        let ids = Tensor::from_slice(&batch.input_ids, n, &self.device)?;
+        check_cu_seqlens(cu_seqlens, n * sp.map_or(1, |c| c.world()))?;
+        let ids = Tensor::from_slice(ids, n, &self.device)?;
         let (cos, sin) = rope_table(
-            &batch.position_ids,
+            positions,
             self.cfg.head_dim,
             self.cfg.rope_theta,
             self.dtype,
@@ -851,7 +909,8 @@ impl Decoder {
             ids,
             cos,
             sin,
-            cu_seqlens: &batch.cu_seqlens,
+            cu_seqlens,
+            sp,
         })
     }
 
@@ -1098,10 +1157,12 @@ impl Decoder {
                 rope_forward(&k, &ctx.cos, &ctx.sin)?,
             ))
         })?;
+        let [q, k, v] = ctx.scatter_heads([q, k, v])?;
         let (attn, lse) = scope(dev, "attn_fwd", || {
             attention_forward(&q, &k, &v, ctx.cu_seqlens)
         })?;
-        let (out, tail) = self.tail_forward(blk, x, &attn, seed)?;
+        let [attn_tokens] = ctx.gather_heads([attn.clone()])?; // [n, heads, d]
+        let (out, tail) = self.tail_forward(blk, x, &attn_tokens, seed)?;
         let acts = BlockActs {
             x: x.clone(),
             attn: AttnActs {
@@ -1147,10 +1208,12 @@ impl Decoder {
         // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
         let dattn_flat =
             self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
-        let dattn = dattn_flat.reshape(a.attn.shape())?;
+        let (n, heads, d) = (dx2.dim(0)?, self.cfg.num_heads, self.cfg.head_dim);
+        let [dattn] = ctx.scatter_heads([dattn_flat.reshape((n, heads, d))?])?;
         let (dq, dk, dv) = scope(&self.device, "attn_bwd", || {
             attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)
         })?;
+        let [dq, dk, dv] = ctx.gather_heads([dq, dk, dv])?;
         let (dq, dk) = scope(&self.device, "rope_bwd", || {
             Ok::<_, candle_core::Error>((
                 rope_backward(&dq, &ctx.cos, &ctx.sin)?,
@@ -1196,11 +1259,52 @@ impl Decoder {
             return self.loss(batch);
         }
         let ctx = self.batch_ctx(batch)?;
+        let targets = shifted_targets(&batch.labels, self.cfg.vocab_size)?;
+        self.tokens_forward_backward(&ctx, &targets, loss_scale, grads, step_seed, checkpointing)
+    }
+
+    /// [`Decoder::forward_backward`] of one rank's piece of a packed batch under Ulysses
+    /// sequence parallelism: every rank of the group `sp` calls it with its own piece of the
+    /// same batch ([`SeqPiece::split`]); attention exchanges q/k/v and its output over `sp`.
+    /// The returned stats and the gradients added to `grads` are this piece's share: summed
+    /// over the group they are those of the whole batch.
+    pub fn forward_backward_sp(
+        &self,
+        piece: &SeqPiece,
+        sp: &dyn Collectives,
+        loss_scale: f64,
+        grads: &mut Grads,
+        step_seed: u64,
+        checkpointing: bool,
+    ) -> Result<StepStats> {
+        self.check_grads(grads)?;
+        ulysses::check_heads(self.cfg.num_heads, self.cfg.num_kv_heads, sp.world())?;
+        piece.check(sp)?;
+        let ctx = self.tokens_ctx(
+            &piece.input_ids,
+            &piece.position_ids,
+            &piece.cu_seqlens,
+            Some(sp),
+        )?;
+        let targets = row_targets(&piece.targets, self.cfg.vocab_size)?;
+        self.tokens_forward_backward(&ctx, &targets, loss_scale, grads, step_seed, checkpointing)
+    }
+
+    /// Embedding, blocks, head + loss and back, from the batch's token ids.
+    fn tokens_forward_backward(
+        &self,
+        ctx: &BatchCtx,
+        targets: &RowTargets,
+        loss_scale: f64,
+        grads: &mut Grads,
+        step_seed: u64,
+        checkpointing: bool,
+    ) -> Result<StepStats> {
         let x0 = embedding_forward(&ctx.ids, &self.params[self.embed])?; // [n, h]
         let (stats, dx0) = self.stack_forward_backward(
-            &ctx,
+            ctx,
             x0,
-            batch,
+            targets,
             loss_scale,
             grads,
             step_seed,
@@ -1244,7 +1348,16 @@ impl Decoder {
             );
         }
         let x0 = x0.to_dtype(self.dtype)?;
-        self.stack_forward_backward(&ctx, x0, batch, loss_scale, grads, step_seed, checkpointing)
+        let targets = shifted_targets(&batch.labels, self.cfg.vocab_size)?;
+        self.stack_forward_backward(
+            &ctx,
+            x0,
+            &targets,
+            loss_scale,
+            grads,
+            step_seed,
+            checkpointing,
+        )
     }
 
     /// Adds the embedding table's gradient for rows `ids` with upstream `dy [len(ids), h]`
@@ -1269,7 +1382,7 @@ impl Decoder {
         &self,
         ctx: &BatchCtx,
         x0: Tensor,
-        batch: &Batch,
+        (rows, targets): &RowTargets,
         loss_scale: f64,
         grads: &mut Grads,
         step_seed: u64,
@@ -1295,10 +1408,11 @@ impl Decoder {
             need_dw: self.trains(self.head),
         };
         let ce = scope(&self.device, "lm_head_ce", || {
-            lm_head_ce(
+            lm_head_ce_rows(
                 &hf,
                 &self.params[self.head],
-                &batch.labels,
+                rows,
+                targets,
                 self.ce_chunk_rows,
                 Some(&req),
             )

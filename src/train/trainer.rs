@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::data::sampler::{DistributedSampler, SamplerState};
 use crate::data::IGNORE_INDEX;
+use crate::dist::collectives::{Collectives, Groups, WorldLayout};
 use crate::dist::parallel::Parallel;
-use crate::model::decoder::{Batch, Decoder, LoraSpec, QuantSpec, TrainMode};
+use crate::dist::ulysses::{self, SeqPiece};
+use crate::model::decoder::{Batch, Decoder, Grads, LoraSpec, QuantSpec, StepStats, TrainMode};
 use crate::model::{weights, ModelConfig};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{
@@ -181,6 +183,58 @@ pub fn trained_targets(b: &Batch) -> usize {
         .count()
 }
 
+/// One micro-batch as this rank trains it: the whole batch, or (sequence parallel) its piece.
+enum MicroBatch {
+    Whole(Batch),
+    Piece(SeqPiece),
+}
+
+impl MicroBatch {
+    /// This rank's share of the batch under `sp` (None: no sequence parallelism).
+    fn new(batch: Batch, sp: Option<&dyn Collectives>) -> Result<MicroBatch> {
+        Ok(match sp {
+            Some(sp) => MicroBatch::Piece(SeqPiece::split(&batch, sp.world(), sp.rank())?),
+            None => MicroBatch::Whole(batch),
+        })
+    }
+
+    /// Trained targets of this rank's share (over the world, every target counted once).
+    fn targets(&self) -> usize {
+        match self {
+            MicroBatch::Whole(b) => trained_targets(b),
+            MicroBatch::Piece(p) => p.trained_targets(),
+        }
+    }
+
+    /// Tokens of this rank's share, padding excluded.
+    fn tokens(&self) -> usize {
+        match self {
+            MicroBatch::Whole(b) => b.input_ids.len(),
+            MicroBatch::Piece(p) => p.real_tokens,
+        }
+    }
+
+    fn forward_backward(
+        &self,
+        model: &Decoder,
+        sp: Option<&dyn Collectives>,
+        loss_scale: f64,
+        grads: &mut Grads,
+        seed: u64,
+        checkpointing: bool,
+    ) -> Result<StepStats> {
+        match (self, sp) {
+            (MicroBatch::Piece(p), Some(sp)) => {
+                model.forward_backward_sp(p, sp, loss_scale, grads, seed, checkpointing)
+            }
+            (MicroBatch::Whole(b), _) => {
+                model.forward_backward(b, loss_scale, grads, seed, checkpointing)
+            }
+            (MicroBatch::Piece(_), None) => bail!("a sequence-parallel piece needs its SP group"),
+        }
+    }
+}
+
 /// Train a config to the end in this process. `work_dir` receives checkpoints, logs and the
 /// dataset cache.
 pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> {
@@ -208,7 +262,7 @@ pub fn run_parallel(
 ) -> Result<RunSummary> {
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
-    check_parallel_config(cfg, par)?;
+    let layout = check_parallel_config(cfg, par)?;
     let main = par.is_main();
     let device = worker_device(&cfg.train.device, par.local_rank())?;
     par.use_device(&device)?;
@@ -234,6 +288,14 @@ pub fn run_parallel(
 
     // Model: HF config + safetensors, LoRA adapters or all weights trainable.
     let model_cfg = ModelConfig::from_dir(&cfg.model.path)?;
+    // Ulysses: the SP group (a block of `sp` ranks) shares each sample, one piece per rank.
+    let groups: Option<Groups> = if layout.sp > 1 {
+        ulysses::check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, layout.sp)?;
+        Some(layout.split(par.comm())?)
+    } else {
+        None
+    };
+    let sp_comm = groups.as_ref().map(|g| g.sp.as_ref());
     let identity = RunIdentity {
         model: sha256_file(&cfg.model.path.join("config.json"))?,
         data: data_key,
@@ -254,6 +316,7 @@ pub fn run_parallel(
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
     let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
     let params = FlatParams::from_values(&model.initial_trainable_values()?, &decay)?;
+    model.release_initial_values();
     let numel = params.numel();
     let mut opt = ZeroOptimizer::new(
         &cfg.optim,
@@ -271,7 +334,15 @@ pub fn run_parallel(
             numel as f64 / 1e6,
             cfg.train.method,
             if par.world() > 1 {
-                format!(", {} ranks (ZeRO-2)", par.world())
+                format!(
+                    ", {} ranks (ZeRO-2{})",
+                    par.world(),
+                    if layout.sp > 1 {
+                        format!(", Ulysses sequence parallel over {}", layout.sp)
+                    } else {
+                        String::new()
+                    }
+                )
             } else {
                 String::new()
             }
@@ -284,7 +355,7 @@ pub fn run_parallel(
         dataset.len(),
         par.rank(),
         par.world(),
-        1,
+        layout.sp,
         cfg.train.seed,
         true,
         false,
@@ -378,10 +449,10 @@ pub fn run_parallel(
                 sampler_state = st;
                 seqs.push(dataset.get_owned(idx));
             }
-            micro.push(make_batch(&seqs));
+            micro.push(MicroBatch::new(make_batch(&seqs), sp_comm)?);
         }
-        let local_targets: usize = micro.iter().map(trained_targets).sum();
-        let local_tokens: usize = micro.iter().map(|b| b.input_ids.len()).sum();
+        let local_targets: usize = micro.iter().map(MicroBatch::targets).sum();
+        let local_tokens: usize = micro.iter().map(MicroBatch::tokens).sum();
         let data_time = t0.elapsed().as_secs_f64();
         // The whole step's counts over all ranks: the loss is the mean over every trained token.
         let counts = par.sum_counts(&[local_targets as u64, local_tokens as u64], &device)?;
@@ -395,8 +466,9 @@ pub fn run_parallel(
             // Ranks draw different dropout masks; rank 0's are the single-process ones.
             let seed =
                 cfg.train.seed ^ ((step as u64) << 20) ^ i as u64 ^ ((par.rank() as u64) << 40);
-            let s = model.forward_backward(
-                b,
+            let s = b.forward_backward(
+                &model,
+                sp_comm,
                 1.0 / n_targets.max(1) as f64,
                 &mut grads,
                 seed,
@@ -529,15 +601,16 @@ pub fn run_parallel(
     })
 }
 
-/// What this build can run in parallel: data parallel with ZeRO-2 only.
-fn check_parallel_config(cfg: &Config, par: &Parallel) -> Result<()> {
+/// What this build can run in parallel: data parallel with ZeRO-2, times Ulysses sequence
+/// parallel groups. Returns the world's layout.
+fn check_parallel_config(cfg: &Config, par: &Parallel) -> Result<WorldLayout> {
     let p = &cfg.parallel;
-    if p.sequence_parallel_size > 1 {
-        bail!(
-            "parallel.sequence_parallel_size = {}: Ulysses sequence parallelism is not implemented yet; use 1",
+    let layout = WorldLayout::new(par.world(), p.sequence_parallel_size).map_err(|e| {
+        anyhow::anyhow!(
+            "parallel.sequence_parallel_size = {}: {e} (ranks: `ftrun --nproc N`)",
             p.sequence_parallel_size
-        );
-    }
+        )
+    })?;
     if par.world() > 1 && p.zero_stage != 2 {
         bail!(
             "parallel.zero_stage = {} on {} ranks: only ZeRO-2 (zero_stage = 2) is implemented",
@@ -545,7 +618,7 @@ fn check_parallel_config(cfg: &Config, par: &Parallel) -> Result<()> {
             par.world()
         );
     }
-    Ok(())
+    Ok(layout)
 }
 
 /// Writes the step's checkpoint. One process: one directory written under a temporary name and

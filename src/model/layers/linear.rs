@@ -1,12 +1,14 @@
 //! Linear layer: `y = x W^T (+ b)` with `x [n, in]`, `W [out, in]`, `b [out]`.
 
-use candle_core::{Result, Tensor};
+use crate::kernels::gemm::gemm;
+use anyhow::Result;
+use candle_core::Tensor;
 
 /// `y [n, out] = x [n, in] · W^T (+ b)`.
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?; // [n, out]
+    let y = gemm(x, false, w, true)?; // [n, out]
     match b {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => Ok(y.broadcast_add(b)?),
         None => Ok(y),
     }
 }
@@ -33,12 +35,12 @@ pub fn linear_backward(
     need_db: bool,
 ) -> Result<LinearGrads> {
     let dx = if need_dx {
-        Some(dy.matmul(w)?) // [n, out] · [out, in] = [n, in]
+        Some(gemm(dy, false, w, false)?) // [n, out] · [out, in] = [n, in]
     } else {
         None
     };
     let dw = if need_dw {
-        Some(dy.t()?.matmul(x)?) // [out, n] · [n, in] = [out, in]
+        Some(gemm(dy, true, x, false)?) // [out, n] · [n, in] = [out, in]
     } else {
         None
     };

@@ -15,16 +15,27 @@ pub const IGNORE_INDEX: i32 = -100;
 /// The trained positions of a shifted label row: `(rows, targets)` with `targets[j] = labels[rows[j] + 1]`.
 /// Errors on a label that is neither `-100` nor a valid token id.
 pub fn shifted_targets(labels: &[i32], vocab_size: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    trained_rows(labels, 1, vocab_size)
+}
+
+/// The trained positions of an already shifted row (`targets[i]` is what row `i` predicts, as
+/// in a sequence-parallel piece): `(rows, targets)` of the entries that are not `-100`.
+pub fn row_targets(targets: &[i32], vocab_size: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    trained_rows(targets, 0, vocab_size)
+}
+
+/// Row `i - shift` predicts `labels[i]`.
+fn trained_rows(labels: &[i32], shift: usize, vocab_size: usize) -> Result<(Vec<u32>, Vec<u32>)> {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
-    for (i, &t) in labels.iter().enumerate().skip(1) {
+    for (i, &t) in labels.iter().enumerate().skip(shift) {
         if t == IGNORE_INDEX {
             continue;
         }
         if t < 0 || t as usize >= vocab_size {
             bail!("labels[{i}] = {t}: a label must be -100 or a token id below vocab_size {vocab_size}");
         }
-        rows.push((i - 1) as u32);
+        rows.push((i - shift) as u32);
         targets.push(t as u32);
     }
     Ok((rows, targets))
@@ -57,15 +68,35 @@ pub fn lm_head_ce(
     chunk_rows: usize,
     grad: Option<&CeGradRequest>,
 ) -> Result<CeOutput> {
-    let (n, h) = hidden.dims2()?;
+    let n = hidden.dim(0)?;
     if labels.len() != n {
         bail!("labels has {} entries for {n} tokens", labels.len());
+    }
+    let (rows, targets) = shifted_targets(labels, w.dim(0)?)?;
+    lm_head_ce_rows(hidden, w, &rows, &targets, chunk_rows, grad)
+}
+
+/// [`lm_head_ce`] for given trained rows of `hidden` and their target ids (from
+/// [`shifted_targets`] or [`row_targets`]).
+pub fn lm_head_ce_rows(
+    hidden: &Tensor,
+    w: &Tensor,
+    rows: &[u32],
+    targets: &[u32],
+    chunk_rows: usize,
+    grad: Option<&CeGradRequest>,
+) -> Result<CeOutput> {
+    let (n, h) = hidden.dims2()?;
+    if rows.len() != targets.len() {
+        bail!("{} trained rows but {} targets", rows.len(), targets.len());
+    }
+    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+        bail!("trained row {bad} is outside the {n} hidden rows");
     }
     let vocab = w.dim(0)?;
     let dtype = hidden.dtype();
     let acc = acc_dtype(dtype);
     let dev = hidden.device();
-    let (rows, targets) = shifted_targets(labels, vocab)?;
     let n_trained = rows.len();
     let mut loss_sum: Option<Tensor> = None; // [] f64
     let mut dhidden = match grad {
