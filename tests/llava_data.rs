@@ -221,3 +221,57 @@ fn packing_is_refused_and_images_resolve_next_to_the_data_without_a_folder() {
         "{err}"
     );
 }
+
+#[test]
+fn check_data_shows_images_and_names_a_missing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = ftrun::model::tiny_clip::make_tiny_llava(&tmp.path().join("tiny"), 0).unwrap();
+    let work = tmp.path().join("work");
+    let args = |data: &Path| {
+        vec![
+            "check-data".to_string(),
+            "tiny_llava_finetune".into(),
+            "--work-dir".into(),
+            work.display().to_string(),
+            "-n".into(),
+            "1".into(),
+            "--set".into(),
+            format!("model.path=\"{}\"", t.llm.display()),
+            "--set".into(),
+            format!("llava.vision_tower=\"{}\"", t.clip.display()),
+            "--set".into(),
+            format!("data.image_folder=\"{}\"", t.images.display()),
+            "--set".into(),
+            format!(
+                "data.files=[{{path=\"{}\", format=\"llava\"}}]",
+                data.display()
+            ),
+        ]
+    };
+    let run = |data: &Path| {
+        let a = args(data);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        train_support::ftrun(&refs)
+    };
+    let (ok, out, err, _) = run(&t.finetune_data);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("image: ") && out.contains("red_square.png"),
+        "{out}"
+    );
+    assert!(out.contains("⟦") && out.contains("<image>"), "{out}");
+    assert!(out.contains("images: 8 of 9 samples"), "{out}");
+
+    // A record whose image is gone: the error names the data file's line and the path.
+    let broken = tmp.path().join("broken.jsonl");
+    let mut text = std::fs::read_to_string(&t.finetune_data).unwrap();
+    text = text.replacen("blue_circle.png", "blue_hexagon.png", 1);
+    std::fs::write(&broken, text).unwrap();
+    let (ok, _, err, _) = run(&broken);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}:6: image file", broken.display()))
+            && err.contains("blue_hexagon.png"),
+        "{err}"
+    );
+}

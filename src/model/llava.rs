@@ -395,6 +395,12 @@ impl LlavaModel {
         Ok(v)
     }
 
+    /// Frees the decoder's and the tower's initial adapter values once the optimizer holds them.
+    pub fn release_initial_values(&mut self) {
+        self.decoder.release_initial_values();
+        self.vision.release_initial_values();
+    }
+
     /// Replaces every trainable (any dtype, [`LlavaModel::trainable`] order).
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
         if values.len() != self.trainable.len() {

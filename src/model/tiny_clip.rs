@@ -178,3 +178,93 @@ fn init_weights(s: &TinyClipSpec, seed: u64) -> Result<Vec<(String, Tensor)>> {
     w.norm("vision_model.post_layernorm", d)?;
     Ok(w.out)
 }
+
+/// Colours and shapes of the tiny LLaVA images.
+const COLOURS: [(&str, [u8; 3]); 4] = [
+    ("red", [220, 30, 30]),
+    ("green", [30, 200, 40]),
+    ("blue", [30, 60, 230]),
+    ("yellow", [240, 220, 20]),
+];
+const SHAPES: [&str; 2] = ["square", "circle"];
+
+/// What [`make_tiny_llava`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyLlava {
+    pub llm: std::path::PathBuf,
+    pub clip: std::path::PathBuf,
+    pub images: std::path::PathBuf,
+    pub pretrain_data: std::path::PathBuf,
+    pub finetune_data: std::path::PathBuf,
+}
+
+/// Everything the tiny LLaVA configs (`tiny_llava_pretrain`, `tiny_llava_finetune`) read, under
+/// `dir`: the tiny demo LLM (`tiny-llama/`, its tokenizer trained on the captions), a tiny CLIP
+/// (`tiny-clip/`), 8 generated 40x32 PNGs (a coloured square or circle on grey, `images/`),
+/// captions for pretraining (`pretrain.jsonl`) and questions about colour and shape plus
+/// text-only records for finetuning (`finetune.jsonl`).
+pub fn make_tiny_llava(dir: &Path, seed: u64) -> Result<TinyLlava> {
+    let out = TinyLlava {
+        llm: dir.join("tiny-llama"),
+        clip: dir.join("tiny-clip"),
+        images: dir.join("images"),
+        pretrain_data: dir.join("pretrain.jsonl"),
+        finetune_data: dir.join("finetune.jsonl"),
+    };
+    std::fs::create_dir_all(&out.images)
+        .with_context(|| format!("{}: cannot create", out.images.display()))?;
+    let human = |q: &str| serde_json::json!({"from": "human", "value": format!("<image>\n{q}")});
+    let gpt = |a: &str| serde_json::json!({"from": "gpt", "value": a});
+    let (mut pretrain, mut finetune, mut corpus) = (vec![], vec![], vec![]);
+    for (colour, rgb) in COLOURS {
+        for shape in SHAPES {
+            let file = format!("{colour}_{shape}.png");
+            draw_shape(&out.images.join(&file), rgb, shape == "circle")?;
+            let caption = format!("a {colour} {shape}");
+            pretrain.push(serde_json::json!({"image": file, "conversations": [
+                human("Describe the image."), gpt(&caption)]}));
+            finetune.push(serde_json::json!({"image": file, "conversations": [
+                human("What colour is the shape?"), gpt(&format!("It is {colour}.")),
+                {"from": "human", "value": "And its shape?"}, gpt(&format!("A {shape}."))]}));
+            corpus.extend([caption, format!("It is {colour}. A {shape}.")]);
+        }
+    }
+    // Text-only samples are mixed into LLaVA finetuning.
+    let text_only = serde_json::json!({"conversations": [
+        {"from": "human", "value": "Which colours can the shapes have?"},
+        gpt("Red, green, blue or yellow.")]});
+    finetune.push(text_only);
+    corpus.extend(
+        [
+            "Describe the image.",
+            "What colour is the shape? And its shape?",
+            "Which colours can the shapes have? Red, green, blue or yellow.",
+        ]
+        .map(String::from),
+    );
+    let write_lines = |path: &Path, records: &[serde_json::Value]| -> Result<()> {
+        let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    write_lines(&out.pretrain_data, &pretrain)?;
+    write_lines(&out.finetune_data, &finetune)?;
+    crate::model::demo::make_demo_model(&out.llm, &corpus, seed)?;
+    make_tiny_clip(&out.clip, &TinyClipSpec::default(), seed)?;
+    Ok(out)
+}
+
+/// A 40x32 grey PNG with a centred coloured square or circle of radius 10.
+fn draw_shape(path: &Path, rgb: [u8; 3], circle: bool) -> Result<()> {
+    let (w, h, r) = (40i32, 32i32, 10i32);
+    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let (dx, dy) = (x as i32 - w / 2, y as i32 - h / 2);
+        let inside = if circle {
+            dx * dx + dy * dy <= r * r
+        } else {
+            dx.abs() <= r && dy.abs() <= r
+        };
+        image::Rgb(if inside { rgb } else { [128, 128, 128] })
+    });
+    img.save(path)
+        .with_context(|| format!("writing {}", path.display()))
+}

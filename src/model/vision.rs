@@ -437,6 +437,12 @@ impl ClipVision {
         self.lora_init.clone()
     }
 
+    /// Frees the initial values once the optimizer holds them (after this,
+    /// [`ClipVision::initial_trainable_values`] is empty).
+    pub fn release_initial_values(&mut self) {
+        self.lora_init = Vec::new();
+    }
+
     /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step.
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
         if values.len() != self.trainable.len() {
