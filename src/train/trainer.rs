@@ -537,7 +537,7 @@ where
         Resume::Path(p) => Some(p.clone()),
     };
     if let Some(dir) = resume_dir {
-        let ck = checkpoint::load(&dir, &device)?;
+        let ck = checkpoint::load(&dir, device)?;
         checkpoint::check_identity(&dir, &ck.state.identity, &identity)?;
         if ck.state.trainable != names {
             bail!(
