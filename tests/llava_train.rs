@@ -113,13 +113,66 @@ fn pretrain_then_finetune_from_its_projector() {
         last < first * 0.8,
         "finetune loss did not fall: {first} -> {last}"
     );
-    let names = trainable_names(&fin.final_checkpoint.unwrap());
+    let fin_ckpt = fin.final_checkpoint.unwrap();
+    let names = trainable_names(&fin_ckpt);
     let count = |p: &str| names.iter().filter(|n| n.starts_with(p)).count();
     // LLM: 4 layers x 7 linears x (A, B); projector: 4; tower: 2 of 3 layers run x 6 x 2.
     assert_eq!(count("model.layers."), 4 * 7 * 2);
     assert_eq!(count("projector."), 4);
     assert_eq!(count("vision_model.encoder.layers."), 2 * 6 * 2);
     assert_eq!(names.len(), 56 + 4 + 24);
+
+    // Export in XTuner's layout: projector/, llm_adapter/, visual_encoder_adapter/.
+    let out = tmp.path().join("export");
+    ftrun::export::export_checkpoint(&fin_ckpt, &out).unwrap();
+    let keys = |f: &Path| -> Vec<String> {
+        let mut k: Vec<String> = candle_core::safetensors::load(f, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(&out.join("projector/model.safetensors")),
+        [
+            "model.0.bias",
+            "model.0.weight",
+            "model.2.bias",
+            "model.2.weight"
+        ]
+    );
+    let pcfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("projector/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (pcfg["visual_hidden_size"].as_u64(), pcfg["depth"].as_u64()),
+        (Some(32), Some(2))
+    );
+    // The exported projector is the checkpoint's, readable as a pretrain_checkpoint too.
+    assert_eq!(projector(&out.join("projector")), projector(&fin_ckpt));
+    let vis = keys(&out.join("visual_encoder_adapter/adapter_model.safetensors"));
+    assert_eq!(vis.len(), 24);
+    assert!(vis
+        .iter()
+        .all(|k| k.starts_with("base_model.model.vision_model.encoder.layers.")));
+    let vcfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("visual_encoder_adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(vcfg["r"], 4);
+    assert!(vcfg["task_type"].is_null());
+    let llm = keys(&out.join("llm_adapter/adapter_model.safetensors"));
+    assert_eq!(llm.len(), 56);
+    assert!(llm
+        .iter()
+        .all(|k| k.starts_with("base_model.model.model.layers.")));
+
+    // A pretrain checkpoint exports its projector only.
+    let out = tmp.path().join("export_pre");
+    ftrun::export::export_checkpoint(&pre_ckpt, &out).unwrap();
+    assert!(out.join("projector/model.safetensors").is_file());
+    assert!(!out.join("llm_adapter").exists() && !out.join("visual_encoder_adapter").exists());
 }
 
 #[test]
