@@ -275,3 +275,28 @@ fn check_data_shows_images_and_names_a_missing_one() {
         "{err}"
     );
 }
+
+#[test]
+fn an_image_that_fails_to_decode_later_names_its_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = train_support::setup(tmp.path(), 1);
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    png(&images.join("cut.png"), 64, 64);
+    // Keep the header (so the up-front check passes) and cut the pixel data.
+    let bytes = std::fs::read(images.join("cut.png")).unwrap();
+    std::fs::write(images.join("cut.png"), &bytes[..60]).unwrap();
+    let data = tmp.path().join("llava.jsonl");
+    write_lines(&data, &[rec(Some("cut.png"), "<image>\nwhat")]);
+    let cfg = config(&s, &data, &images);
+    let tok = ftrun::tokenizer::Tokenizer::from_path(&cfg.model.tokenizer_path()).unwrap();
+    let (ds, _, _) = build_llava_dataset(&cfg, &tok, &tmp.path().join("w"), false).unwrap();
+    let err = format!(
+        "{:#}",
+        ds.load(0, &ClipPreprocess::clip(28, false)).unwrap_err()
+    );
+    assert!(
+        err.contains(&format!("{}:1", data.display())) && err.contains("cut.png"),
+        "{err}"
+    );
+}
