@@ -192,7 +192,8 @@ fn check_image(path: &Path) -> Result<(), String> {
     }
 }
 
-type Encoded = (Vec<PackedSeq>, Vec<Option<ImageRef>>, DataReport);
+/// Encoded samples, their images and the report.
+type EncodedLlava = (Vec<PackedSeq>, Vec<Option<ImageRef>>, DataReport);
 
 /// Records -> encoded samples with their images (checked), and the report.
 fn encode_llava(
@@ -200,7 +201,7 @@ fn encode_llava(
     template: &Template,
     tokenizer: &Tokenizer,
     progress: bool,
-) -> Result<Encoded> {
+) -> Result<EncodedLlava> {
     let d = &cfg.data;
     let (located, read) = read_all_located(&d.files, cfg.train.seed)?;
     let encoded = encode_all(
