@@ -20,7 +20,7 @@ fn list_cfg_lists_builtins_with_descriptions_and_filters() {
     assert!(ok);
     assert!(out.lines().count() >= 5, "{out}");
     assert!(out.contains("internlm2_chat_1_8b_qlora_assistant_e3") && out.contains("QLoRA"));
-    let (ok, out, _) = ftrun(&["list-cfg", "-p", "PRETRAIN"]);
+    let (ok, out, _) = ftrun(&["list-cfg", "-p", "PRETRAIN_TEXT"]);
     assert!(ok);
     assert_eq!(out.lines().count(), 1, "{out}");
     let (ok, _, err) = ftrun(&["list-cfg", "-p", "nothing-like-this"]);

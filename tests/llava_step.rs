@@ -6,7 +6,7 @@ mod train_support;
 use candle_core::{DType, Device, Tensor};
 use ftrun::model::decoder::{Batch, Decoder, LoraSpec, TrainMode};
 use ftrun::model::llava::{
-    gelu_backward, gelu_forward, init_projector, llava_forward_backward, LlavaSample, Projector,
+    gelu_backward, gelu_forward, init_projector, llava_forward_backward, Projector,
 };
 use ftrun::model::weights::load_weights;
 use ftrun::model::ModelConfig;
@@ -39,6 +39,11 @@ fn gelu_backward_matches_finite_differences() {
 }
 
 /// A 2-sample packed batch of 30 tokens with 4 image rows at 5..9 (labels ignored).
+struct LlavaSample {
+    batch: Batch,
+    image_start: usize,
+}
+
 fn sample(vocab: usize) -> LlavaSample {
     let ids: Vec<u32> = (0..30).map(|i| ((i * 11 + 5) % vocab) as u32).collect();
     let labels: Vec<i32> = ids
@@ -89,10 +94,20 @@ fn loss_with(
         b2: ps[3].clone(),
     };
     let mut g = dec.new_grads();
-    llava_forward_backward(dec, &moved, feats, s, 1.0, &mut g, 3, false)
-        .unwrap()
-        .0
-        .loss_sum
+    llava_forward_backward(
+        dec,
+        &moved,
+        feats,
+        &s.batch,
+        &[s.image_start],
+        1.0,
+        &mut g,
+        3,
+        false,
+    )
+    .unwrap()
+    .0
+    .loss_sum
 }
 
 #[test]
@@ -112,11 +127,21 @@ fn projector_gradients_through_the_llm_match_finite_differences() {
         let dec = Decoder::new(&cfg, &mut w, mode.clone(), DType::F64, &CPU, 1).unwrap();
         let vision = 32;
         let proj = init_projector(vision, cfg.hidden_size, 9, DType::F64, &CPU).unwrap();
-        let feats = Tensor::randn(0f64, 1.0, (4, vision), &CPU).unwrap();
+        let feats = Tensor::randn(0f64, 1.0, (1, 4, vision), &CPU).unwrap(); // one image of 4 rows
         let smp = sample(cfg.vocab_size);
         let mut grads = dec.new_grads();
-        let (stats, pg) =
-            llava_forward_backward(&dec, &proj, &feats, &smp, 1.0, &mut grads, 3, true).unwrap();
+        let (stats, pg) = llava_forward_backward(
+            &dec,
+            &proj,
+            &feats,
+            &smp.batch,
+            &[smp.image_start],
+            1.0,
+            &mut grads,
+            3,
+            true,
+        )
+        .unwrap();
         assert_eq!(
             stats.n_trained,
             smp.batch
@@ -168,14 +193,15 @@ fn a_trained_label_on_an_image_row_is_refused() {
     let mut w = load_weights(&s.model, DType::F32, &CPU, |_| true).unwrap();
     let dec = Decoder::new(&cfg, &mut w, TrainMode::Frozen, DType::F32, &CPU, 1).unwrap();
     let proj = init_projector(32, cfg.hidden_size, 9, DType::F32, &CPU).unwrap();
-    let feats = Tensor::zeros((4, 32), DType::F32, &CPU).unwrap();
+    let feats = Tensor::zeros((1, 4, 32), DType::F32, &CPU).unwrap();
     let mut smp = sample(cfg.vocab_size);
     smp.batch.labels[6] = 3;
     let err = llava_forward_backward(
         &dec,
         &proj,
         &feats,
-        &smp,
+        &smp.batch,
+        &[smp.image_start],
         1.0,
         &mut dec.new_grads(),
         0,

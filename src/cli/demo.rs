@@ -79,6 +79,9 @@ pub fn run(dir: &Path, steps: usize, prompt: Option<&str>) -> Result<()> {
             Some(question.to_string())
         },
         device: "cpu".into(),
+        llava: None,
+        visual_encoder: None,
+        image: None,
     };
     if !interactive {
         println!("> {question}");

@@ -169,6 +169,16 @@ pub struct ChatArgs {
     /// `cpu`, `cuda` or `cuda:N` (default: auto).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// An exported LLaVA directory (`projector/`, and `llm_adapter/` or `llm/`,
+    /// `visual_encoder_adapter/` when trained): chat with a LLaVA model.
+    #[arg(long, requires = "visual_encoder")]
+    pub llava: Option<PathBuf>,
+    /// The CLIP vision tower of the LLaVA model.
+    #[arg(long)]
+    pub visual_encoder: Option<PathBuf>,
+    /// An image to talk about (needs --llava); the first turn carries it.
+    #[arg(long, requires = "llava")]
+    pub image: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,6 +22,24 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "tiny_demo_assistant",
         include_str!("../../configs/tiny_demo_assistant.toml"),
     ),
+    (
+        "llava_internlm2_chat_1_8b_clip_vit_large_p14_336_pretrain",
+        include_str!("../../configs/llava_internlm2_chat_1_8b_clip_vit_large_p14_336_pretrain.toml"),
+    ),
+    (
+        "llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_finetune",
+        include_str!(
+            "../../configs/llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_finetune.toml"
+        ),
+    ),
+    (
+        "tiny_llava_pretrain",
+        include_str!("../../configs/tiny_llava_pretrain.toml"),
+    ),
+    (
+        "tiny_llava_finetune",
+        include_str!("../../configs/tiny_llava_finetune.toml"),
+    ),
 ];
 
 /// The TOML text of a built-in config by exact name.

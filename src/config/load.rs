@@ -416,6 +416,69 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
         "log.every_steps",
         "must be at least 1",
     )?;
+    if let Some(l) = &c.llava {
+        validate_llava(c, l)?;
+    }
+    Ok(())
+}
+
+/// `[llava]` against the rest of the config.
+fn validate_llava(c: &Config, l: &super::LlavaConfig) -> Result<(), (String, String)> {
+    one_of("llava.stage", &l.stage, &["pretrain", "finetune"])?;
+    check(
+        !c.data.pack,
+        "data.pack",
+        "LLaVA samples are not packed (as in XTuner's LLaVA configs): set data.pack = false",
+    )?;
+    check(
+        c.parallel.sequence_parallel_size == 1,
+        "parallel.sequence_parallel_size",
+        "sequence parallelism is not supported for LLaVA; use 1",
+    )?;
+    check(
+        l.num_workers >= 1,
+        "llava.num_workers",
+        "must be at least 1",
+    )?;
+    check(l.prefetch >= 1, "llava.prefetch", "must be at least 1")?;
+    if l.is_pretrain() {
+        check(
+            l.vision_lora.is_none(),
+            "llava.vision_lora",
+            "the vision tower is frozen in the pretrain stage; move [llava.vision_lora] to the finetune config",
+        )?;
+        check(
+            l.pretrain_checkpoint.is_none(),
+            "llava.pretrain_checkpoint",
+            "the pretrain stage starts from a fresh projector; set it in the finetune config",
+        )?;
+    } else {
+        check(
+            l.pretrain_checkpoint.is_some(),
+            "llava.pretrain_checkpoint",
+            "the finetune stage starts from the pretrain stage's projector: set the pretrain checkpoint (or its work dir)",
+        )?;
+        check(
+            !l.llm_4bit,
+            "llava.llm_4bit",
+            "applies to the pretrain stage; for a 4-bit LLM in finetune use train.method = \"qlora\"",
+        )?;
+    }
+    if let Some(v) = &l.vision_lora {
+        check(v.r >= 1, "llava.vision_lora.r", "must be at least 1")?;
+        check(
+            (0.0..1.0).contains(&v.dropout),
+            "llava.vision_lora.dropout",
+            format!("{} is not in [0, 1)", v.dropout),
+        )?;
+        for (i, t) in v.target_modules.iter().enumerate() {
+            one_of(
+                &format!("llava.vision_lora.target_modules.{i}"),
+                t,
+                &crate::model::vision::VISION_LINEARS,
+            )?;
+        }
+    }
     Ok(())
 }
 

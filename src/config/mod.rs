@@ -39,6 +39,66 @@ pub struct Config {
     pub eval: EvalConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[llava]`: train a LLaVA model (a CLIP tower and a projector in front of `[model]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llava: Option<LlavaConfig>,
+}
+
+/// `[llava]`: LLaVA-1.5 two-stage training (XTuner's `LLaVAModel`): the CLIP vision tower's
+/// features (`select_layer`, class token dropped) go through the projector into the LLM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LlavaConfig {
+    /// A Hugging Face CLIP directory (CLIPVisionModel, or a CLIPModel whose vision half is used).
+    pub vision_tower: PathBuf,
+    /// "pretrain": only the projector trains (LLM and tower frozen); "finetune": the projector
+    /// and the LLM (`train.method`), optionally LoRA on the tower, from the pretrain checkpoint.
+    pub stage: String,
+    /// The tower's hidden state the features come from (XTuner's `visual_select_layer`).
+    #[serde(default = "default_select_layer")]
+    pub select_layer: i64,
+    /// finetune: the pretrain stage's projector: a checkpoint directory, a work dir (its latest
+    /// checkpoint) or an exported `projector/` directory.
+    #[serde(default)]
+    pub pretrain_checkpoint: Option<PathBuf>,
+    /// Pad images to a square of the mean colour before resizing; default true for finetune and
+    /// false for pretrain (LLaVA-1.5's `image_aspect_ratio`).
+    #[serde(default)]
+    pub pad_image_to_square: Option<bool>,
+    /// pretrain: hold the frozen LLM in 4-bit NF4 (`[quant]` settings).
+    #[serde(default)]
+    pub llm_4bit: bool,
+    /// finetune: LoRA adapters on the tower's linears (q_proj, k_proj, v_proj, out_proj, fc1,
+    /// fc2; empty `target_modules` = all).
+    #[serde(default)]
+    pub vision_lora: Option<LoraConfig>,
+    /// Image decoding threads.
+    #[serde(default = "default_image_workers")]
+    pub num_workers: usize,
+    /// Micro-batches decoded ahead of the one being trained.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn default_select_layer() -> i64 {
+    -2
+}
+fn default_image_workers() -> usize {
+    4
+}
+fn default_prefetch() -> usize {
+    2
+}
+
+impl LlavaConfig {
+    pub fn is_pretrain(&self) -> bool {
+        self.stage == "pretrain"
+    }
+
+    /// Whether images are padded to squares (explicit, else by stage).
+    pub fn pad_to_square(&self) -> bool {
+        self.pad_image_to_square.unwrap_or(!self.is_pretrain())
+    }
 }
 
 /// `[model]`: a Hugging Face model directory (config.json + safetensors) and its tokenizer.

@@ -10,11 +10,11 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::data::cache::{self, DataReport, PackedDataset};
-use crate::data::encode::{encode, template_overhead};
+use crate::data::encode::{encode, template_overhead, DropReason};
 use crate::data::format::read_all;
 use crate::data::pack::{efficiency, pack_with_stats, unpacked, PackMode, PackedSeq};
 use crate::data::template::Template;
-use crate::data::Encoded;
+use crate::data::{Encoded, Record};
 use crate::tokenizer::Tokenizer;
 
 /// Bumped whenever encoding or packing changes what a cache file holds.
@@ -56,14 +56,7 @@ pub fn build_dataset(
     progress: bool,
 ) -> Result<(PackedDataset, DataReport, String)> {
     let template = Template::by_name(&cfg.data.template)?;
-    let overhead = template_overhead(&template, tokenizer);
-    if cfg.data.max_length <= overhead {
-        bail!(
-            "data.max_length = {} is not larger than the `{}` template itself ({overhead} tokens for an empty turn)",
-            cfg.data.max_length,
-            cfg.data.template
-        );
-    }
+    check_max_length(cfg, &template, tokenizer)?;
     let key = dataset_key(cfg, tokenizer)?;
     let cache_dir = work_dir.join("dataset_cache");
     let (ds, report, cached) = cache::load_or_build(&cache_dir, &key, || {
@@ -76,7 +69,24 @@ pub fn build_dataset(
     Ok((ds, report, key))
 }
 
-fn report_files(cache_dir: &Path, cached: bool) -> String {
+/// `data.max_length` must leave room for more than the template itself.
+pub(crate) fn check_max_length(
+    cfg: &Config,
+    template: &Template,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
+    let overhead = template_overhead(template, tokenizer);
+    if cfg.data.max_length <= overhead {
+        bail!(
+            "data.max_length = {} is not larger than the `{}` template itself ({overhead} tokens for an empty turn)",
+            cfg.data.max_length,
+            cfg.data.template
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn report_files(cache_dir: &Path, cached: bool) -> String {
     format!(
         "dataset cache: {} ({})",
         cache_dir.display(),
@@ -108,14 +118,16 @@ impl DataReport {
     }
 }
 
-fn tokenize_and_pack(
+/// Templates and tokenizes `records` on `data.num_workers` threads (with a progress bar), in
+/// order. `Ok(Err(reason))` is a record XTuner would drop.
+pub(crate) fn encode_all<'a>(
+    records: impl IndexedParallelIterator<Item = &'a Record>,
     cfg: &Config,
     template: &Template,
     tokenizer: &Tokenizer,
     progress: bool,
-) -> Result<(Vec<PackedSeq>, DataReport)> {
+) -> Result<Vec<Result<std::result::Result<Encoded, DropReason>>>> {
     let d = &cfg.data;
-    let (records, read) = read_all(&d.files, cfg.train.seed)?;
     let bar = if progress {
         ProgressBar::new(records.len() as u64)
     } else {
@@ -131,17 +143,28 @@ fn tokenize_and_pack(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(d.num_workers)
         .build()?;
-    let encoded: Vec<Result<std::result::Result<Encoded, String>>> = pool.install(|| {
+    let encoded = pool.install(|| {
         records
-            .par_iter()
             .map(|r| {
-                let e = encode(r, template, tokenizer, d.max_length, d.system.as_deref())?;
+                let e = encode(r, template, tokenizer, d.max_length, d.system.as_deref());
                 bar.inc(1);
-                Ok(e.map_err(|reason| reason.to_string()))
+                e
             })
             .collect()
     });
     bar.finish_and_clear();
+    Ok(encoded)
+}
+
+fn tokenize_and_pack(
+    cfg: &Config,
+    template: &Template,
+    tokenizer: &Tokenizer,
+    progress: bool,
+) -> Result<(Vec<PackedSeq>, DataReport)> {
+    let d = &cfg.data;
+    let (records, read) = read_all(&d.files, cfg.train.seed)?;
+    let encoded = encode_all(records.par_iter(), cfg, template, tokenizer, progress)?;
     let mut dropped: BTreeMap<String, usize> = BTreeMap::new();
     let mut samples = Vec::with_capacity(encoded.len());
     for e in encoded {

@@ -131,14 +131,41 @@ impl fmt::Display for ReadReport {
     }
 }
 
+/// Where a record came from: its file (an index into the files read) and the line it starts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub file: usize,
+    pub line: usize,
+}
+
+impl Origin {
+    /// `path:line` for messages.
+    pub fn describe(&self, files: &[DataFile]) -> String {
+        match files.get(self.file) {
+            Some(f) => format!("{}:{}", f.path.display(), self.line),
+            None => format!("file #{}:{}", self.file, self.line),
+        }
+    }
+}
+
 /// Read one dataset file into records (its weight is applied by `read_all`).
 pub fn read_file(file: &DataFile) -> Result<Vec<Record>> {
-    read_file_with_format(file).map(|(records, _)| records)
+    read_file_with_format(file).map(|(records, _)| records.into_iter().map(|(_, r)| r).collect())
 }
 
 /// Read every file and apply its weight: the integer part repeats the file, the fractional part
 /// adds that share of its records, a subset drawn from `seed` (the same seed, the same subset).
 pub fn read_all(files: &[DataFile], seed: u64) -> Result<(Vec<Record>, ReadReport)> {
+    let (located, report) = read_all_located(files, seed)?;
+    Ok((located.into_iter().map(|(r, _)| r).collect(), report))
+}
+
+/// [`read_all`] with each record's [`Origin`] (for errors found after parsing, e.g. a missing
+/// image).
+pub fn read_all_located(
+    files: &[DataFile],
+    seed: u64,
+) -> Result<(Vec<(Record, Origin)>, ReadReport)> {
     let mut all = Vec::new();
     let mut report = ReadReport::default();
     for (file_index, file) in files.iter().enumerate() {
@@ -147,6 +174,16 @@ pub fn read_all(files: &[DataFile], seed: u64) -> Result<(Vec<Record>, ReadRepor
             bail!("{}: weight must be > 0, got {w}", file.path.display());
         }
         let (records, format) = read_file_with_format(file)?;
+        let records: Vec<(Record, Origin)> = records
+            .into_iter()
+            .map(|(line, r)| {
+                let origin = Origin {
+                    file: file_index,
+                    line,
+                };
+                (r, origin)
+            })
+            .collect();
         let before = all.len();
         let repeats = w.trunc() as usize;
         for _ in 0..repeats {
@@ -171,7 +208,8 @@ pub fn read_all(files: &[DataFile], seed: u64) -> Result<(Vec<Record>, ReadRepor
     Ok((all, report))
 }
 
-fn read_file_with_format(file: &DataFile) -> Result<(Vec<Record>, Format)> {
+/// The records of a file with the line each starts on, and the file's format.
+fn read_file_with_format(file: &DataFile) -> Result<(Vec<(usize, Record)>, Format)> {
     let path = file.path.display().to_string();
     let forced = Format::from_name(&file.format).with_context(|| format!("{path}: `format`"))?;
     let text = std::fs::read_to_string(&file.path)
@@ -201,7 +239,11 @@ fn read_file_with_format(file: &DataFile) -> Result<(Vec<Record>, Format)> {
     };
     let records = values
         .iter()
-        .map(|(line, v)| parse_record(v, format).map_err(|m| located(&path, *line, m)))
+        .map(|(line, v)| {
+            parse_record(v, format)
+                .map(|r| (*line, r))
+                .map_err(|m| located(&path, *line, m))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((records, format))
 }
@@ -483,12 +525,16 @@ fn parse_alpaca(obj: &Map<String, Value>) -> Result<Record, String> {
 
 /// XTuner's `llava_map_fn` (an `<image>` moves to the front of its message, followed by "\n";
 /// human messages before an answer are concatenated), with checks XTuner lacks: the conversation
-/// must open with a human turn, a turn holds at most one `<image>`, and `<image>` needs `image`.
+/// must open with a human turn, a turn holds at most one `<image>`, a record at most one (it has
+/// one image; XTuner would splice the next sample's image into a second one), and `<image>`
+/// needs `image`.
 fn parse_llava(obj: &Map<String, Value>) -> Result<Record, String> {
     let image = non_empty(opt_str(obj, "image", "")?);
     let messages = req_array(obj, "conversations")?;
     let mut turns = Vec::new();
     let mut input = String::new();
+    // The message that holds the record's `<image>`, once seen.
+    let mut image_at: Option<usize> = None;
     for (j, m) in messages.iter().enumerate() {
         let at = format!("conversations[{j}]: ");
         let m = item_object(m, &at)?;
@@ -505,6 +551,13 @@ fn parse_llava(obj: &Map<String, Value>) -> Result<Record, String> {
                     if image.is_none() {
                         return Err(format!("{at}`{IMAGE_TOKEN}` in a record without `image`"));
                     }
+                    if let Some(first) = image_at {
+                        return Err(format!(
+                            "{at}a second `{IMAGE_TOKEN}` (the first is in conversations[{first}]); \
+                             a record has one image"
+                        ));
+                    }
+                    image_at = Some(j);
                     let text = value.replace(IMAGE_TOKEN, "");
                     input.push_str(format!("{IMAGE_TOKEN}\n{}", text.trim()).trim());
                 } else {

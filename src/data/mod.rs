@@ -55,6 +55,8 @@ impl Encoded {
 
 pub mod cache;
 pub mod dataset;
+pub mod llava;
+pub mod loader;
 pub mod pack;
 pub mod sampler;
 

@@ -54,10 +54,92 @@ pub fn export_checkpoint(ckpt_dir: &Path, out: &Path) -> Result<()> {
     let cfg = Config::from_toml(&ck.config_toml)
         .with_context(|| format!("{}: config.toml cannot be read", ckpt_dir.display()))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    if cfg.llava.is_some() {
+        return export_llava(&cfg, &ck.trainable, out);
+    }
     match cfg.train.method.as_str() {
         "full" => export_full(&cfg, &ck.trainable, out),
         _ => write_peft_adapter(&cfg.lora, &cfg.model.path, &ck.trainable, out),
     }
+}
+
+/// A LLaVA checkpoint as XTuner's `pth_to_hf` lays it out: `projector/` (safetensors +
+/// config.json), and what the stage trained of the LLM (`llm_adapter/`, a PEFT adapter, or
+/// `llm/`, the full model) and of the tower (`visual_encoder_adapter/`, a PEFT adapter).
+fn export_llava(cfg: &Config, trainable: &[(String, Tensor)], out: &Path) -> Result<()> {
+    let llava = cfg.llava.as_ref().context("not a LLaVA config")?;
+    let prefix = crate::model::llava::LlavaModel::PROJECTOR_PREFIX;
+    let (mut projector, mut vision, mut llm) = (vec![], vec![], vec![]);
+    for (name, t) in trainable {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            projector.push((rest.to_string(), t.clone()));
+        } else if name.starts_with("vision_model.") {
+            vision.push((name.clone(), t.clone()));
+        } else {
+            llm.push((name.clone(), t.clone()));
+        }
+    }
+    write_projector(&projector, &out.join("projector"))?;
+    if !vision.is_empty() {
+        let lora = llava
+            .vision_lora
+            .as_ref()
+            .context("vision adapters in the checkpoint but no [llava.vision_lora]")?;
+        write_peft_adapter_as(
+            lora,
+            &llava.vision_tower,
+            &vision,
+            &out.join("visual_encoder_adapter"),
+            None,
+        )?;
+    }
+    if !llm.is_empty() {
+        match cfg.train.method.as_str() {
+            "full" => {
+                let dir = out.join("llm");
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                export_full(cfg, &llm, &dir)?
+            }
+            _ => write_peft_adapter(&cfg.lora, &cfg.model.path, &llm, &out.join("llm_adapter"))?,
+        }
+    }
+    Ok(())
+}
+
+/// The projector as XTuner's `ProjectorModel` saves it: `model.0.*`, `model.2.*` in
+/// `model.safetensors` and its `config.json`.
+fn write_projector(tensors: &[(String, Tensor)], dir: &Path) -> Result<()> {
+    let get = |n: &str| -> Result<&Tensor> {
+        tensors
+            .iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, t)| t)
+            .with_context(|| format!("the checkpoint has no projector tensor `{n}`"))
+    };
+    let (llm_hidden, visual_hidden) = get("model.0.weight")?.dims2()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config = json!({
+        "architectures": ["ProjectorModel"],
+        "model_type": "projector",
+        "visual_hidden_size": visual_hidden,
+        "llm_hidden_size": llm_hidden,
+        "depth": 2,
+        "hidden_act": "gelu",
+        "bias": true,
+        "torch_dtype": "float32",
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    let list = crate::model::llava::Projector::NAMES
+        .iter()
+        .map(|n| Ok((n.to_string(), get(n)?.clone())))
+        .collect::<Result<Vec<_>>>()?;
+    save_sharded(dir, &list, usize::MAX, DType::F32)?;
+    println!("projector written to {}", dir.display());
+    Ok(())
 }
 
 /// Write `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names.
@@ -66,6 +148,18 @@ pub fn write_peft_adapter(
     base: &Path,
     trainable: &[(String, Tensor)],
     out: &Path,
+) -> Result<()> {
+    write_peft_adapter_as(lora, base, trainable, out, Some("CAUSAL_LM"))
+}
+
+/// [`write_peft_adapter`] with PEFT's `task_type` (None for a vision tower, as XTuner's
+/// visual encoder LoRA).
+pub fn write_peft_adapter_as(
+    lora: &LoraConfig,
+    base: &Path,
+    trainable: &[(String, Tensor)],
+    out: &Path,
+    task_type: Option<&str>,
 ) -> Result<()> {
     let mut targets = BTreeSet::new();
     let mut tensors = HashMap::new();
@@ -81,7 +175,7 @@ pub fn write_peft_adapter(
     }
     let config = json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,

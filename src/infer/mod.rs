@@ -4,6 +4,7 @@ use anyhow::Result;
 
 pub mod chat;
 pub mod generate;
+pub mod llava;
 pub mod load;
 pub mod sampling;
 pub mod stream;

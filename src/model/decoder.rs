@@ -701,6 +701,10 @@ impl Decoder {
         self.dtype
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Rows per LM-head/cross-entropy chunk (default [`ce_chunk_rows_for`] the vocabulary).
     pub fn set_ce_chunk_rows(&mut self, rows: usize) {
         self.ce_chunk_rows = rows.max(1);
@@ -1543,7 +1547,6 @@ impl CausalLm for Decoder {
             return Ok(vec![]);
         }
         let mut all_ids = Vec::new();
-        let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(items.len()); // (first row, rows, cache offset)
         for (ids, cache) in items.iter() {
             if ids.is_empty() {
@@ -1557,8 +1560,52 @@ impl CausalLm for Decoder {
             }
             spans.push((all_ids.len(), ids.len(), cache.len));
             all_ids.extend_from_slice(ids);
-            positions.extend(cache.len as u32..(cache.len + ids.len()) as u32);
         }
+        let ids_t = Tensor::from_slice(&all_ids, all_ids.len(), &self.device)?;
+        let x = embedding_forward(&ids_t, &self.params[self.embed])?; // [rows, h]
+        let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|(_, c)| &mut **c).collect();
+        self.infer_rows(x, &mut caches, &spans)
+    }
+
+    fn cache_len(cache: &KvCache) -> usize {
+        cache.len
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}
+
+impl Decoder {
+    /// [`CausalLm::forward_infer`] from input rows `x [m, h]` instead of token ids (a
+    /// multimodal prompt: image features spliced into the token embeddings of [`Decoder::embed`]).
+    pub fn forward_infer_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let (m, h) = x.dims2()?;
+        if m == 0 || h != self.cfg.hidden_size {
+            bail!(
+                "input rows have shape {:?}, expected [m >= 1, {}]",
+                x.dims(),
+                self.cfg.hidden_size
+            );
+        }
+        let spans = [(0, m, cache.len)];
+        let x = x.to_dtype(self.dtype)?;
+        Ok(self.infer_rows(x, &mut [cache], &spans)?.remove(0))
+    }
+
+    /// The inference forward of input rows `x [rows, h]`: sequence `i` owns rows
+    /// `spans[i] = (first row, rows, cache offset)` and appends them to `caches[i]`. Returns each
+    /// sequence's last-row logits.
+    fn infer_rows(
+        &self,
+        mut x: Tensor,
+        caches: &mut [&mut KvCache],
+        spans: &[(usize, usize, usize)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let positions: Vec<u32> = spans
+            .iter()
+            .flat_map(|&(_, m, offset)| offset as u32..(offset + m) as u32)
+            .collect();
         let (cos, sin) = rope_table(
             &positions,
             self.cfg.head_dim,
@@ -1566,15 +1613,13 @@ impl CausalLm for Decoder {
             self.dtype,
             &self.device,
         )?;
-        let ids_t = Tensor::from_slice(&all_ids, all_ids.len(), &self.device)?;
-        let mut x = embedding_forward(&ids_t, &self.params[self.embed])?; // [rows, h]
         for (li, blk) in self.blocks.iter().enumerate() {
             let (h1, _) = rmsnorm_forward(&x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
             let (q, k, v, _) = self.qkv_forward(&blk.qkv, &h1, None)?;
             let q = rope_forward(&q, &cos, &sin)?;
             let k = rope_forward(&k, &cos, &sin)?;
-            let mut outs = Vec::with_capacity(items.len());
-            for ((_, cache), &(row, m, offset)) in items.iter_mut().zip(&spans) {
+            let mut outs = Vec::with_capacity(spans.len());
+            for (cache, &(row, m, offset)) in caches.iter_mut().zip(spans) {
                 let (kn, vn) = (k.narrow(0, row, m)?, v.narrow(0, row, m)?);
                 let (k_all, v_all) = match cache.layers[li].take() {
                     Some((kc, vc)) => (Tensor::cat(&[&kc, &kn], 0)?, Tensor::cat(&[&vc, &vn], 0)?),
@@ -1587,7 +1632,7 @@ impl CausalLm for Decoder {
             let attn = Tensor::cat(&outs, 0)?; // [rows, heads, d]
             x = self.tail_forward(blk, &x, &attn, None)?.0;
         }
-        for ((_, cache), &(_, m, _)) in items.iter_mut().zip(&spans) {
+        for (cache, &(_, m, _)) in caches.iter_mut().zip(spans) {
             cache.len += m;
         }
         // The last row of every sequence through the final norm and the head, at once.
@@ -1606,13 +1651,5 @@ impl CausalLm for Decoder {
             .matmul(&self.params[self.head].t()?)?
             .to_dtype(DType::F32)?; // [items, vocab]
         Ok(logits.to_vec2::<f32>()?)
-    }
-
-    fn cache_len(cache: &KvCache) -> usize {
-        cache.len
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
     }
 }

@@ -213,13 +213,13 @@ fn init_weights(vocab: usize, seed: u64) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// A standard normal sample (Box-Muller; `1 - u` keeps the log argument in (0, 1]).
-fn gaussian(rng: &mut impl Rng) -> f64 {
+pub(crate) fn gaussian(rng: &mut impl Rng) -> f64 {
     let u1: f64 = rng.random();
     let u2: f64 = rng.random();
     (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
     write_text(path, &text)

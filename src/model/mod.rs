@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod demo;
 pub mod layers;
 pub mod llava;
+pub mod tiny_clip;
 pub mod vision;
 pub mod weights;
 

@@ -7,6 +7,8 @@ pub use optim::{clip_grad_norm, AdamW, FlatParams, Slot};
 pub use schedule::LrSchedule;
 pub mod checkpoint;
 pub mod eval;
+pub mod llava;
 pub mod metrics;
+pub mod step;
 pub mod trainer;
 pub mod zero;

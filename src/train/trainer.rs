@@ -9,12 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::data::sampler::{DistributedSampler, SamplerState};
+use crate::data::cache::PackedDataset;
+use crate::data::sampler::{DistributedSampler, SamplerIter, SamplerState};
 use crate::data::IGNORE_INDEX;
 use crate::dist::collectives::{Collectives, Groups, WorldLayout};
 use crate::dist::parallel::Parallel;
 use crate::dist::ulysses::{self, SeqPiece};
-use crate::model::decoder::{Batch, Decoder, Grads, LoraSpec, QuantSpec, StepStats, TrainMode};
+use crate::model::decoder::{
+    Batch, Decoder, Grads, LoraSpec, QuantSpec, StepStats, TrainMode, TrainableInfo,
+};
 use crate::model::{weights, ModelConfig};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{
@@ -24,6 +27,7 @@ use crate::train::eval::EvalHook;
 use crate::train::metrics::{self, ScalarLog, StepLog};
 use crate::train::optim::FlatParams;
 use crate::train::schedule::LrSchedule;
+use crate::train::step::{StepData, StepModel};
 use crate::train::zero::ZeroOptimizer;
 
 /// How `ftrun train` was asked to resume.
@@ -134,12 +138,12 @@ pub fn train_mode_for(method: &str, lora: &crate::config::LoraConfig) -> TrainMo
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-fn method_id(cfg: &Config) -> String {
+pub(crate) fn method_id(cfg: &Config) -> String {
     match cfg.train.method.as_str() {
         "full" => "full".into(),
         m => format!(
@@ -235,6 +239,114 @@ impl MicroBatch {
     }
 }
 
+/// What every run shares once the process is set up: the config, where it writes, the device
+/// and dtype, the tokenizer and the sequence-parallel group size.
+pub(crate) struct RunContext<'a> {
+    pub cfg: &'a Config,
+    pub work_dir: &'a Path,
+    pub resume: Resume,
+    pub par: &'a Parallel,
+    pub device: Device,
+    pub dtype: DType,
+    /// NF4 settings of `train.method = "qlora"`.
+    pub quant: Option<QuantSpec>,
+    pub tokenizer: Tokenizer,
+    pub sp: usize,
+}
+
+/// The text decoder as the loop's model (with its SP group when sequence parallel).
+struct TextModel<'a> {
+    decoder: Decoder,
+    sp: Option<&'a dyn Collectives>,
+}
+
+impl StepModel for TextModel<'_> {
+    type Batch = MicroBatch;
+    type Grads = Grads;
+
+    fn trainable(&self) -> &[TrainableInfo] {
+        self.decoder.trainable()
+    }
+    fn initial_trainable_values(&self) -> Result<Vec<Tensor>> {
+        self.decoder.initial_trainable_values()
+    }
+    fn release_initial_values(&mut self) {
+        self.decoder.release_initial_values()
+    }
+    fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
+        self.decoder.set_trainable(values)
+    }
+    fn new_grads(&self) -> Grads {
+        self.decoder.new_grads()
+    }
+    fn flat_grads(grads: Grads) -> Result<Tensor> {
+        Ok(grads.into_flat()?.to_dtype(DType::F32)?)
+    }
+    fn forward_backward(
+        &self,
+        batch: &MicroBatch,
+        loss_scale: f64,
+        grads: &mut Grads,
+        seed: u64,
+        checkpointing: bool,
+    ) -> Result<StepStats> {
+        batch.forward_backward(
+            &self.decoder,
+            self.sp,
+            loss_scale,
+            grads,
+            seed,
+            checkpointing,
+        )
+    }
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+    fn describe(&self) -> String {
+        let c = self.decoder.config();
+        format!(
+            "{:?} {} layers, {:.1}M params",
+            c.arch,
+            c.num_layers,
+            c.num_params() as f64 / 1e6
+        )
+    }
+}
+
+/// Packed text sequences, `batch_size` of them per micro-batch (split for SP when asked).
+struct TextData<'a> {
+    dataset: PackedDataset,
+    sp: Option<&'a dyn Collectives>,
+}
+
+impl StepData for TextData<'_> {
+    type Batch = MicroBatch;
+
+    fn len(&self) -> usize {
+        self.dataset.len()
+    }
+    fn next_batch(
+        &mut self,
+        indices: &mut SamplerIter<'_>,
+        batch_size: usize,
+    ) -> Result<(SamplerState, MicroBatch)> {
+        let mut seqs = Vec::with_capacity(batch_size);
+        let mut state = SamplerState::default();
+        for _ in 0..batch_size {
+            let (st, idx) = indices.next().context("sampler ran dry")?;
+            state = st;
+            seqs.push(self.dataset.get_owned(idx));
+        }
+        Ok((state, MicroBatch::new(make_batch(&seqs), self.sp)?))
+    }
+    fn targets(batch: &MicroBatch) -> usize {
+        batch.targets()
+    }
+    fn tokens(batch: &MicroBatch) -> usize {
+        batch.tokens()
+    }
+}
+
 /// Train a config to the end in this process. `work_dir` receives checkpoints, logs and the
 /// dataset cache.
 pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> {
@@ -246,10 +358,11 @@ pub fn run(cfg: &Config, work_dir: &Path, resume: Resume) -> Result<RunSummary> 
 pub fn worker_identity(cfg: &Config) -> Result<(String, String)> {
     let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
     let config_hash = hex::encode(Sha256::digest(cfg.to_toml().as_bytes()));
-    Ok((
-        config_hash,
-        crate::data::dataset::dataset_key(cfg, &tokenizer)?,
-    ))
+    let data_key = match cfg.llava {
+        Some(_) => crate::data::llava::llava_dataset_key(cfg, &tokenizer)?,
+        None => crate::data::dataset::dataset_key(cfg, &tokenizer)?,
+    };
+    Ok((config_hash, data_key))
 }
 
 /// Train a config as one rank of `par`'s job (world 1 = a single process): data parallel over
@@ -277,10 +390,26 @@ pub fn run_parallel(
         _ => compute_dtype(&cfg.model.dtype, &device),
     };
 
-    // Data: tokenized and packed once (by rank 0), cached in the work dir for every rank.
     let tokenizer = Tokenizer::from_path(&cfg.model.tokenizer_path())?;
+    let ctx = RunContext {
+        cfg,
+        work_dir,
+        resume,
+        par,
+        device,
+        dtype,
+        quant,
+        tokenizer,
+        sp: layout.sp,
+    };
+    if let Some(llava) = &cfg.llava {
+        return crate::train::llava::run_stage(&ctx, llava);
+    }
+    let (device, tokenizer) = (&ctx.device, &ctx.tokenizer);
+
+    // Data: tokenized and packed once (by rank 0), cached in the work dir for every rank.
     let (dataset, report, data_key) = par.main_first("dataset", || {
-        crate::data::build_dataset(cfg, &tokenizer, work_dir, main)
+        crate::data::build_dataset(cfg, tokenizer, work_dir, main)
     })?;
     if main {
         eprintln!("{}", report.summary());
@@ -303,16 +432,51 @@ pub fn run_parallel(
     };
     // Streamed tensor by tensor (QLoRA quantizes each linear as it arrives).
     let mut source = weights::LazyCheckpoint::open(&cfg.model.path)?;
-    let mut model = Decoder::new_quantized(
+    let model = Decoder::new_quantized(
         &model_cfg,
         &mut source,
         train_mode(cfg),
         quant,
         dtype,
-        &device,
+        device,
         cfg.train.seed,
     )?;
     drop(source);
+    let model = TextModel {
+        decoder: model,
+        sp: sp_comm,
+    };
+    let data = TextData {
+        dataset,
+        sp: sp_comm,
+    };
+    train_loop(&ctx, model, data, identity, &cfg.train.method)
+}
+
+/// The training loop over any [`StepModel`] and its [`StepData`]: optimizer, schedule, resume,
+/// micro-batches, reduce, clip, update, log, evaluate, save.
+pub(crate) fn train_loop<M, D>(
+    ctx: &RunContext,
+    mut model: M,
+    mut data: D,
+    identity: RunIdentity,
+    method: &str,
+) -> Result<RunSummary>
+where
+    M: StepModel,
+    D: StepData<Batch = M::Batch>,
+{
+    let RunContext {
+        cfg,
+        work_dir,
+        par,
+        device,
+        dtype,
+        tokenizer,
+        ..
+    } = ctx;
+    let (cfg, work_dir, par, dtype) = (*cfg, *work_dir, *par, *dtype);
+    let main = par.is_main();
     let names: Vec<String> = model.trainable().iter().map(|t| t.name.clone()).collect();
     let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
     let params = FlatParams::from_values(&model.initial_trainable_values()?, &decay)?;
@@ -328,18 +492,15 @@ pub fn run_parallel(
     metrics::release_load_memory(&device)?;
     if main {
         eprintln!(
-            "model: {:?} {} layers, {:.1}M params, {:.2}M trainable ({}), {dtype:?} on {device:?}{}",
-            model_cfg.arch,
-            model_cfg.num_layers,
-            model_cfg.num_params() as f64 / 1e6,
+            "model: {}, {:.2}M trainable ({method}), {dtype:?} on {device:?}{}",
+            model.describe(),
             numel as f64 / 1e6,
-            cfg.train.method,
             if par.world() > 1 {
                 format!(
                     ", {} ranks (ZeRO-2{})",
                     par.world(),
-                    if layout.sp > 1 {
-                        format!(", Ulysses sequence parallel over {}", layout.sp)
+                    if ctx.sp > 1 {
+                        format!(", Ulysses sequence parallel over {}", ctx.sp)
                     } else {
                         String::new()
                     }
@@ -353,10 +514,10 @@ pub fn run_parallel(
     // Schedule: optimizer steps from epochs (or max_steps).
     let per_step = cfg.train.batch_size * cfg.train.grad_accum;
     let sampler = DistributedSampler::new(
-        dataset.len(),
+        data.len(),
         par.rank(),
         par.world(),
-        layout.sp,
+        ctx.sp,
         cfg.train.seed,
         true,
         false,
@@ -371,13 +532,13 @@ pub fn run_parallel(
     let mut sampler_state = SamplerState::default();
     let mut start_step = 0;
     let mut history: Vec<(usize, f64)> = vec![];
-    let resume_dir = match &resume {
+    let resume_dir = match &ctx.resume {
         Resume::No => None,
         Resume::Auto => checkpoint::latest(work_dir)?,
         Resume::Path(p) => Some(p.clone()),
     };
     if let Some(dir) = resume_dir {
-        let ck = checkpoint::load(&dir, &device)?;
+        let ck = checkpoint::load(&dir, device)?;
         checkpoint::check_identity(&dir, &ck.state.identity, &identity)?;
         if ck.state.trainable != names {
             bail!(
@@ -410,7 +571,7 @@ pub fn run_parallel(
                 dir.display()
             );
         }
-    } else if resume == Resume::Auto && main {
+    } else if ctx.resume == Resume::Auto && main {
         eprintln!(
             "--resume auto: no checkpoint in {}, starting from scratch",
             work_dir.display()
@@ -419,11 +580,11 @@ pub fn run_parallel(
 
     // Rank 0 evaluates, logs and draws the progress bar.
     let mut eval = main
-        .then(|| EvalHook::new(cfg, work_dir, &tokenizer))
+        .then(|| EvalHook::new(cfg, work_dir, tokenizer))
         .transpose()?;
     if let (0, Some(eval)) = (start_step, eval.as_mut()) {
         model.set_trainable(&opt.params().views(DType::F32)?)?;
-        eval.run(&model, 0)?;
+        eval.run(model.decoder(), 0)?;
     }
     let mut scalars = main.then(|| ScalarLog::open(work_dir)).transpose()?;
     let mut indices = sampler.iter_from(sampler_state);
@@ -444,19 +605,15 @@ pub fn run_parallel(
         // Next global batch: grad_accum micro-batches of batch_size packed sequences.
         let mut micro = Vec::with_capacity(cfg.train.grad_accum);
         for _ in 0..cfg.train.grad_accum {
-            let mut seqs = Vec::with_capacity(cfg.train.batch_size);
-            for _ in 0..cfg.train.batch_size {
-                let (st, idx) = indices.next().context("sampler ran dry")?;
-                sampler_state = st;
-                seqs.push(dataset.get_owned(idx));
-            }
-            micro.push(MicroBatch::new(make_batch(&seqs), sp_comm)?);
+            let (st, batch) = data.next_batch(&mut indices, cfg.train.batch_size)?;
+            sampler_state = st;
+            micro.push(batch);
         }
-        let local_targets: usize = micro.iter().map(MicroBatch::targets).sum();
-        let local_tokens: usize = micro.iter().map(MicroBatch::tokens).sum();
+        let local_targets: usize = micro.iter().map(D::targets).sum();
+        let local_tokens: usize = micro.iter().map(D::tokens).sum();
         let data_time = t0.elapsed().as_secs_f64();
         // The whole step's counts over all ranks: the loss is the mean over every trained token.
-        let counts = par.sum_counts(&[local_targets as u64, local_tokens as u64], &device)?;
+        let counts = par.sum_counts(&[local_targets as u64, local_tokens as u64], device)?;
         let (n_targets, tokens) = (counts[0] as usize, counts[1] as usize);
 
         // Forward + backward: grads of the mean loss over every trained token of the step.
@@ -467,9 +624,8 @@ pub fn run_parallel(
             // Ranks draw different dropout masks; rank 0's are the single-process ones.
             let seed =
                 cfg.train.seed ^ ((step as u64) << 20) ^ i as u64 ^ ((par.rank() as u64) << 40);
-            let s = b.forward_backward(
-                &model,
-                sp_comm,
+            let s = model.forward_backward(
+                b,
                 1.0 / n_targets.max(1) as f64,
                 &mut grads,
                 seed,
@@ -477,10 +633,10 @@ pub fn run_parallel(
             )?;
             local_loss_sum += s.loss_sum;
         }
-        let loss = par.sum_f64s(&[local_loss_sum], &device)?[0] / n_targets.max(1) as f64;
+        let loss = par.sum_f64s(&[local_loss_sum], device)?[0] / n_targets.max(1) as f64;
 
         // Reduce (ZeRO-2: into this rank's shard), clip by the global norm, check, update.
-        let flat = grads.into_flat()?.to_dtype(DType::F32)?; // [N]
+        let flat = M::flat_grads(grads)?; // [N] f32
         let shard_grad = opt.reduce_gradients(&flat, par.comm())?; // [N / ranks]
         drop(flat);
         let grad_norm = opt.global_grad_norm(&shard_grad, par.comm())?;
@@ -529,7 +685,7 @@ pub fn run_parallel(
             data_time,
             tokens,
             tokens_per_sec: tokens as f64 / time.max(1e-9),
-            memory_mib: metrics::device_memory_mib(&device),
+            memory_mib: metrics::device_memory_mib(device),
             skipped: !finite,
         };
         if let Some(scalars) = scalars.as_mut() {
@@ -561,7 +717,7 @@ pub fn run_parallel(
         let eval_now = (cfg.eval.every_steps > 0 && done % cfg.eval.every_steps == 0) || save_now;
         if let (true, false, Some(eval)) = (eval_now, cfg.eval.inputs.is_empty(), eval.as_mut()) {
             model.set_trainable(&opt.params().views(DType::F32)?)?;
-            bar.suspend(|| eval.run(&model, done))?;
+            bar.suspend(|| eval.run(model.decoder(), done))?;
         }
         if save_now {
             let state = CheckpointState {

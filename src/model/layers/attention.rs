@@ -1,5 +1,7 @@
 //! Causal self-attention with GQA over packed samples (varlen): the tokens of sample `i`
-//! (`cu_seqlens[i]..cu_seqlens[i+1]`) attend only to earlier tokens of sample `i`.
+//! (`cu_seqlens[i]..cu_seqlens[i+1]`) attend only to earlier tokens of sample `i`. The
+//! bidirectional variant (every token of a sample sees all of it: the CLIP vision tower) shares
+//! the same code with the causal mask left out.
 //!
 //! This is the plain implementation: scores are materialized per sample for all heads of a KV
 //! group at once. The function boundary `attention_forward/backward(q, k, v, cu_seqlens)` is the
@@ -82,21 +84,26 @@ fn causal_mask(
 }
 
 /// Softmax statistics of one block: returns `(p [kv, group*Lq, Lk] acc dtype, lse [kv, group*Lq, 1])`.
+/// `mask = None` lets every query see every key.
 fn probs(
     qg: &Tensor,
     k: &Tensor,
-    mask: &Tensor,
+    mask: Option<&Tensor>,
     scale: f64,
     acc: DType,
 ) -> Result<(Tensor, Tensor)> {
     let scores = (qg.matmul(&k.transpose(1, 2)?)?.to_dtype(acc)? * scale)?; // [kv, gLq, Lk]
-    let neg_inf = Tensor::full(f32::NEG_INFINITY, (), qg.device())?
-        .to_dtype(acc)?
-        .broadcast_as(scores.shape())?;
-    let scores = mask
-        .unsqueeze(0)?
-        .broadcast_as(scores.shape())?
-        .where_cond(&scores, &neg_inf)?;
+    let scores = match mask {
+        Some(mask) => {
+            let neg_inf = Tensor::full(f32::NEG_INFINITY, (), qg.device())?
+                .to_dtype(acc)?
+                .broadcast_as(scores.shape())?;
+            mask.unsqueeze(0)?
+                .broadcast_as(scores.shape())?
+                .where_cond(&scores, &neg_inf)?
+        }
+        None => scores,
+    };
     let max = scores.max_keepdim(D::Minus1)?; // [kv, gLq, 1]; finite: key 0 is always visible
     let e = scores.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -110,6 +117,16 @@ fn probs(
 /// Returns `(out [Lq, heads, d], lse [heads, Lq] acc dtype)`. Used by the varlen forward
 /// (`q_offset = 0`) and by incremental decoding with a KV cache.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_offset: usize) -> Result<(Tensor, Tensor)> {
+    attend_masked(q, k, v, Some(q_offset))
+}
+
+/// [`attend`], causal with queries at `causal_offset..`, or bidirectional when `None`.
+fn attend_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal_offset: Option<usize>,
+) -> Result<(Tensor, Tensor)> {
     let (lq, heads, d) = q.dims3()?;
     let (lk, kv_heads, _) = k.dims3()?;
     let group = heads / kv_heads;
@@ -118,8 +135,10 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_offset: usize) -> Result<(Te
     let qg = group_queries(q, kv_heads)?; // [kv, group*Lq, d]
     let kh = heads_first(k)?; // [kv, Lk, d]
     let vh = heads_first(v)?;
-    let mask = causal_mask(group, lq, lk, q_offset, q.device())?;
-    let (p, lse) = probs(&qg, &kh, &mask, scale, acc)?;
+    let mask = causal_offset
+        .map(|offset| causal_mask(group, lq, lk, offset, q.device()))
+        .transpose()?;
+    let (p, lse) = probs(&qg, &kh, mask.as_ref(), scale, acc)?;
     let out = p.to_dtype(q.dtype())?.matmul(&vh)?; // [kv, group*Lq, d]
     let out = ungroup_queries(&out, heads)?;
     let lse = lse.reshape((heads, lq))?;
@@ -149,7 +168,43 @@ pub fn attention_forward_ops(
     v: &Tensor,
     cu_seqlens: &[u32],
 ) -> Result<(Tensor, Tensor)> {
-    forward_chunked(q, k, v, cu_seqlens, SCORE_BUDGET_BYTES)
+    forward_chunked(q, k, v, cu_seqlens, SCORE_BUDGET_BYTES, true)
+}
+
+/// Varlen bidirectional (non-causal) attention: every token of a sample attends to all tokens
+/// of that sample, as in a ViT. Shapes and outputs as [`attention_forward`]; candle ops only
+/// (the flash kernels are causal).
+pub fn bidirectional_attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[u32],
+) -> Result<(Tensor, Tensor)> {
+    forward_chunked(q, k, v, cu_seqlens, SCORE_BUDGET_BYTES, false)
+}
+
+/// Backward of [`bidirectional_attention_forward`]; the formulas of [`attention_backward`]
+/// without the mask.
+pub fn bidirectional_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    cu_seqlens: &[u32],
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_chunked(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+        cu_seqlens,
+        SCORE_BUDGET_BYTES,
+        false,
+    )
 }
 
 fn forward_chunked(
@@ -158,6 +213,7 @@ fn forward_chunked(
     v: &Tensor,
     cu_seqlens: &[u32],
     budget: usize,
+    causal: bool,
 ) -> Result<(Tensor, Tensor)> {
     check_cu_seqlens(cu_seqlens, q.dim(0)?)?;
     let mut outs = Vec::with_capacity(cu_seqlens.len() - 1);
@@ -168,11 +224,11 @@ fn forward_chunked(
         let (kv_heads, group) = (k.dim(1)?, q.dim(1)? / k.dim(1)?);
         let mut parts = vec![];
         for (h0, hn) in kv_chunks(kv_heads, group, l, budget) {
-            parts.push(attend(
+            parts.push(attend_masked(
                 &q.narrow(1, h0 * group, hn * group)?,
                 &k.narrow(1, h0, hn)?,
                 &v.narrow(1, h0, hn)?,
-                0,
+                causal.then_some(0),
             )?);
         }
         let (o, lse): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
@@ -212,7 +268,17 @@ pub fn attention_backward_ops(
     dout: &Tensor,
     cu_seqlens: &[u32],
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    backward_chunked(q, k, v, out, lse, dout, cu_seqlens, SCORE_BUDGET_BYTES)
+    backward_chunked(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+        cu_seqlens,
+        SCORE_BUDGET_BYTES,
+        true,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -225,6 +291,7 @@ fn backward_chunked(
     dout: &Tensor,
     cu_seqlens: &[u32],
     budget: usize,
+    causal: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     check_cu_seqlens(cu_seqlens, q.dim(0)?)?;
     let (_, heads, d) = q.dims3()?;
@@ -236,7 +303,9 @@ fn backward_chunked(
     let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
     for w in cu_seqlens.windows(2) {
         let (a, l) = (w[0] as usize, (w[1] - w[0]) as usize);
-        let mask = causal_mask(group, l, l, 0, q.device())?;
+        let mask = causal
+            .then(|| causal_mask(group, l, l, 0, q.device()))
+            .transpose()?;
         let (mut dq_parts, mut dk_parts, mut dv_parts) = (vec![], vec![], vec![]);
         for (h0, hn) in kv_chunks(kv_heads, group, l, budget) {
             let (qh, qn) = (h0 * group, hn * group);
@@ -253,10 +322,14 @@ fn backward_chunked(
             let scores = (qg.matmul(&kh.transpose(1, 2)?)?.to_dtype(acc)? * scale)?; // [hn, gL, L]
             let p = scores.broadcast_sub(&lse_s)?.exp()?;
             drop(scores);
-            let p = mask
-                .unsqueeze(0)?
-                .broadcast_as(p.shape())?
-                .where_cond(&p, &p.zeros_like()?)?; // exact zeros above the diagonal
+            let p = match &mask {
+                // exact zeros above the diagonal
+                Some(mask) => mask
+                    .unsqueeze(0)?
+                    .broadcast_as(p.shape())?
+                    .where_cond(&p, &p.zeros_like()?)?,
+                None => p,
+            };
             let p_c = p.to_dtype(dtype)?;
             let dv = p_c.transpose(1, 2)?.matmul(&dog)?; // [hn, L, gL]·[hn, gL, d] = [hn, L, d]
             drop(p_c);
@@ -304,15 +377,15 @@ mod tests {
         );
         let dout = randn((n, heads, d), 4);
         let cu = [0u32, 7, 19];
-        let (o1, l1) = forward_chunked(&q, &k, &v, &cu, usize::MAX).unwrap();
-        let (o2, l2) = forward_chunked(&q, &k, &v, &cu, 1).unwrap();
+        let (o1, l1) = forward_chunked(&q, &k, &v, &cu, usize::MAX, true).unwrap();
+        let (o2, l2) = forward_chunked(&q, &k, &v, &cu, 1, true).unwrap();
         let same = |a: &Tensor, b: &Tensor| {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
             d.to_scalar::<f64>().unwrap()
         };
         assert!(same(&o1, &o2) < 1e-12 && same(&l1, &l2) < 1e-12);
-        let g1 = backward_chunked(&q, &k, &v, &o1, &l1, &dout, &cu, usize::MAX).unwrap();
-        let g2 = backward_chunked(&q, &k, &v, &o1, &l1, &dout, &cu, 1).unwrap();
+        let g1 = backward_chunked(&q, &k, &v, &o1, &l1, &dout, &cu, usize::MAX, true).unwrap();
+        let g2 = backward_chunked(&q, &k, &v, &o1, &l1, &dout, &cu, 1, true).unwrap();
         assert!(same(&g1.0, &g2.0) < 1e-12);
         assert!(same(&g1.1, &g2.1) < 1e-12);
         assert!(same(&g1.2, &g2.2) < 1e-12);

@@ -9,6 +9,8 @@
 
 pub mod attention;
 pub mod embedding;
+pub mod gelu;
+pub mod layernorm;
 pub mod linear;
 pub mod lm_head;
 pub mod lora;
