@@ -489,7 +489,7 @@ where
         par.world(),
         cfg.parallel.bucket_mb,
     )?;
-    metrics::release_load_memory(&device)?;
+    metrics::release_load_memory(device)?;
     if main {
         eprintln!(
             "model: {}, {:.2}M trainable ({method}), {dtype:?} on {device:?}{}",
