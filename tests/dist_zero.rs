@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use ftrun::config::OptimConfig;
 use ftrun::dist::collectives::{sum_counts, sum_f64s, Collectives};
 use ftrun::dist::tcp_ring::{RingListener, TcpRing};
@@ -158,5 +158,63 @@ fn sums_of_counts_are_exact_and_scalars_agree() {
         // Beyond f32's 24-bit integers: 3 * 2^40 + 0 + 1 + 2.
         assert_eq!(counts, vec![3 * (1u64 << 40) + 3, 21]);
         assert_eq!(f, vec![1.5]);
+    }
+}
+
+/// With a bf16 replica (GPU runs) the fp32 master exists only as the shards: every rank's
+/// replicated parameters are bf16 and equal the fp32 update rounded once, and the checkpoint
+/// shard still holds the exact fp32 values of the rank's range.
+#[test]
+fn bf16_replica_keeps_fp32_only_in_the_shard() {
+    let world = 2;
+    let expected = reference(world, 3);
+    let ranks = run_world(world, move |ring| {
+        let rank = ring.rank();
+        let mut z = ZeroOptimizer::new(&optim(), params(), rank, world, 25)
+            .unwrap()
+            .with_replica_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(z.params().master.dtype(), DType::BF16);
+        let n = z.params().numel();
+        for t in 0..3 {
+            let g = Tensor::new(grad(rank, t, n).as_slice(), &Device::Cpu).unwrap();
+            let shard = z.reduce_gradients(&g, &ring).unwrap();
+            let norm = z.global_grad_norm(&shard, &ring).unwrap();
+            z.apply(&shard, norm, 1.0, 1e-2, &ring).unwrap();
+        }
+        let replica = z.params().master.clone();
+        let views_dtype = z.model_views().unwrap()[0].dtype();
+        let shard = z.shard_tensors().unwrap()[0].1.clone();
+        (
+            replica.dtype(),
+            views_dtype,
+            replica
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            shard.to_vec1::<f32>().unwrap(),
+            z.shard_range(),
+        )
+    });
+    for (dtype, views_dtype, replica, shard, range) in ranks {
+        assert_eq!((dtype, views_dtype), (DType::BF16, DType::BF16));
+        // One bf16 rounding of the fp32 value: at most half an ulp (2^-9 relative), one ulp
+        // where the fp32 values of the two computations straddle a rounding boundary.
+        for (i, (r, e)) in replica.iter().zip(&expected).enumerate() {
+            assert!(
+                (r - e).abs() <= e.abs() * 2f32.powi(-8) + 1e-6,
+                "bf16 replica element {i}: {r} vs {e}"
+            );
+        }
+        assert!(
+            replica.iter().zip(&expected).any(|(r, e)| r != e),
+            "the replica is rounded to bf16"
+        );
+        let exact: Vec<f32> = range
+            .clone()
+            .map(|i| expected.get(i).copied().unwrap_or(0.0))
+            .collect();
+        assert_close(&shard, &exact, 2e-6, "fp32 shard");
     }
 }

@@ -488,7 +488,8 @@ where
         par.rank(),
         par.world(),
         cfg.parallel.bucket_mb,
-    )?;
+    )?
+    .with_replica_dtype(dtype)?;
     metrics::release_load_memory(device)?;
     if main {
         eprintln!(
@@ -583,7 +584,7 @@ where
         .then(|| EvalHook::new(cfg, work_dir, tokenizer))
         .transpose()?;
     if let (0, Some(eval)) = (start_step, eval.as_mut()) {
-        model.set_trainable(&opt.params().views(DType::F32)?)?;
+        model.set_trainable(&opt.model_views()?)?;
         eval.run(model.decoder(), 0)?;
     }
     let mut scalars = main.then(|| ScalarLog::open(work_dir)).transpose()?;
@@ -617,7 +618,7 @@ where
         let (n_targets, tokens) = (counts[0] as usize, counts[1] as usize);
 
         // Forward + backward: grads of the mean loss over every trained token of the step.
-        model.set_trainable(&opt.params().views(DType::F32)?)?;
+        model.set_trainable(&opt.model_views()?)?;
         let mut grads = model.new_grads();
         let mut local_loss_sum = 0.0;
         for (i, b) in micro.iter().enumerate() {
@@ -716,7 +717,7 @@ where
             || (done == total_steps && cfg.checkpoint.save_final);
         let eval_now = (cfg.eval.every_steps > 0 && done % cfg.eval.every_steps == 0) || save_now;
         if let (true, false, Some(eval)) = (eval_now, cfg.eval.inputs.is_empty(), eval.as_mut()) {
-            model.set_trainable(&opt.params().views(DType::F32)?)?;
+            model.set_trainable(&opt.model_views()?)?;
             bar.suspend(|| eval.run(model.decoder(), done))?;
         }
         if save_now {

@@ -21,8 +21,11 @@ use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams, Slot};
 /// The optimizer of a (data-parallel) run: replicated parameters, sharded gradients and
 /// optimizer state.
 pub struct ZeroOptimizer {
-    /// All trainable values (fp32 master), replicated on every rank; `set_trainable` views.
+    /// All trainable values, replicated on every rank (what the model reads: `model_views`):
+    /// the fp32 master on one rank; in `replica_dtype` on several, where the fp32 master
+    /// exists only as this rank's `shard`.
     params: FlatParams,
+    replica_dtype: DType,
     rank: usize,
     world: usize,
     /// N padded to a multiple of `world`.
@@ -60,6 +63,7 @@ impl ZeroOptimizer {
             ((bucket_mb << 20) / 4 / world).max(1)
         };
         Ok(Self {
+            replica_dtype: params.master.dtype(),
             params,
             rank,
             world,
@@ -76,9 +80,27 @@ impl ZeroOptimizer {
         self
     }
 
-    /// All trainable values, current on every rank.
+    /// Keeps the replicated parameters in `dtype` (the compute dtype) when the run has more than
+    /// one rank, so that fp32 master weights and AdamW moments exist only for the rank's shard,
+    /// as ZeRO specifies; the updated shards are all-gathered and cast into the replica. With one
+    /// rank the shard is the whole fp32 master and nothing changes.
+    pub fn with_replica_dtype(mut self, dtype: DType) -> Result<Self> {
+        self.replica_dtype = dtype;
+        if self.world > 1 {
+            self.params.master = self.params.master.to_dtype(dtype)?;
+        }
+        Ok(self)
+    }
+
+    /// All trainable values, current on every rank (fp32 on one rank, the replica dtype on
+    /// several; the fp32 values of a distributed run are the shards).
     pub fn params(&self) -> &FlatParams {
         &self.params
+    }
+
+    /// Per-tensor views of the replicated parameters for `set_trainable`, without a copy.
+    pub fn model_views(&self) -> Result<Vec<Tensor>> {
+        self.params.views(self.params.master.dtype())
     }
 
     /// This rank's element range in the padded flat buffer.
@@ -148,8 +170,10 @@ impl ZeroOptimizer {
             self.params.master = self.shard.master.clone();
             return Ok(());
         }
-        let full = comm.all_gather(&self.shard.master)?; // [padded]
-        self.params.master = full.narrow(0, 0, self.params.numel())?;
+        let full = comm.all_gather(&self.shard.master)?; // [padded] f32
+        self.params.master = full
+            .narrow(0, 0, self.params.numel())?
+            .to_dtype(self.replica_dtype)?;
         Ok(())
     }
 
@@ -174,6 +198,9 @@ impl ZeroOptimizer {
         self.shard = shard_of(&params, range, self.padded)?;
         self.adamw.load_state(&sliced)?;
         self.params = params;
+        if self.world > 1 {
+            self.params.master = self.params.master.to_dtype(self.replica_dtype)?;
+        }
         Ok(())
     }
 
