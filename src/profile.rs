@@ -3,6 +3,10 @@
 //! Each scope synchronizes the device before and after, so the times are exact per phase but the
 //! run is slower than an unprofiled one: use it to find where a step goes, never for tokens/s.
 //! Scopes must not nest (a nested scope's time would be counted twice).
+//!
+//! On a GPU each phase also gets the growth of the memory pool's reservation during its calls
+//! (MiB the pool had to take from the driver because no free block fitted): where the pool's
+//! fragmentation comes from.
 
 use candle_core::Device;
 use std::collections::BTreeMap;
@@ -14,10 +18,25 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("FTRUN_PROFILE").is_ok_and(|v| v == "1"))
 }
 
-/// name -> (seconds, calls)
-fn table() -> &'static Mutex<BTreeMap<&'static str, (f64, u64)>> {
-    static T: OnceLock<Mutex<BTreeMap<&'static str, (f64, u64)>>> = OnceLock::new();
+/// One phase's totals.
+#[derive(Default, Clone, Copy)]
+struct Phase {
+    secs: f64,
+    calls: u64,
+    /// MiB the pool's reservation grew during the phase's calls.
+    reserved_growth: f64,
+}
+
+fn table() -> &'static Mutex<BTreeMap<&'static str, Phase>> {
+    static T: OnceLock<Mutex<BTreeMap<&'static str, Phase>>> = OnceLock::new();
     T.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+fn reserved_mib(device: &Device) -> f64 {
+    match crate::train::metrics::pool_current_mib(device) {
+        Ok(Some((_, reserved))) => reserved,
+        _ => 0.0,
+    }
 }
 
 /// Runs `f`, adding its synchronized wall time to `name` when profiling is on.
@@ -30,14 +49,17 @@ pub fn scope<T, E: From<candle_core::Error>>(
         return f();
     }
     device.synchronize()?;
+    let reserved_before = reserved_mib(device);
     let t0 = Instant::now();
     let out = f();
     device.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
+    let growth = (reserved_mib(device) - reserved_before).max(0.0);
     if let Ok(mut t) = table().lock() {
-        let e = t.entry(name).or_insert((0.0, 0));
-        e.0 += dt;
-        e.1 += 1;
+        let e = t.entry(name).or_default();
+        e.secs += dt;
+        e.calls += 1;
+        e.reserved_growth += growth;
     }
     out
 }
@@ -47,15 +69,17 @@ pub fn take_report() -> String {
     let Ok(mut t) = table().lock() else {
         return String::new();
     };
-    let total: f64 = t.values().map(|v| v.0).sum();
+    let total: f64 = t.values().map(|v| v.secs).sum();
     let mut rows: Vec<_> = t.iter().map(|(k, v)| (*k, *v)).collect();
-    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    rows.sort_by(|a, b| b.1.secs.total_cmp(&a.1.secs));
     let mut out = String::new();
-    for (name, (secs, calls)) in rows {
+    for (name, p) in rows {
         out += &format!(
-            "{name:<16} {:>9.1} ms {:>5.1}% {calls:>7} calls\n",
-            secs * 1e3,
-            100.0 * secs / total.max(1e-12)
+            "{name:<16} {:>9.1} ms {:>5.1}% {:>7} calls {:>8.0} MiB pool growth\n",
+            p.secs * 1e3,
+            100.0 * p.secs / total.max(1e-12),
+            p.calls,
+            p.reserved_growth
         );
     }
     t.clear();

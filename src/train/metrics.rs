@@ -162,6 +162,22 @@ pub fn pool_high_marks(device: &candle_core::Device) -> anyhow::Result<Option<Po
     Ok(None)
 }
 
+/// The device memory pool's current `(used, reserved)` bytes, in MiB; None on CPU.
+pub fn pool_current_mib(device: &candle_core::Device) -> anyhow::Result<Option<(f64, f64)>> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = cuda_pool::default_pool(device)? {
+        let mib = |attr| -> anyhow::Result<f64> {
+            Ok(cuda_pool::get(pool, attr)? as f64 / (1u64 << 20) as f64)
+        };
+        return Ok(Some((
+            mib(cuda_pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            mib(cuda_pool::Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+        )));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// See [`pool_high_marks`].
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct PoolHigh {
