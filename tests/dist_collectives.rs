@@ -1,8 +1,10 @@
 //! TcpRing collectives over real loopback sockets, one thread per rank, checked against
 //! serial computations for world sizes 1..=4.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod dist_support;
+use dist_support::run_world;
 
 use candle_core::{DType, Device, Tensor};
 use ftrun::dist::collectives::{padded_len, Collectives, WorldLayout};
@@ -10,34 +12,6 @@ use ftrun::dist::tcp_ring::{RingListener, TcpRing};
 use rand::{Rng, SeedableRng};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Binds one listener per rank, then runs `body` on every rank's thread with its ring.
-fn run_world<T: Send + 'static>(
-    world: usize,
-    timeout: Duration,
-    body: impl Fn(TcpRing) -> T + Send + Sync + 'static,
-) -> Vec<T> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().to_string())
-        .collect();
-    let body = Arc::new(body);
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, listener)| {
-            let (addrs, body) = (addrs.clone(), body.clone());
-            std::thread::spawn(move || {
-                let ring = TcpRing::connect(listener, rank, &addrs, timeout).unwrap();
-                body(ring)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
 
 /// Rank `rank`'s input: non-integer values so that summation order changes the bits.
 fn input(rank: usize, len: usize) -> Vec<f32> {

@@ -5,45 +5,26 @@
 mod engine_common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
+
+mod dist_support;
 
 use candle_core::{DType, Device, Tensor};
 use engine_common::{flat, randn};
 use ftrun::dist::collectives::{Collectives, SoloComm};
-use ftrun::dist::tcp_ring::{RingListener, TcpRing};
+use ftrun::dist::tcp_ring::TcpRing;
 use ftrun::dist::ulysses::{gather_heads, scatter_heads, SeqPiece};
 use ftrun::model::decoder::{Batch, Decoder, LoraSpec, StepStats, TrainMode};
 use ftrun::model::{Arch, ModelConfig};
 
 const CPU: Device = Device::Cpu;
 
-/// Binds one listener per rank, then runs `body` on every rank's thread with its ring.
+/// Every rank's `body` on its own thread, with its TcpRing.
 fn run_world<T: Send + 'static>(
     world: usize,
     body: impl Fn(TcpRing) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().to_string())
-        .collect();
-    let body = Arc::new(body);
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, listener)| {
-            let (addrs, body) = (addrs.clone(), body.clone());
-            std::thread::spawn(move || {
-                let ring =
-                    TcpRing::connect(listener, rank, &addrs, Duration::from_secs(10)).unwrap();
-                body(ring)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    dist_support::run_world(world, Duration::from_secs(10), body)
 }
 
 fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {

@@ -1,42 +1,24 @@
 //! ZeRO-2 over real TcpRing sockets (one thread per rank) against the single-process reference:
 //! clip the summed gradient by its global norm, then AdamW on the whole flat buffer.
 
-use std::sync::Arc;
 use std::time::Duration;
+
+mod dist_support;
 
 use candle_core::{DType, Device, Tensor};
 use ftrun::config::OptimConfig;
 use ftrun::dist::collectives::{sum_counts, sum_f64s, Collectives};
-use ftrun::dist::tcp_ring::{RingListener, TcpRing};
+use ftrun::dist::tcp_ring::TcpRing;
 use ftrun::train::optim::{clip_grad_norm, AdamW, FlatParams};
 use ftrun::train::zero::ZeroOptimizer;
 use rand::{Rng, SeedableRng};
 
+/// Every rank's `body` on its own thread, with its TcpRing.
 fn run_world<T: Send + 'static>(
     world: usize,
     body: impl Fn(TcpRing) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().to_string())
-        .collect();
-    let body = Arc::new(body);
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, listener)| {
-            let (addrs, body) = (addrs.clone(), body.clone());
-            std::thread::spawn(move || {
-                let ring =
-                    TcpRing::connect(listener, rank, &addrs, Duration::from_secs(10)).unwrap();
-                body(ring)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    dist_support::run_world(world, Duration::from_secs(10), body)
 }
 
 fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {

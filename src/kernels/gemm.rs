@@ -72,31 +72,31 @@ pub fn gemm_into(
         return imp::gemm_ex(out, (m, n, k), a, trans_a, b, trans_b, alpha, beta);
     }
     // Reference: the product in the inputs' dtype, then into the buffer's dtype.
-    let opa = if trans_a { a.t()? } else { a.clone() };
-    let opb = if trans_b { b.t()? } else { b.clone() };
-    let prod = opa.matmul(&opb)?.to_dtype(buf.dtype())?; // [m, n]
+    let prod = matmul_ops(a, trans_a, b, trans_b)?.to_dtype(buf.dtype())?; // [m, n]
     let prod = if alpha == 1.0 {
         prod
     } else {
         prod.affine(alpha, 0.0)?
     };
-    let new = if beta == 0.0 {
-        prod
-    } else {
-        let cur = buf
-            .flatten_all()?
-            .narrow(0, out.offset, m * n)?
-            .reshape((m, n))?;
-        let cur = if beta == 1.0 {
-            cur
+    let flat = buf.flatten_all()?;
+    if beta != 1.0 {
+        // Scale the region (beta = 0 clears it without reading it), then accumulate into it.
+        let cur = flat.narrow(0, out.offset, m * n)?;
+        let scaled = if beta == 0.0 {
+            cur.zeros_like()?
         } else {
             cur.affine(beta, 0.0)?
         };
-        (cur + prod)?
-    };
-    buf.flatten_all()?
-        .slice_set(&new.flatten_all()?, 0, out.offset)?;
-    Ok(())
+        flat.slice_set(&scaled, 0, out.offset)?;
+    }
+    super::grad::accumulate_into(&flat, out.offset, &prod)
+}
+
+/// `op(a) · op(b)` with candle ops.
+fn matmul_ops(a: &Tensor, trans_a: bool, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+    let opa = if trans_a { a.t()? } else { a.clone() };
+    let opb = if trans_b { b.t()? } else { b.clone() };
+    Ok(opa.matmul(&opb)?)
 }
 
 /// `op(a) · op(b)` as a new `[m, n]` tensor of a's dtype. On a GPU one cuBLAS `GemmEx` into an
@@ -110,9 +110,7 @@ pub fn gemm(a: &Tensor, trans_a: bool, b: &Tensor, trans_b: bool) -> Result<Tens
         gemm_into(GemmOut::whole(&out), a, trans_a, b, trans_b, 1.0, 0.0)?;
         return Ok(out);
     }
-    let opa = if trans_a { a.t()? } else { a.clone() };
-    let opb = if trans_b { b.t()? } else { b.clone() };
-    Ok(opa.matmul(&opb)?)
+    matmul_ops(a, trans_a, b, trans_b)
 }
 
 #[cfg(feature = "cuda")]
