@@ -111,10 +111,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let mut opt = AdamW::new(&optim, &params)?;
     crate::train::metrics::release_load_memory(&device)?;
+    if let Some(mib) = std::env::var("FTRUN_POOL_PREWARM_MIB").ok().and_then(|v| v.parse().ok()) {
+        crate::train::metrics::prewarm_pool(&device, mib)?;
+    }
     device.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let after_load = device_memory_mib(&device);
     let load_high = pool_high_marks(&device)?;
+    // Device memory outside the pool (CUDA context, module code, library workspaces): with the
+    // pool's reservation high-water mark it gives the true peak even between the samples.
+    let outside_pool = crate::train::metrics::pool_current_mib(&device)?.map(|(_, r)| after_load - r);
 
     let mut rows = vec![];
     let mut peak = after_load;
@@ -149,6 +155,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let flat = grads.into_flat()?; // [N] f32
             let gn = sum_squares(&flat)?.sqrt();
             opt.step_scaled(&mut params, &flat, clip_coef(gn, 1.0), a.lr)?;
+            model.recycle_grads(flat);
             anyhow::Ok(gn)
         })?;
         device.synchronize()?;
@@ -163,6 +170,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rows.push(row);
     }
     let steps_high = pool_high_marks(&device)?;
+    if let (Some(h), Some(outside)) = (steps_high, outside_pool) {
+        peak = peak.max(h.reserved + outside);
+    }
     let profile = crate::profile::take_report();
     if !profile.is_empty() {
         eprintln!("profile (FTRUN_PROFILE=1; synchronized per phase, so slower than a plain run):\n{profile}");
