@@ -100,8 +100,14 @@ fn llava_lora_bench_writes_what_the_peer_replays() {
     let rows = res["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3);
     for r in rows {
-        let (loss, gn) = (r["loss"].as_f64().unwrap(), r["grad_norm"].as_f64().unwrap());
-        assert!(loss.is_finite() && loss > 0.0 && gn.is_finite() && gn > 0.0, "{r}");
+        let (loss, gn) = (
+            r["loss"].as_f64().unwrap(),
+            r["grad_norm"].as_f64().unwrap(),
+        );
+        assert!(
+            loss.is_finite() && loss > 0.0 && gn.is_finite() && gn > 0.0,
+            "{r}"
+        );
     }
     assert!(res["tokens_per_sec"].as_f64().unwrap() > 0.0);
     // Trained: the LLM's adapters and the projector (vision 32 -> LLM hidden), not the tower.
@@ -157,9 +163,21 @@ fn llava_lora_bench_writes_what_the_peer_replays() {
         .remove("pixel_values")
         .unwrap();
     assert_eq!(px.dims(), [3, batch, 3, 28, 28]);
-    let top_row = px.narrow(3, 0, 1).unwrap().abs().unwrap().max_all().unwrap();
+    let top_row = px
+        .narrow(3, 0, 1)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(top_row.to_scalar::<f32>().unwrap() < 0.02);
-    let middle = px.narrow(3, 14, 1).unwrap().abs().unwrap().max_all().unwrap();
+    let middle = px
+        .narrow(3, 14, 1)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(
         middle.to_scalar::<f32>().unwrap() > 0.1,
         "the image itself is not mean-coloured"
@@ -178,7 +196,13 @@ fn llava_lora_bench_writes_what_the_peer_replays() {
     assert_eq!(dims("model.2.bias"), [h]);
     // nn.Linear's init: uniform within ±1/sqrt(fan_in).
     let w1: &Tensor = &proj["model.0.weight"];
-    let bound = w1.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let bound = w1
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(bound <= 1.0 / (v as f32).sqrt() && bound > 0.5 / (v as f32).sqrt());
 }
 

@@ -206,7 +206,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let ids: Vec<&[u32]> = b.batch.input_ids.chunks(a.seq_len).collect();
         let labels: Vec<&[i32]> = b.batch.labels.chunks(a.seq_len).collect();
         as_json.push(json!({"input_ids": ids, "labels": labels}));
-        all_pixels.push(b.pixels.clone().context("a LLaVA bench batch without pixels")?);
+        all_pixels.push(
+            b.pixels
+                .clone()
+                .context("a LLaVA bench batch without pixels")?,
+        );
         batches.push((trained_targets(&b.batch), b));
     }
     std::fs::write(a.out.join("batches.json"), serde_json::to_string(&as_json)?)?;

@@ -18,7 +18,11 @@ pub struct ClipFeaturesArgs {
     #[arg(long)]
     pub visual_encoder: PathBuf,
     /// An image (PNG or JPEG), preprocessed as LLaVA does (CLIP resize, centre crop, normalize).
-    #[arg(long, required_unless_present = "pixel_values", conflicts_with = "pixel_values")]
+    #[arg(
+        long,
+        required_unless_present = "pixel_values",
+        conflicts_with = "pixel_values"
+    )]
     pub image: Option<PathBuf>,
     /// Instead of an image: a safetensors file whose `pixel_values` tensor (`[3, S, S]` or
     /// `[1, 3, S, S]`) goes to the tower as it is.
@@ -44,10 +48,7 @@ pub struct ClipFeaturesArgs {
 
 pub fn run(a: ClipFeaturesArgs) -> Result<()> {
     if !matches!(a.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
-        bail!(
-            "--dtype `{}`: expected auto, f32, bf16 or f16",
-            a.dtype
-        );
+        bail!("--dtype `{}`: expected auto, f32, bf16 or f16", a.dtype);
     }
     let device = select_device(&a.device)?;
     let dtype = compute_dtype(&a.dtype, &device);
