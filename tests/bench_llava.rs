@@ -298,3 +298,69 @@ fn text_bench_trains_random_rows_with_labels_equal_to_ids() {
     assert!(out.join("init_adapter/adapter_model.safetensors").is_file());
     assert!(!out.join("pixels.safetensors").exists());
 }
+
+/// sha256 of a file, hex.
+fn sha256(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+#[test]
+fn llava_bench_steps_match_transformers_llava_with_peft_on_cpu() {
+    // tests/fixtures/llava_bench (scripts/fixtures/make_llava_bench_fixture.py): a tiny Llama and
+    // the losses / grad norms scripts/llava_torch.py gets replaying this bench in f32 on CPU
+    // (LlavaForConditionalGeneration with the tiny CLIP fixture; peft LoRA or the whole LLM).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixture = root.join("llava_bench");
+    let expected = read_json(&fixture.join("expected.json"));
+    let args: Vec<String> = expected["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    for method in ["lora", "full"] {
+        let want = &expected["methods"][method];
+        let out = tmp.path().join(method);
+        let mut cmd = vec![
+            "bench".to_string(),
+            "--llava".into(),
+            "--model".into(),
+            fixture.join("llm").display().to_string(),
+            "--visual-encoder".into(),
+            root.join("clip/model").display().to_string(),
+            "--method".into(),
+            method.into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        cmd.extend(args.iter().cloned());
+        let (ok, err) = ftrun(&cmd.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{err}");
+        // The peer replayed exactly these inputs.
+        for (file, hash) in want["inputs_sha256"].as_object().unwrap() {
+            assert_eq!(
+                sha256(&out.join(file)),
+                hash.as_str().unwrap(),
+                "{method}: the bench's {file} changed since the fixture was made; rerun \
+                 scripts/fixtures/make_llava_bench_fixture.py"
+            );
+        }
+        let got = read_json(&out.join(format!("ftrun_llava_{method}.json")));
+        assert_eq!(got["trainable_params"], want["trainable_params"]);
+        for (step, row) in got["rows"].as_array().unwrap().iter().enumerate() {
+            for (key, tol) in [("loss", 1e-5), ("grad_norm", 1e-4)] {
+                let (g, w) = (
+                    row[key].as_f64().unwrap(),
+                    want[key][step].as_f64().unwrap(),
+                );
+                assert!(
+                    ((g - w) / w).abs() < tol,
+                    "{method} step {}: {key} {g} vs transformers {w}",
+                    step + 1
+                );
+            }
+        }
+    }
+}
