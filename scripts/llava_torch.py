@@ -10,7 +10,7 @@
         and projector, same token rows and pixel values, same optimizer) with transformers'
         LlavaForConditionalGeneration + peft and writes DIR/torch_llava_M.json
 
-The Llava model is assembled in DIR/torch_llava/ from the LLM (a Llama-architecture directory),
+The Llava model is assembled next to the LLM (DIR/model's target + `_llava_...`) from the LLM (a Llama-architecture directory),
 the CLIP tower and ftrun's initial projector: vision_feature_layer -2, CLS dropped, projector
 Linear-GELU-Linear with biases, image_token_id 0 (the id of the image rows in batches.json).
 Trained: LoRA on every linear of the LLM (QLoRA: the LLM's linears as bitsandbytes NF4 with double
@@ -19,6 +19,7 @@ the projector; the tower is frozen. SDPA attention, gradient checkpointing, bf16
 fused AdamW on CUDA (f32, no autocast on CPU, for a smoke test against ftrun on CPU).
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -78,7 +79,7 @@ def assemble_llava(llm_dir, clip_dir, projector_dir, out):
     """A LlavaForConditionalGeneration directory from the LLM, the tower and the projector."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, LlavaConfig
-    if os.path.exists(os.path.join(out, "config.json")):
+    if os.path.exists(os.path.join(out, "model.safetensors")):
         return
     os.makedirs(out, exist_ok=True)
     state = {}
@@ -102,7 +103,9 @@ def assemble_llava(llm_dir, clip_dir, projector_dir, out):
                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
                       image_seq_length=(vision.image_size // vision.patch_size) ** 2)
     cfg.save_pretrained(out)
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    # Written last, under a temporary name: its presence marks a complete directory.
+    save_file(state, os.path.join(out, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
 
 
 def train(d, method, steps, lr, warmup, checkpointing, device):
@@ -113,9 +116,14 @@ def train(d, method, steps, lr, warmup, checkpointing, device):
     batches = json.load(open(os.path.join(d, "batches.json")))
     pixels_all = load_file(os.path.join(d, "pixels.safetensors"))["pixel_values"]  # [steps, B, 3, S, S]
     cuda = device == "cuda"
-    llava_dir = os.path.join(d, "torch_llava")
-    assemble_llava(os.path.join(d, "model"), meta["visual_encoder"], os.path.join(d, "init_projector"),
-                   llava_dir)
+    # Assembled once per (LLM, tower, initial projector), next to the LLM: runs of other
+    # methods with the same seed share it.
+    llm = os.path.realpath(os.path.join(d, "model"))
+    proj = os.path.join(d, "init_projector")
+    with open(os.path.join(proj, "model.safetensors"), "rb") as f:
+        proj_hash = hashlib.sha256(f.read()).hexdigest()[:12]
+    llava_dir = f"{llm}_llava_{os.path.basename(os.path.realpath(meta['visual_encoder']))}_{proj_hash}"
+    assemble_llava(llm, meta["visual_encoder"], proj, llava_dir)
     torch.manual_seed(0)
     # bf16 weights, bf16 autocast on CUDA (full: f32 master weights); f32 on CPU.
     dtype = torch.bfloat16 if cuda and method != "full" else torch.float32
