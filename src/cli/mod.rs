@@ -4,6 +4,7 @@ mod assistant;
 mod bench;
 mod chat;
 mod check_data;
+mod clip_features;
 mod demo;
 mod kernel_check;
 mod logits;
@@ -91,6 +92,10 @@ pub enum Command {
     /// Dump a model's logits for a text as JSON (interop checks against transformers / peft).
     #[command(hide = true)]
     Logits(logits::LogitsArgs),
+    /// A CLIP vision tower's LLaVA features for one image, as safetensors (parity checks
+    /// against transformers' CLIPVisionModel).
+    #[command(hide = true)]
+    ClipFeatures(clip_features::ClipFeaturesArgs),
     /// Run every fused CUDA kernel against its CPU reference and time it (needs a GPU).
     #[command(hide = true)]
     KernelCheck(kernel_check::KernelCheckArgs),
@@ -248,6 +253,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo { dir, steps, prompt } => demo::run(&dir, steps, prompt.as_deref()),
         Command::Bench(a) => bench::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::ClipFeatures(a) => clip_features::run(a),
         Command::KernelCheck(a) => kernel_check::run(a),
         Command::Version => {
             println!("ftrun {} ({})", env!("CARGO_PKG_VERSION"), build_flavour());

@@ -26,21 +26,6 @@ pub fn accumulate_into(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Sets every element of the contiguous tensor `t` to zero, in place (a memset on CUDA): lets a
-/// gradient buffer be reused from step to step instead of freed and allocated again.
-pub fn zero_fill(t: &Tensor) -> Result<()> {
-    if !t.is_contiguous() {
-        bail!("zero_fill: the tensor is not contiguous");
-    }
-    #[cfg(feature = "cuda")]
-    if super::on_cuda(t) && t.dtype() == DType::F32 {
-        return imp::zero_f32(t);
-    }
-    let flat = t.flatten_all()?;
-    flat.slice_set(&flat.zeros_like()?, 0, 0)?;
-    Ok(())
-}
-
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::kernels::cuda::{device_of, func, grid_1d, stream, CudaInput};
@@ -48,21 +33,6 @@ mod imp {
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{DType, Tensor};
     use half::bf16;
-
-    pub fn zero_f32(t: &Tensor) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr};
-        let dev = device_of(t)?;
-        let input = CudaInput::new(t)?;
-        let view = input.view::<f32>()?;
-        let stream = stream(&dev);
-        let (ptr, _guard) = view.device_ptr(&stream);
-        // SAFETY: `ptr` addresses the tensor's `elem_count` f32 values, alive for the call; the
-        // memset is ordered on the stream that every kernel reading the buffer uses.
-        unsafe {
-            sys::cuMemsetD32Async(ptr, 0, t.elem_count(), stream.cu_stream()).result()?;
-        }
-        Ok(())
-    }
 
     pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
         let dev = device_of(acc)?;

@@ -113,9 +113,6 @@ pub struct TrainableInfo {
 #[derive(Debug, Clone)]
 pub struct Grads {
     flat: Option<Tensor>,
-    /// A buffer of the right size from an earlier step ([`Decoder::recycle_grads`]), zeroed in
-    /// place when first used instead of allocating a new one.
-    recycled: Option<Tensor>,
     /// Per slot: offset into `flat` and shape.
     layout: Vec<(usize, Vec<usize>)>,
     /// Slots that received a contribution.
@@ -138,7 +135,6 @@ impl Grads {
             .collect();
         Grads {
             flat: None,
-            recycled: None,
             layout,
             touched: vec![false; shapes.len()],
             dtype,
@@ -165,13 +161,7 @@ impl Grads {
     /// The buffer, zero-filled on first use.
     pub(crate) fn buffer(&mut self) -> Result<&Tensor> {
         if self.flat.is_none() {
-            self.flat = Some(match self.recycled.take() {
-                Some(buf) => {
-                    crate::kernels::grad::zero_fill(&buf)?;
-                    buf
-                }
-                None => Tensor::zeros(self.numel(), self.dtype, &self.device)?,
-            });
+            self.flat = Some(Tensor::zeros(self.numel(), self.dtype, &self.device)?);
         }
         Ok(self.flat.as_ref().expect("allocated above"))
     }
@@ -287,13 +277,6 @@ pub struct Decoder {
     /// one weight at a time: no allocation per use, and no weight-sized holes left in the memory
     /// pool between the activations kept for the backward (its fragmentation is device memory).
     dequant_scratch: std::sync::Mutex<Option<Tensor>>,
-    /// The step buffers, allocated once and reused by every step of the same shape (as llm.c
-    /// allocates its activations once): the checkpointed block inputs `[layers, n, h]` and the
-    /// flat gradient handed back by [`Decoder::recycle_grads`]. Allocating them anew each step
-    /// would make the memory pool carve them out of memory the previous step's temporaries
-    /// fragmented, and reserve more device memory than the step ever uses.
-    kept_arena: std::sync::Mutex<Option<Tensor>>,
-    grad_bin: std::sync::Mutex<Option<Tensor>>,
 }
 
 /// A weight ready for a matmul (see `Decoder::matmul_weight`): derefs to the tensor and keeps the
@@ -707,8 +690,6 @@ impl Decoder {
             head,
             ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size),
             dequant_scratch: std::sync::Mutex::new(None),
-            kept_arena: std::sync::Mutex::new(None),
-            grad_bin: std::sync::Mutex::new(None),
         })
     }
 
@@ -819,22 +800,7 @@ impl Decoder {
 
     pub fn new_grads(&self) -> Grads {
         let shapes: Vec<Vec<usize>> = self.trainable.iter().map(|t| t.shape.clone()).collect();
-        let mut grads = Grads::new(&shapes, self.grad_dtype(), &self.device);
-        if let Ok(mut bin) = self.grad_bin.lock() {
-            grads.recycled = bin
-                .take()
-                .filter(|b| b.elem_count() == grads.numel() && b.dtype() == grads.dtype);
-        }
-        grads
-    }
-
-    /// Hands a flat gradient taken with [`Grads::into_flat`] back for the next
-    /// [`Decoder::new_grads`] to reuse (zeroed in place). The caller must hold no other clone of
-    /// it that is read later: its values are overwritten.
-    pub fn recycle_grads(&self, flat: Tensor) {
-        if let Ok(mut bin) = self.grad_bin.lock() {
-            *bin = Some(flat);
-        }
+        Grads::new(&shapes, self.grad_dtype(), &self.device)
     }
 
     fn check_grads(&self, grads: &Grads) -> Result<()> {
@@ -1461,17 +1427,11 @@ impl Decoder {
         // tensor allocated between a block's temporaries would pin a hole in the memory pool
         // at every layer (device memory that is reserved but never usable again).
         let arena = if checkpointing {
-            let dims = [self.blocks.len(), n, h];
-            let reusable = self
-                .kept_arena
-                .lock()
-                .ok()
-                .and_then(|mut a| a.take())
-                .filter(|a| a.dims() == dims && a.dtype() == x.dtype());
-            Some(match reusable {
-                Some(a) => a,
-                None => Tensor::zeros(dims.as_slice(), x.dtype(), x.device())?,
-            })
+            Some(Tensor::zeros(
+                (self.blocks.len(), n, h),
+                x.dtype(),
+                x.device(),
+            )?)
         } else {
             None
         };
@@ -1527,10 +1487,6 @@ impl Decoder {
             };
             dx = self.block_backward(blk, &acts, &dx, ctx, grads)?;
             crate::train::metrics::pool_checkpoint(&self.device, "backward block", li)?;
-        }
-        drop(kept);
-        if let (Some(a), Ok(mut slot)) = (arena, self.kept_arena.lock()) {
-            *slot = Some(a);
         }
         let stats = StepStats {
             loss_sum: ce.loss_sum,

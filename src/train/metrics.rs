@@ -141,54 +141,27 @@ pub fn release_load_memory(device: &candle_core::Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Diagnostics at every block boundary of a training step, on a GPU: `FTRUN_TRIM_POOL=1` gives
-/// the pool's free memory back to the driver (so the next block maps what it needs instead of
-/// growing around the holes); `FTRUN_POOL_TRACE=1` prints the pool's current and high-water
-/// used / reserved MiB since the previous boundary (where its reservation grows). No-op otherwise.
+/// `FTRUN_POOL_TRACE=1`: at every block boundary of a training step on a GPU, prints the memory
+/// pool's current and high-water used / reserved MiB since the previous boundary: where the
+/// pool's reservation outgrows what is allocated (its fragmentation). No-op otherwise.
 pub fn pool_checkpoint(device: &candle_core::Device, what: &str, index: usize) -> anyhow::Result<()> {
-    static MODE: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
-    let (trim, trace) = *MODE.get_or_init(|| {
-        let on = |k| std::env::var(k).is_ok_and(|v| v == "1");
-        (on("FTRUN_TRIM_POOL"), on("FTRUN_POOL_TRACE"))
-    });
-    if !trim && !trace {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*TRACE.get_or_init(|| std::env::var("FTRUN_POOL_TRACE").is_ok_and(|v| v == "1")) {
         return Ok(());
     }
     #[cfg(feature = "cuda")]
-    if let Some(pool) = cuda_pool::default_pool(device)? {
+    if device.is_cuda() {
         device.synchronize()?;
-        if trace {
-            if let (Some(high), Some((used, reserved))) =
-                (pool_high_marks(device)?, pool_current_mib(device)?)
-            {
-                eprintln!(
-                    "pool {what} {index}: used {used:.0} (high {:.0}) reserved {reserved:.0} (high {:.0}) MiB",
-                    high.used, high.reserved
-                );
-            }
-        }
-        if trim {
-            // SAFETY: a valid pool; a plain driver call.
-            unsafe {
-                candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolTrimTo(pool, 0).result()?
-            };
+        if let (Some(high), Some((used, reserved))) =
+            (pool_high_marks(device)?, pool_current_mib(device)?)
+        {
+            eprintln!(
+                "pool {what} {index}: used {used:.0} (high {:.0}) reserved {reserved:.0} (high {:.0}) MiB",
+                high.used, high.reserved
+            );
         }
     }
     let _ = (device, what, index);
-    Ok(())
-}
-
-/// Experiment (FTRUN_POOL_PREWARM_MIB): grows the pool by one block of `mib` MiB that is freed
-/// at once, so that the step's allocations are carved out of one mapping. No-op on CPU.
-pub fn prewarm_pool(device: &candle_core::Device, mib: usize) -> anyhow::Result<()> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        // SAFETY: the buffer is never read; it only makes the pool map `mib` MiB at once.
-        let block = unsafe { dev.cuda_stream().alloc::<u8>(mib << 20)? };
-        drop(block);
-        device.synchronize()?;
-    }
-    let _ = (device, mib);
     Ok(())
 }
 

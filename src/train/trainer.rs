@@ -188,7 +188,7 @@ pub fn trained_targets(b: &Batch) -> usize {
 }
 
 /// One micro-batch as this rank trains it: the whole batch, or (sequence parallel) its piece.
-enum MicroBatch {
+pub(crate) enum MicroBatch {
     Whole(Batch),
     Piece(SeqPiece),
 }
@@ -255,9 +255,9 @@ pub(crate) struct RunContext<'a> {
 }
 
 /// The text decoder as the loop's model (with its SP group when sequence parallel).
-struct TextModel<'a> {
-    decoder: Decoder,
-    sp: Option<&'a dyn Collectives>,
+pub(crate) struct TextModel<'a> {
+    pub(crate) decoder: Decoder,
+    pub(crate) sp: Option<&'a dyn Collectives>,
 }
 
 impl StepModel for TextModel<'_> {
