@@ -24,6 +24,7 @@ use crate::infer::ChatFormat;
 use crate::model::config::Arch;
 use crate::model::llava::Projector;
 use crate::model::vision::ClipVisionConfig;
+use crate::model::ModelConfig;
 use crate::model::weights::save_sharded;
 use crate::train::llava::load_projector;
 
@@ -100,7 +101,7 @@ fn hf_llm_key(name: &str) -> Result<String> {
 /// `LlavaForConditionalGeneration` layout; `format` is the chat template it was trained with.
 pub fn export_llava_hf(paths: &LlavaPaths, format: &ChatFormat, out: &Path) -> Result<()> {
     let (llm, adapter) = paths.resolve_llm();
-    let (mcfg, mut llm_weights) = load_merged(&llm, adapter.as_deref())?;
+    let mcfg = ModelConfig::from_dir(&llm)?;
     match mcfg.arch {
         Arch::Llama => {}
         Arch::InternLM2 => bail!(
@@ -118,6 +119,7 @@ pub fn export_llava_hf(paths: &LlavaPaths, format: &ChatFormat, out: &Path) -> R
             mcfg.hf_architecture
         ),
     }
+    let (mcfg, mut llm_weights) = load_merged(&llm, adapter.as_deref())?;
     let dtype = storage_dtype(&mcfg.torch_dtype);
     let cpu = Device::Cpu;
     let vision_cfg = ClipVisionConfig::from_dir(paths.visual_encoder)?;
@@ -468,4 +470,69 @@ pub fn projector_from_hf(slots: [Option<Tensor>; 4], dir: &Path) -> Result<Proje
         t.with_context(|| format!("{}: the projector is incomplete", dir.display()))
     });
     Projector::from_tensors([a?, b?, c?, d?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_both_layouts_map_to_the_parts() {
+        let llm = |s: &str| Some(HfLlavaKey::Llm(s.to_string()));
+        let tower = |s: &str| Some(HfLlavaKey::Tower(s.to_string()));
+        // Current layout, as written by the export.
+        for (name, part) in [
+            ("model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.self_attn.q_proj.weight"),
+            ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
+            ("lm_head.weight", "lm_head.weight"),
+        ] {
+            assert_eq!(hf_llm_key(name).unwrap(), part);
+            assert_eq!(split_hf_key(part), llm(name));
+        }
+        assert_eq!(
+            split_hf_key("model.vision_tower.vision_model.pre_layrnorm.weight"),
+            tower("vision_model.pre_layrnorm.weight")
+        );
+        for (slot, name) in HF_PROJECTOR_NAMES.iter().enumerate() {
+            assert_eq!(split_hf_key(name), Some(HfLlavaKey::Projector(slot)));
+        }
+        // The layout before transformers 4.52 (llava-hf checkpoints).
+        assert_eq!(
+            split_hf_key("language_model.model.norm.weight"),
+            llm("model.norm.weight")
+        );
+        assert_eq!(
+            split_hf_key("language_model.lm_head.weight"),
+            llm("lm_head.weight")
+        );
+        assert_eq!(
+            split_hf_key("vision_tower.vision_model.post_layernorm.bias"),
+            tower("vision_model.post_layernorm.bias")
+        );
+        assert_eq!(
+            split_hf_key("multi_modal_projector.linear_2.bias"),
+            Some(HfLlavaKey::Projector(3))
+        );
+        assert_eq!(split_hf_key("text_model.embeddings.weight"), None);
+        assert!(hf_llm_key("visual_projection.weight").is_err());
+    }
+
+    #[test]
+    fn the_chat_template_fills_the_format_with_escaped_literals() {
+        let format = ChatFormat {
+            system: "S[{system}]\n".into(),
+            instruction: "U\"{input}\"#{round}\n".into(),
+            suffix: String::new(),
+            sep: "\n".into(),
+            stop_words: vec![],
+        };
+        let t = llava_chat_template(&format);
+        assert!(t.contains(r#"{{ "S[" }}{{ ns.system }}{{ "]\n" }}"#), "{t}");
+        assert!(
+            t.contains(r##"{{ "U\"" }}{{ ns.user }}{{ "\"#" }}{{ (ns.round + 1) | string }}"##),
+            "{t}"
+        );
+        // No suffix: an earlier answer ends with EOS.
+        assert!(t.contains("{{ ns.answer }}{{ eos_token }}"), "{t}");
+    }
 }
