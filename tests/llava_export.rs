@@ -25,7 +25,10 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -33,7 +36,11 @@ fn the_hf_export_has_transformers_layout_and_the_chat_path_logits() {
     let t = llava_export_support::train_and_export(4, 6, true);
     let hf = t.hf.as_deref().unwrap();
     let base_tok = Tokenizer::from_path(&t.tiny.llm).unwrap();
-    assert_eq!(base_tok.token_to_id("<image>"), None, "the tiny LLM has no <image>");
+    assert_eq!(
+        base_tok.token_to_id("<image>"),
+        None,
+        "the tiny LLM has no <image>"
+    );
     let base_cfg = json(&t.tiny.llm.join("config.json"));
     let base_vocab = base_cfg["vocab_size"].as_u64().unwrap() as usize;
 
@@ -42,7 +49,10 @@ fn the_hf_export_has_transformers_layout_and_the_chat_path_logits() {
     assert_eq!(cfg["model_type"], "llava");
     assert_eq!(cfg["architectures"][0], "LlavaForConditionalGeneration");
     let image_id = cfg["image_token_index"].as_u64().unwrap() as u32;
-    assert_eq!(image_id as usize, base_vocab, "<image> is added after the vocabulary");
+    assert_eq!(
+        image_id as usize, base_vocab,
+        "<image> is added after the vocabulary"
+    );
     assert_eq!(cfg["image_seq_length"], 4, "(28 / 14)^2 patches");
     assert_eq!(cfg["projector_hidden_act"], "gelu");
     assert_eq!(cfg["vision_feature_layer"], -2);
@@ -74,10 +84,7 @@ fn the_hf_export_has_transformers_layout_and_the_chat_path_logits() {
     // Key names: transformers' current layout, nothing else; vocab rows grown by one.
     let w = tensors(&hf.join("model.safetensors"));
     let h = base_cfg["hidden_size"].as_u64().unwrap() as usize;
-    for key in [
-        "model.language_model.embed_tokens.weight",
-        "lm_head.weight",
-    ] {
+    for key in ["model.language_model.embed_tokens.weight", "lm_head.weight"] {
         assert_eq!(w[key].dims(), [base_vocab + 1, h], "{key}");
     }
     for key in [
@@ -96,9 +103,14 @@ fn the_hf_export_has_transformers_layout_and_the_chat_path_logits() {
     }
     for key in w.keys() {
         assert!(
-            ["model.language_model.", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "lm_head."]
-                .iter()
-                .any(|p| key.starts_with(p))
+            [
+                "model.language_model.",
+                "model.vision_tower.vision_model.",
+                "model.multi_modal_projector.",
+                "lm_head."
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
                 && !key.contains("lora_"),
             "unexpected key {key}"
         );
@@ -126,8 +138,16 @@ fn the_hf_export_has_transformers_layout_and_the_chat_path_logits() {
             "vision_model.encoder.layers.0.self_attn.q_proj.weight",
         ),
     ] {
-        let d = (ours - &base[base_key]).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() > 1e-6, "{base_key} is the base's");
+        let d = (ours - &base[base_key])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(
+            d.to_scalar::<f32>().unwrap() > 1e-6,
+            "{base_key} is the base's"
+        );
     }
 
     // Loaded back, the model answers the image + prompt with the chat path's logits.
@@ -153,7 +173,11 @@ fn the_hf_export_has_transformers_layout_and_the_chat_path_logits() {
         ids
     };
     let ids = encode(&chat);
-    assert_eq!(encode(&reloaded), ids, "the exported tokenizer encodes alike");
+    assert_eq!(
+        encode(&reloaded),
+        ids,
+        "the exported tokenizer encodes alike"
+    );
     assert!(ids.contains(&IMAGE_TOKEN_ID));
     let (mut ca, mut cb) = (chat.new_cache(), reloaded.new_cache());
     let (mut la, mut lb) = (
@@ -167,7 +191,10 @@ fn the_hf_export_has_transformers_layout_and_the_chat_path_logits() {
         assert_eq!(lb[la.len()], 0.0, "the image token's logit (zero head row)");
         let scale = la.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = max_abs(&la, &lb[..la.len()]);
-        assert!(d <= 1e-5 * scale.max(1.0), "step {step}: logits differ by {d}");
+        assert!(
+            d <= 1e-5 * scale.max(1.0),
+            "step {step}: logits differ by {d}"
+        );
         prompt_last.get_or_insert(la.clone());
         let next = la
             .iter()

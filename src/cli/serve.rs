@@ -11,8 +11,8 @@ use crate::infer::llava::{LlavaParts, LlavaPaths};
 use crate::infer::load::load_for_inference_bits;
 use crate::infer::{ChatFormat, TextCodec};
 use crate::model::decoder::Decoder;
-use crate::serve::prompt::{detect_template, model_chat_template};
 use crate::serve::image::ImageInput;
+use crate::serve::prompt::{detect_template, model_chat_template};
 use crate::serve::{ModelInfo, ServeOptions, Server};
 use crate::tokenizer::Tokenizer;
 

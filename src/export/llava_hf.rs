@@ -24,8 +24,8 @@ use crate::infer::ChatFormat;
 use crate::model::config::Arch;
 use crate::model::llava::Projector;
 use crate::model::vision::ClipVisionConfig;
-use crate::model::ModelConfig;
 use crate::model::weights::save_sharded;
+use crate::model::ModelConfig;
 use crate::train::llava::load_projector;
 
 /// Prefix of the LLM's keys (its `model.*` keys without `model.`) in the current layout.
@@ -165,7 +165,13 @@ pub fn export_llava_hf(paths: &LlavaPaths, format: &ChatFormat, out: &Path) -> R
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     save_sharded(out, &tensors, 5 << 30, dtype)?;
 
-    let config = llava_config(&llm, paths.visual_encoder, &vision_cfg, vocab, image_token_id)?;
+    let config = llava_config(
+        &llm,
+        paths.visual_encoder,
+        &vision_cfg,
+        vocab,
+        image_token_id,
+    )?;
     write_json(&out.join("config.json"), &config)?;
     write_generation_config(&llm, out, image_token_id)?;
     let size = vision_cfg.image_size;
@@ -421,7 +427,10 @@ pub fn llava_chat_template(format: &ChatFormat) -> String {
                 "{{%- if ns.round == 0 and ns.has_system -%}}{}{{%- endif -%}}",
                 jinja_fill(
                     &format.system,
-                    &[("system", "ns.system"), ("round", "(ns.round + 1) | string")]
+                    &[
+                        ("system", "ns.system"),
+                        ("round", "(ns.round + 1) | string")
+                    ]
                 )
             );
         }
@@ -466,9 +475,8 @@ pub fn llava_chat_template(format: &ChatFormat) -> String {
 
 /// The projector of an HF LLaVA checkpoint's tensors (`[H, V]`, `[H]`, `[H, H]`, `[H]`).
 pub fn projector_from_hf(slots: [Option<Tensor>; 4], dir: &Path) -> Result<Projector> {
-    let [a, b, c, d] = slots.map(|t| {
-        t.with_context(|| format!("{}: the projector is incomplete", dir.display()))
-    });
+    let [a, b, c, d] =
+        slots.map(|t| t.with_context(|| format!("{}: the projector is incomplete", dir.display())));
     Projector::from_tensors([a?, b?, c?, d?])
 }
 
@@ -482,8 +490,14 @@ mod tests {
         let tower = |s: &str| Some(HfLlavaKey::Tower(s.to_string()));
         // Current layout, as written by the export.
         for (name, part) in [
-            ("model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.self_attn.q_proj.weight"),
-            ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.language_model.layers.0.self_attn.q_proj.weight",
+            ),
+            (
+                "model.embed_tokens.weight",
+                "model.language_model.embed_tokens.weight",
+            ),
             ("lm_head.weight", "lm_head.weight"),
         ] {
             assert_eq!(hf_llm_key(name).unwrap(), part);

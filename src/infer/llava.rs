@@ -13,13 +13,13 @@ use crate::export::{merge_into, read_adapter};
 use crate::infer::load::load_for_inference_bits;
 use crate::infer::{CausalLm, ChatFormat, TextCodec};
 use crate::model::decoder::{Decoder, KvCache, TrainMode};
-use crate::model::ModelConfig;
-use crate::train::trainer::{compute_dtype, select_device};
 use crate::model::llava::Projector;
 use crate::model::vision::{ClipVision, ClipVisionConfig};
 use crate::model::weights::load_weights;
+use crate::model::ModelConfig;
 use crate::tokenizer::Tokenizer;
 use crate::train::llava::load_projector;
+use crate::train::trainer::{compute_dtype, select_device};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::cell::Cell;
@@ -123,8 +123,14 @@ impl LlavaParts {
             );
         }
         for (key, want) in [
-            ("vision_feature_layer", serde_json::json!(LLAVA_FEATURE_LAYER)),
-            ("vision_feature_select_strategy", serde_json::json!("default")),
+            (
+                "vision_feature_layer",
+                serde_json::json!(LLAVA_FEATURE_LAYER),
+            ),
+            (
+                "vision_feature_select_strategy",
+                serde_json::json!("default"),
+            ),
             ("projector_hidden_act", serde_json::json!("gelu")),
         ] {
             if !config[key].is_null() && config[key] != want {

@@ -67,13 +67,10 @@ pub fn decode_image(part: &ImagePart) -> Result<image::RgbImage, ApiError> {
 /// The part's image as the tower's input `[3, S, S]` (f32, CPU).
 pub fn load_image(part: &ImagePart, input: &ImageInput) -> Result<Tensor, ApiError> {
     let img = decode_image(part)?;
-    input
-        .preprocess
-        .apply(&img, &Device::Cpu)
-        .map_err(|e| {
-            ApiError::invalid(
-                Some(&part.param),
-                format!("{}: preprocessing the image failed: {e:#}", part.param),
-            )
-        })
+    input.preprocess.apply(&img, &Device::Cpu).map_err(|e| {
+        ApiError::invalid(
+            Some(&part.param),
+            format!("{}: preprocessing the image failed: {e:#}", part.param),
+        )
+    })
 }

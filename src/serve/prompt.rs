@@ -389,7 +389,11 @@ mod tests {
         );
         let e = conversation(&two).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[2].content[1]"));
-        assert!(e.message.contains("messages[0].content[0]"), "{}", e.message);
+        assert!(
+            e.message.contains("messages[0].content[0]"),
+            "{}",
+            e.message
+        );
         let in_assistant = format!(
             r#"{{"messages": [{{"role": "user", "content": "q"}},
                 {{"role": "assistant", "content": [{image}]}}, {{"role": "user", "content": "q"}}]}}"#
@@ -413,14 +417,19 @@ mod tests {
         )
         .unwrap();
         let image = c.image.as_ref().unwrap();
-        assert_eq!((image.turn, image.param.as_str()), (1, "messages[2].content[1]"));
+        assert_eq!(
+            (image.turn, image.param.as_str()),
+            (1, "messages[2].content[1]")
+        );
         let ids = c.encode(&format, &CharCodec).unwrap();
         let p = ids
             .iter()
             .position(|&t| t == crate::data::IMAGE_TOKEN_ID)
             .unwrap();
         assert_eq!(
-            ids.iter().filter(|&&t| t == crate::data::IMAGE_TOKEN_ID).count(),
+            ids.iter()
+                .filter(|&&t| t == crate::data::IMAGE_TOKEN_ID)
+                .count(),
             1
         );
         assert_eq!(

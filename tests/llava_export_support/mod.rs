@@ -65,12 +65,8 @@ pub fn train_and_export(pretrain_steps: usize, finetune_steps: usize, hf: bool) 
     .unwrap();
     let export = tmp.path().join("export");
     let hf = hf.then(|| tmp.path().join("hf"));
-    ftrun::export::export_checkpoint_with(
-        &fin.final_checkpoint.unwrap(),
-        &export,
-        hf.as_deref(),
-    )
-    .unwrap();
+    ftrun::export::export_checkpoint_with(&fin.final_checkpoint.unwrap(), &export, hf.as_deref())
+        .unwrap();
     Trained {
         tmp,
         tiny: t,
