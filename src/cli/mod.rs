@@ -61,6 +61,10 @@ pub enum Command {
         /// A checkpoint directory (work_dir/checkpoints/step-N).
         checkpoint: PathBuf,
         out: PathBuf,
+        /// LLaVA runs: also write the model (adapters merged) in the Hugging Face
+        /// `LlavaForConditionalGeneration` layout to this directory (Llama-architecture LLMs).
+        #[arg(long, value_name = "DIR")]
+        hf_llava: Option<PathBuf>,
     },
     /// Merge a PEFT LoRA adapter into its base model: safetensors shards + index + config + tokenizer.
     Merge {
@@ -213,6 +217,14 @@ pub enum DataCommand {
         #[arg(short, long, default_value = "assistant.json")]
         output: PathBuf,
     },
+    /// Write the files the tiny_llava_* configs read: a tiny CLIP, the tiny demo LLM, generated
+    /// images and their LLaVA json (for CPU tests and interop checks).
+    TinyLlava {
+        #[arg(long, default_value = "work_dirs/tiny_llava")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 /// Parse the command line and run it.
@@ -236,7 +248,24 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Assistant { name, n, output }) => {
             assistant::write(&name, n, &output)
         }
-        Command::Export { checkpoint, out } => crate::export::export_checkpoint(&checkpoint, &out),
+        Command::Data(DataCommand::TinyLlava { dir, seed }) => {
+            let t = crate::model::tiny_clip::make_tiny_llava(&dir, seed)?;
+            println!(
+                "tiny LLaVA written to {}: llm {}, clip {}, images {}, pretrain {}, finetune {}",
+                dir.display(),
+                t.llm.display(),
+                t.clip.display(),
+                t.images.display(),
+                t.pretrain_data.display(),
+                t.finetune_data.display()
+            );
+            Ok(())
+        }
+        Command::Export {
+            checkpoint,
+            out,
+            hf_llava,
+        } => crate::export::export_checkpoint_with(&checkpoint, &out, hf_llava.as_deref()),
         Command::Merge {
             base,
             adapter,

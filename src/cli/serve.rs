@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::data::template::Template;
+use crate::infer::llava::{LlavaParts, LlavaPaths};
 use crate::infer::load::load_for_inference_bits;
 use crate::infer::{ChatFormat, TextCodec};
 use crate::model::decoder::Decoder;
+use crate::serve::image::ImageInput;
 use crate::serve::prompt::{detect_template, model_chat_template};
 use crate::serve::{ModelInfo, ServeOptions, Server};
 use crate::tokenizer::Tokenizer;
@@ -51,6 +53,13 @@ pub struct ServeArgs {
     /// `cpu`, `cuda` or `cuda:N` (default: auto).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// An exported LLaVA directory (as `ftrun chat --llava`): serve the LLaVA model; chat
+    /// requests may carry one image as an `image_url` part with a data URL.
+    #[arg(long, requires = "visual_encoder", conflicts_with = "compare_base")]
+    pub llava: Option<PathBuf>,
+    /// The CLIP vision tower of the LLaVA model.
+    #[arg(long, requires = "llava")]
+    pub visual_encoder: Option<PathBuf>,
 }
 
 /// Load the model with the adapter (or without), as `--bits` asks. The one place that knows
@@ -62,6 +71,9 @@ fn load_model(a: &ServeArgs, adapter: Option<&Path>) -> Result<(Decoder, Tokeniz
 pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch 0: at least one request must be able to run");
+    }
+    if let (Some(llava), Some(visual_encoder)) = (&a.llava, &a.visual_encoder) {
+        return run_llava(&a, llava, visual_encoder);
     }
     let (tuned, tokenizer) = load_model(&a, a.adapter.as_deref())?;
     let format = chat_format(&a, &tokenizer)?;
@@ -104,15 +116,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         models.push((ModelInfo { id, label }, base));
     }
 
-    let listener = TcpListener::bind((a.host, a.port))
-        .with_context(|| format!("binding {}:{}", a.host, a.port))?;
-    if !a.host.is_loopback() && a.api_key.is_none() {
-        eprintln!(
-            "Warning: listening on {} without --api-key: anyone who can reach this address can \
-             use the model.",
-            a.host
-        );
-    }
+    let listener = bind(&a)?;
     let ids: Vec<String> = models.iter().map(|(m, _)| m.id.clone()).collect();
     let server = Server::start(
         listener,
@@ -125,6 +129,70 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_batch: a.max_batch,
         },
     )?;
+    announce(&a, &server, &ids);
+    server.wait()
+}
+
+/// `--llava DIR --visual-encoder CLIP`: the LLaVA model, which takes one image per request.
+fn run_llava(a: &ServeArgs, llava: &Path, visual_encoder: &Path) -> Result<()> {
+    let paths = LlavaPaths {
+        llm: &a.model,
+        visual_encoder,
+        llava,
+        adapter: a.adapter.as_deref(),
+    };
+    let (model, tokenizer) = LlavaParts::load(&paths, &a.device, a.bits)?;
+    let format = chat_format(a, &tokenizer)?;
+    let max_context = model.decoder.config().max_position_embeddings;
+    let images = ImageInput {
+        preprocess: model.preprocess(),
+        tokens: model.image_tokens(),
+    };
+    let id = a.served_model_name.clone().unwrap_or_else(|| {
+        llava
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "llava".to_string())
+    });
+    let listener = bind(a)?;
+    let server = Server::start_with_images(
+        listener,
+        vec![(
+            ModelInfo {
+                id: id.clone(),
+                label: "LLaVA".to_string(),
+            },
+            model,
+        )],
+        tokenizer,
+        ServeOptions {
+            api_key: a.api_key.clone(),
+            format,
+            max_context,
+            max_batch: a.max_batch,
+        },
+        Some(images),
+    )?;
+    announce(a, &server, &[id]);
+    server.wait()
+}
+
+fn bind(a: &ServeArgs) -> Result<TcpListener> {
+    let listener = TcpListener::bind((a.host, a.port))
+        .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+    if !a.host.is_loopback() && a.api_key.is_none() {
+        eprintln!(
+            "Warning: listening on {} without --api-key: anyone who can reach this address can \
+             use the model.",
+            a.host
+        );
+    }
+    Ok(listener)
+}
+
+/// The line scripts wait for, and where the page and the API are.
+fn announce(a: &ServeArgs, server: &Server, ids: &[String]) {
     let url = format!("http://{}", server.addr());
     // One line scripts (and the browser test) can wait for: the address is known here.
     println!(
@@ -139,7 +207,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ""
         }
     );
-    server.wait()
 }
 
 /// `--template`, else the template matching the model's own chat template, else plain (with

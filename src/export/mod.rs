@@ -12,6 +12,8 @@ use crate::model::weights::{load_weights, save_sharded};
 use crate::model::ModelConfig;
 use crate::train::checkpoint;
 
+pub mod llava_hf;
+
 /// PEFT stores adapter keys under the wrapped model: `base_model.model.<HF module path>`.
 const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -50,12 +52,36 @@ fn copy_side_files(from: &Path, to: &Path, skip_config: bool) -> Result<()> {
 
 /// `ftrun export CKPT OUT`: LoRA -> PEFT adapter; full -> HF model directory.
 pub fn export_checkpoint(ckpt_dir: &Path, out: &Path) -> Result<()> {
+    export_checkpoint_with(ckpt_dir, out, None)
+}
+
+/// [`export_checkpoint`]; for a LLaVA run, `hf_llava` also gets the model in the Hugging Face
+/// `LlavaForConditionalGeneration` layout ([`llava_hf::export_llava_hf`]).
+pub fn export_checkpoint_with(ckpt_dir: &Path, out: &Path, hf_llava: Option<&Path>) -> Result<()> {
     let ck = checkpoint::load(ckpt_dir, &Device::Cpu)?;
     let cfg = Config::from_toml(&ck.config_toml)
         .with_context(|| format!("{}: config.toml cannot be read", ckpt_dir.display()))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    if cfg.llava.is_some() {
-        return export_llava(&cfg, &ck.trainable, out);
+    if let Some(llava) = &cfg.llava {
+        export_llava(&cfg, &ck.trainable, out)?;
+        if let Some(hf) = hf_llava {
+            let paths = crate::infer::llava::LlavaPaths {
+                llm: &cfg.model.path,
+                visual_encoder: &llava.vision_tower,
+                llava: out,
+                adapter: None,
+            };
+            let template = crate::data::template::Template::by_name(&cfg.data.template)?;
+            llava_hf::export_llava_hf(&paths, &(&template).into(), hf)?;
+        }
+        return Ok(());
+    }
+    if let Some(hf) = hf_llava {
+        bail!(
+            "--hf-llava {}: {} is not a LLaVA run (its config has no [llava])",
+            hf.display(),
+            ckpt_dir.display()
+        );
     }
     match cfg.train.method.as_str() {
         "full" => export_full(&cfg, &ck.trainable, out),
@@ -303,22 +329,36 @@ pub fn merge_into(
     Ok(merged)
 }
 
-/// `ftrun merge BASE ADAPTER OUT`: base + adapter -> full model in shards + config + tokenizer.
-pub fn merge(base: &Path, adapter_dir: &Path, out: &Path, max_shard_bytes: usize) -> Result<()> {
+/// The model in `base` in its storage dtype on the CPU, with the PEFT adapter in
+/// `adapter` merged when given.
+pub fn load_merged(
+    base: &Path,
+    adapter: Option<&Path>,
+) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
     let mcfg = ModelConfig::from_dir(base)?;
     let dtype = storage_dtype(&mcfg.torch_dtype);
-    let (acfg, lora) = read_adapter(adapter_dir)?;
     let mut weights = load_weights(base, dtype, &Device::Cpu, |_| true)?;
-    let n = merge_into(&mut weights, &acfg, &lora)?;
+    if let Some(dir) = adapter {
+        let (acfg, lora) = read_adapter(dir)?;
+        let n = merge_into(&mut weights, &acfg, &lora)?;
+        println!(
+            "merged {n} LoRA modules of {} into {}",
+            dir.display(),
+            base.display()
+        );
+    }
+    Ok((mcfg, weights))
+}
+
+/// `ftrun merge BASE ADAPTER OUT`: base + adapter -> full model in shards + config + tokenizer.
+pub fn merge(base: &Path, adapter_dir: &Path, out: &Path, max_shard_bytes: usize) -> Result<()> {
+    let (mcfg, weights) = load_merged(base, Some(adapter_dir))?;
+    let dtype = storage_dtype(&mcfg.torch_dtype);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut list: Vec<(String, Tensor)> = weights.into_iter().collect();
     list.sort_by(|a, b| a.0.cmp(&b.0));
     save_sharded(out, &list, max_shard_bytes, dtype)?;
     copy_side_files(base, out, false)?;
-    println!(
-        "merged {n} LoRA modules into {} -> {}",
-        base.display(),
-        out.display()
-    );
+    println!("merged model written to {}", out.display());
     Ok(())
 }

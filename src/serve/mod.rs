@@ -7,6 +7,7 @@
 //! turns the worker's events into a JSON answer or an SSE stream.
 
 pub mod api;
+pub mod image;
 pub mod prompt;
 pub mod worker;
 
@@ -27,10 +28,14 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::infer::{CausalLm, ChatFormat, FinishReason, GenConfig, TextCodec};
+use crate::infer::{ChatFormat, FinishReason, GenConfig, TextCodec};
 use api::{ApiError, ChatRequest, CompletionMeta, Usage};
+use image::ImageInput;
 use prompt::Conversation;
-use worker::{Event, Job, Stats, StatsSnapshot};
+use worker::{Event, Job, ServedModel, Stats, StatsSnapshot};
+
+/// Largest request body: room for a base64 photo (the default of 2 MB is not).
+const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// The web page, embedded in the binary.
 const INDEX_HTML: &str = include_str!("web/index.html");
@@ -63,6 +68,8 @@ struct AppState {
     codec: Arc<dyn TextCodec + Send + Sync>,
     models: Vec<ModelInfo>,
     options: ServeOptions,
+    /// Set when the model takes images (LLaVA).
+    images: Option<ImageInput>,
     next_id: AtomicU64,
 }
 
@@ -86,7 +93,23 @@ impl Server {
         options: ServeOptions,
     ) -> Result<Server>
     where
-        M: CausalLm + Send + 'static,
+        M: ServedModel + Send + 'static,
+        C: TextCodec + Send + Sync + 'static,
+    {
+        Self::start_with_images(listener, models, codec, options, None)
+    }
+
+    /// [`Server::start`] for models that take images (`images` set: LLaVA): requests may
+    /// carry one `image_url` part.
+    pub fn start_with_images<M, C>(
+        listener: std::net::TcpListener,
+        models: Vec<(ModelInfo, M)>,
+        codec: C,
+        options: ServeOptions,
+        images: Option<ImageInput>,
+    ) -> Result<Server>
+    where
+        M: ServedModel + Send + 'static,
         C: TextCodec + Send + Sync + 'static,
     {
         if models.is_empty() {
@@ -115,6 +138,7 @@ impl Server {
             codec,
             models: infos,
             options,
+            images,
             next_id: AtomicU64::new(0),
         });
         let (shutdown, shutdown_signal) = tokio::sync::oneshot::channel::<()>();
@@ -222,6 +246,7 @@ fn router(state: Arc<AppState>) -> Router {
                 format!("{method} is not allowed on {uri}"),
             ))
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -378,25 +403,43 @@ fn prepare(
             .ok_or_else(|| unknown_model(state, id))?,
     };
     let conversation = Conversation::from_messages(&request.messages)?;
+    let image = match (&conversation.image, &state.images) {
+        (None, _) => None,
+        (Some(part), None) => {
+            return Err(ApiError::invalid(
+                Some(&part.param),
+                format!(
+                    "{} is an image, but this server's model is text-only (serve a LLaVA model \
+                     with --llava to send images)",
+                    part.param
+                ),
+            ))
+        }
+        (Some(part), Some(input)) => Some(image::load_image(part, input)?),
+    };
     let format = &state.options.format;
     let prompt = conversation
         .encode(format, state.codec.as_ref())
         .map_err(|e| ApiError::server(format!("tokenizing the prompt failed: {e:#}")))?;
+    // Positions the prompt takes: the image placeholder stands for the image's rows.
+    let prompt_len = match (&image, &state.images) {
+        (Some(_), Some(input)) => prompt.len() - 1 + input.tokens,
+        _ => prompt.len(),
+    };
 
     let context = state.options.max_context;
     let limit = request.token_limit().map(|n| n as usize);
     let too_long = match limit {
-        Some(n) => prompt.len().saturating_add(n) > context,
-        None => prompt.len() >= context,
+        Some(n) => prompt_len.saturating_add(n) > context,
+        None => prompt_len >= context,
     };
     if too_long {
         let asked = match limit {
             Some(n) => format!(
-                "you requested {} tokens ({} in the messages, {n} in the completion)",
-                prompt.len().saturating_add(n),
-                prompt.len()
+                "you requested {} tokens ({prompt_len} in the messages, {n} in the completion)",
+                prompt_len.saturating_add(n),
             ),
-            None => format!("your messages resulted in {} tokens", prompt.len()),
+            None => format!("your messages resulted in {prompt_len} tokens"),
         };
         return Err(ApiError::invalid(
             Some("messages"),
@@ -413,7 +456,7 @@ fn prepare(
     // top_p = 0 keeps only the most likely token: greedy.
     let greedy = temperature == 0.0 || top_p == 0.0;
     let gen = GenConfig {
-        max_new_tokens: limit.unwrap_or(context - prompt.len()),
+        max_new_tokens: limit.unwrap_or(context - prompt_len),
         temperature: if greedy { 0.0 } else { temperature },
         top_p: if greedy { 1.0 } else { top_p },
         top_k: 0,
@@ -435,10 +478,11 @@ fn prepare(
         model: state.models[model].id.clone(),
     };
     Ok(Prepared {
-        prompt_tokens: prompt.len(),
+        prompt_tokens: prompt_len,
         job: Job {
             model,
             prompt,
+            image,
             gen,
             stop_words,
             events: events_tx,

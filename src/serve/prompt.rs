@@ -1,7 +1,8 @@
 //! OpenAI messages -> prompt tokens, laid out with the XTuner template the model was tuned
 //! with, exactly as `ftrun chat` lays out a conversation: BOS, the system block on the first
 //! turn, INSTRUCTION per user turn, each earlier answer followed by its stop (the suffix, or
-//! EOS without one) and SEP.
+//! EOS without one) and SEP. An image (one per request, in a user message) becomes `<image>\n`
+//! before its turn's text, tokenized around as LLaVA training data is.
 
 use std::path::Path;
 
@@ -9,6 +10,8 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::api::{ApiError, Content, Message};
+use crate::data::IMAGE_TOKEN;
+use crate::infer::llava::encode_around_image;
 use crate::infer::{ChatFormat, TextCodec};
 
 /// One user turn and, for earlier turns, the answer it got.
@@ -26,6 +29,24 @@ pub struct Conversation {
     pub system: Option<String>,
     /// The last turn has no answer: it is the one to answer.
     pub turns: Vec<Turn>,
+    /// The request's image, if it sent one.
+    pub image: Option<ImagePart>,
+}
+
+/// An `image_url` content part.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagePart {
+    pub url: String,
+    /// Where it is in the request (`messages[0].content[1]`).
+    pub param: String,
+    /// The turn whose user text it belongs to.
+    pub turn: usize,
+}
+
+/// A message's text and its image parts (`param`, url).
+struct MessageContent {
+    text: String,
+    images: Vec<(String, String)>,
 }
 
 impl Conversation {
@@ -40,8 +61,36 @@ impl Conversation {
         }
         let mut system: Vec<String> = Vec::new();
         let mut turns: Vec<Turn> = Vec::new();
+        let mut image: Option<ImagePart> = None;
         for (i, message) in messages.iter().enumerate() {
-            let text = message_text(message, i)?;
+            let MessageContent { text, images } = message_content(message, i)?;
+            for (param, url) in images {
+                if message.role != "user" {
+                    return Err(ApiError::invalid(
+                        Some(&param),
+                        format!(
+                            "{param} is an image in a {} message; images go in user messages",
+                            message.role
+                        ),
+                    ));
+                }
+                if let Some(first) = &image {
+                    return Err(ApiError::invalid(
+                        Some(&param),
+                        format!(
+                            "{param} is a second image (the first is {}): the model takes one \
+                             image per request",
+                            first.param
+                        ),
+                    ));
+                }
+                // The turn this user message opens or continues.
+                let turn = match turns.last() {
+                    Some(t) if t.answer.is_none() => turns.len() - 1,
+                    _ => turns.len(),
+                };
+                image = Some(ImagePart { url, param, turn });
+            }
             match message.role.as_str() {
                 "system" | "developer" => system.push(text),
                 "user" => match turns.last_mut() {
@@ -94,10 +143,27 @@ impl Conversation {
                 "the last message is an assistant message: the conversation must end with a \
                  user message",
             )),
-            Some(_) => Ok(Conversation {
-                system: (!system.is_empty()).then(|| system.join("\n")),
-                turns,
-            }),
+            Some(_) => {
+                if image.is_some() {
+                    // The marker placed for the image must be the only one in the prompt.
+                    for (i, m) in messages.iter().enumerate() {
+                        if message_content(m, i)?.text.contains(IMAGE_TOKEN) {
+                            return Err(ApiError::invalid(
+                                Some(&format!("messages[{i}].content")),
+                                format!(
+                                    "messages[{i}] holds the text {IMAGE_TOKEN:?}, which marks \
+                                     where the image goes; send images as image_url parts only"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Ok(Conversation {
+                    system: (!system.is_empty()).then(|| system.join("\n")),
+                    turns,
+                    image,
+                })
+            }
         }
     }
 
@@ -111,11 +177,19 @@ impl Conversation {
             } else {
                 None
             };
-            let prompt = format.turn_prompt(&turn.user, system, round);
-            if round == 0 {
-                ids.extend(codec.encode(&prompt, false)?);
-            } else {
-                ids.extend(codec.encode(&format!("{}{prompt}", format.sep), false)?);
+            let with_image = self.image.as_ref().is_some_and(|im| im.turn == round);
+            let user = match with_image {
+                true => format!("{IMAGE_TOKEN}\n{}", turn.user),
+                false => turn.user.clone(),
+            };
+            let prompt = format.turn_prompt(&user, system, round);
+            let text = match round {
+                0 => prompt,
+                _ => format!("{}{prompt}", format.sep),
+            };
+            match with_image {
+                true => ids.extend(encode_around_image(codec, &text, false)?),
+                false => ids.extend(codec.encode(&text, false)?),
             }
             if let Some(answer) = &turn.answer {
                 ids.extend(codec.encode(answer, false)?);
@@ -131,36 +205,58 @@ impl Conversation {
     }
 }
 
-/// A message's text: a string, or its text parts joined.
-fn message_text(message: &Message, index: usize) -> Result<String, ApiError> {
+/// A message's text (a string, or its text parts joined) and its `image_url` parts.
+fn message_content(message: &Message, index: usize) -> Result<MessageContent, ApiError> {
+    let text_only = |text: &str| MessageContent {
+        text: text.to_string(),
+        images: Vec::new(),
+    };
     match &message.content {
-        Some(Content::Text(text)) => Ok(text.clone()),
+        Some(Content::Text(text)) => Ok(text_only(text)),
         Some(Content::Parts(parts)) => {
-            let mut text = String::new();
+            let mut content = text_only("");
             for (j, part) in parts.iter().enumerate() {
+                let at = format!("messages[{index}].content[{j}]");
                 match (part.kind.as_str(), &part.text) {
-                    ("text", Some(t)) => text.push_str(t),
+                    ("text", Some(t)) => content.text.push_str(t),
                     ("text", None) => {
                         return Err(ApiError::invalid(
-                            Some(&format!("messages[{index}].content[{j}].text")),
-                            format!("messages[{index}].content[{j}] is a text part without text"),
+                            Some(&format!("{at}.text")),
+                            format!("{at} is a text part without text"),
                         ))
+                    }
+                    ("image_url", _) => {
+                        let url = part
+                            .image_url
+                            .as_ref()
+                            .and_then(|v| v.get("url"))
+                            .and_then(|u| u.as_str())
+                            .ok_or_else(|| {
+                                ApiError::invalid(
+                                    Some(&format!("{at}.image_url")),
+                                    format!(
+                                        "{at} is an image_url part without \
+                                         {{\"image_url\": {{\"url\": \"data:image/png;base64,...\"}}}}"
+                                    ),
+                                )
+                            })?;
+                        content.images.push((at, url.to_string()));
                     }
                     (other, _) => {
                         return Err(ApiError::invalid(
-                            Some(&format!("messages[{index}].content[{j}].type")),
+                            Some(&format!("{at}.type")),
                             format!(
-                                "messages[{index}].content[{j}].type = {other:?}: only text \
-                                 parts are supported"
+                                "{at}.type = {other:?}: only text and image_url parts are \
+                                 supported"
                             ),
                         ))
                     }
                 }
             }
-            Ok(text)
+            Ok(content)
         }
         // OpenAI sends null content on assistant messages that only called tools.
-        None if message.role == "assistant" => Ok(String::new()),
+        None if message.role == "assistant" => Ok(text_only("")),
         None => Err(ApiError::invalid(
             Some(&format!("messages[{index}].content")),
             format!("messages[{index}] has no content"),
@@ -278,10 +374,72 @@ mod tests {
             "messages[0].content"
         );
         assert_eq!(
-            param(
-                r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#
-            ),
+            param(r#"{"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}"#),
             "messages[0].content[0].type"
+        );
+        assert_eq!(
+            param(r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#),
+            "messages[0].content[0].image_url"
+        );
+        let image = r#"{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}"#;
+        let two = format!(
+            r#"{{"messages": [{{"role": "user", "content": [{image}]}},
+                {{"role": "assistant", "content": "a"}},
+                {{"role": "user", "content": [{{"type": "text", "text": "q"}}, {image}]}}]}}"#
+        );
+        let e = conversation(&two).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[2].content[1]"));
+        assert!(
+            e.message.contains("messages[0].content[0]"),
+            "{}",
+            e.message
+        );
+        let in_assistant = format!(
+            r#"{{"messages": [{{"role": "user", "content": "q"}},
+                {{"role": "assistant", "content": [{image}]}}, {{"role": "user", "content": "q"}}]}}"#
+        );
+        assert_eq!(param(&in_assistant), "messages[1].content[0]");
+        let marker = format!(
+            r#"{{"messages": [{{"role": "system", "content": "<image>"}},
+                {{"role": "user", "content": [{image}]}}]}}"#
+        );
+        assert_eq!(param(&marker), "messages[0].content");
+    }
+
+    #[test]
+    fn the_image_turn_gets_the_marker_and_the_placeholder() {
+        let format =
+            ChatFormat::from(&crate::data::template::Template::by_name("internlm2_chat").unwrap());
+        let c = conversation(
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": [{"type": "text", "text": "what?"},
+                  {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]}"#,
+        )
+        .unwrap();
+        let image = c.image.as_ref().unwrap();
+        assert_eq!(
+            (image.turn, image.param.as_str()),
+            (1, "messages[2].content[1]")
+        );
+        let ids = c.encode(&format, &CharCodec).unwrap();
+        let p = ids
+            .iter()
+            .position(|&t| t == crate::data::IMAGE_TOKEN_ID)
+            .unwrap();
+        assert_eq!(
+            ids.iter()
+                .filter(|&&t| t == crate::data::IMAGE_TOKEN_ID)
+                .count(),
+            1
+        );
+        assert_eq!(
+            CharCodec.decode(&ids[..p], false).unwrap(),
+            "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n\
+             <|im_start|>user\n"
+        );
+        assert_eq!(
+            CharCodec.decode(&ids[p + 1..], false).unwrap(),
+            "\nwhat?<|im_end|>\n<|im_start|>assistant\n"
         );
     }
 

@@ -9,18 +9,46 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::infer::llava::{LlavaCache, LlavaParts};
 use crate::infer::{
     CausalLm, Decoding, FinishReason, GenConfig, Sampler, StopCriteria, TextCodec, TextStream,
 };
+use crate::model::decoder::{Decoder, KvCache};
+
+/// A model the server runs: a causal LM whose sequences may each carry an image.
+pub trait ServedModel: CausalLm {
+    /// The cache a new sequence starts from, holding the request's image (`pixels [3, S, S]`)
+    /// when it sent one.
+    fn sequence_cache(&self, image: Option<&Tensor>) -> Result<Self::Cache>;
+}
+
+impl ServedModel for Decoder {
+    fn sequence_cache(&self, image: Option<&Tensor>) -> Result<KvCache> {
+        if image.is_some() {
+            bail!("this model takes no images");
+        }
+        Ok(self.new_cache())
+    }
+}
+
+impl ServedModel for LlavaParts {
+    fn sequence_cache(&self, image: Option<&Tensor>) -> Result<LlavaCache> {
+        self.cache_with_image(image)
+    }
+}
 
 /// One chat completion to run.
 pub struct Job {
     /// Index into the worker's models (0: the served model, 1: the base model to compare).
     pub model: usize,
+    /// The prompt, with [`crate::data::IMAGE_TOKEN_ID`] where the image goes when there is one.
     pub prompt: Vec<u32>,
+    /// The request's preprocessed image `[3, S, S]`.
+    pub image: Option<Tensor>,
     pub gen: GenConfig,
     /// Template stop words and the request's `stop`; EOS is always a stop.
     pub stop_words: Vec<String>,
@@ -101,7 +129,7 @@ enum Outcome {
 }
 
 /// Run jobs until every sender of `jobs` is dropped. `models` are indexed by `Job::model`.
-pub fn run<M: CausalLm>(
+pub fn run<M: ServedModel>(
     models: &[M],
     codec: &dyn TextCodec,
     jobs: Receiver<Job>,
@@ -162,7 +190,7 @@ pub fn run<M: CausalLm>(
 }
 
 /// Prefill a job's prompt; None when its client is already gone or it failed (reported).
-fn start<'a, M: CausalLm>(
+fn start<'a, M: ServedModel>(
     models: &[M],
     codec: &'a dyn TextCodec,
     job: Job,
@@ -179,7 +207,7 @@ fn start<'a, M: CausalLm>(
             .ok_or_else(|| anyhow::anyhow!("no model with index {}", job.model))?;
         let sampler = Sampler::new(&job.gen)?;
         let stop = StopCriteria::for_chat(codec, &job.stop_words);
-        let mut cache = model.new_cache();
+        let mut cache = model.sequence_cache(job.image.as_ref())?;
         let decoding = Decoding::new(
             model,
             &mut cache,
