@@ -67,8 +67,9 @@ struct RawConfig {
     head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
+    /// Top level in transformers < 5; transformers 5 writes it into `rope_parameters`.
+    #[serde(default)]
+    rope_theta: Option<f64>,
     #[serde(default = "default_max_pos")]
     max_position_embeddings: usize,
     #[serde(default)]
@@ -90,6 +91,10 @@ struct RawConfig {
     hidden_act: Option<String>,
     #[serde(default)]
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5: `{"rope_theta": ..., "rope_type": ..., "factor": ...}` (theta and the
+    /// scaling that `rope_theta` / `rope_scaling` held before).
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
 }
 
 fn default_eps() -> f64 {
@@ -135,6 +140,28 @@ fn parse_rope_scaling(v: &Option<serde_json::Value>) -> Result<Option<RopeScalin
     }
 }
 
+/// RoPE's base: top-level `rope_theta` (transformers < 5) or `rope_parameters.rope_theta`
+/// (transformers 5); 10000 when neither is given; both given and different is an error.
+fn rope_theta(raw: &RawConfig) -> Result<f64> {
+    let nested = match &raw.rope_parameters {
+        Some(serde_json::Value::Object(o)) => match o.get("rope_theta") {
+            None => None,
+            Some(v) => Some(v.as_f64().with_context(|| {
+                format!("rope_parameters.rope_theta: expected a number, got {v}")
+            })?),
+        },
+        None | Some(serde_json::Value::Null) => None,
+        Some(other) => bail!("rope_parameters: expected an object or null, got {other}"),
+    };
+    match (raw.rope_theta, nested) {
+        (Some(top), Some(inner)) if top != inner => bail!(
+            "rope_theta {top} and rope_parameters.rope_theta {inner} disagree; keep one of them"
+        ),
+        (Some(theta), _) | (None, Some(theta)) => Ok(theta),
+        (None, None) => Ok(default_theta()),
+    }
+}
+
 /// A token id field that may be a number or a list (Llama 3 lists several EOS ids).
 fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     match v.as_ref()? {
@@ -170,7 +197,12 @@ impl ModelConfig {
                 bail!("unsupported hidden_act `{act}`: only silu (SwiGLU) decoders are supported");
             }
         }
-        let rope_scaling = parse_rope_scaling(&raw.rope_scaling)?;
+        let rope_theta = rope_theta(&raw)?;
+        let rope_scaling = match &raw.rope_scaling {
+            None | Some(serde_json::Value::Null) => parse_rope_scaling(&raw.rope_parameters)
+                .context("rope_parameters")?,
+            given => parse_rope_scaling(given)?,
+        };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads % num_kv_heads != 0 {
             bail!(
@@ -197,7 +229,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps,
-            rope_theta: raw.rope_theta,
+            rope_theta,
             max_position_embeddings: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
@@ -239,6 +271,33 @@ mod tests {
                 "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                 "rope_scaling": {rope}}}"#
         ))
+    }
+
+    fn llama(extra: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+                "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn rope_theta_top_level_or_in_transformers5_rope_parameters() {
+        assert_eq!(llama("").unwrap().rope_theta, 10000.0);
+        assert_eq!(llama(r#", "rope_theta": 500000.0"#).unwrap().rope_theta, 500000.0);
+        let v5 = llama(r#", "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}"#)
+            .unwrap();
+        assert_eq!(v5.rope_theta, 1000000.0);
+        assert_eq!(v5.rope_scaling, None);
+        let linear = llama(
+            r#", "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "linear", "factor": 2.0}"#,
+        )
+        .unwrap();
+        assert_eq!(linear.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        let both = llama(r#", "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 1000000.0}"#)
+            .unwrap_err();
+        assert!(format!("{both:#}").contains("disagree"), "{both:#}");
+        let bad = llama(r#", "rope_parameters": {"rope_theta": "big"}"#).unwrap_err();
+        assert!(format!("{bad:#}").contains("rope_parameters.rope_theta"), "{bad:#}");
     }
 
     #[test]
