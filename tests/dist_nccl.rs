@@ -8,8 +8,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
-use ftrun::dist::collectives::{Collectives, IdExchange};
+use candle_core::{DType, Device, Tensor};
+use ftrun::dist::collectives::{bucket_pieces, Collectives, IdExchange};
 use ftrun::dist::coordinator::{CoordinatorConfig, CoordinatorHandle};
 use ftrun::dist::launch::{spawn_local_workers_to, LaunchArgs, LaunchSpec, Sink, WorkerCommand};
 use ftrun::dist::nccl::NcclComm;
@@ -108,7 +108,15 @@ fn nccl_rank_entry() {
         unreachable!()
     };
     let exchange: Rc<dyn IdExchange> = worker.clone();
-    let comm = NcclComm::init_world(cuda, rank, w, exchange, Duration::from_secs(30)).unwrap();
+    let comm = NcclComm::init_world(
+        cuda,
+        rank,
+        w,
+        exchange,
+        "nccl-test/world",
+        Duration::from_secs(30),
+    )
+    .unwrap();
     assert_eq!((comm.rank(), comm.world()), (rank, w));
     let on_gpu = |v: Vec<f32>| {
         let n = v.len();
@@ -152,6 +160,38 @@ fn nccl_rank_entry() {
         .flat_map(|i| values(i, c * w)[rank * c..(rank + 1) * c].to_vec())
         .collect();
     assert_eq!(got, expected, "all_to_all");
+
+    // ZeRO-2 bucket reduction: a bucket at flat offset 5 of 17 values crossing shard
+    // boundaries (S = ceil(17 / w)), summed into each owner's shard in place, after a join.
+    let (n_flat, lo, hi) = (17usize, 5, 16);
+    let s = n_flat.div_ceil(w);
+    let shard = on_gpu(vec![-1.0; s]);
+    let bucket = on_gpu(values(rank, n_flat)).narrow(0, lo, hi - lo).unwrap();
+    comm.reduce_sum_pieces(&bucket, &bucket_pieces(lo, hi, s), &shard)
+        .unwrap();
+    comm.join("test").unwrap();
+    let mine = host(shard);
+    for (k, got) in mine.iter().enumerate() {
+        let i = rank * s + k;
+        let expected = if (lo..hi).contains(&i) {
+            (0..w).map(|r| values(r, n_flat)[i]).sum()
+        } else {
+            -1.0 // outside the bucket: untouched
+        };
+        assert_eq!(*got, expected, "reduce_sum_pieces element {i}");
+    }
+
+    // all_gather_into a bf16 buffer (the replica); small integers are exact in bf16
+    let small = |r: usize| (0..3).map(|i| (4 * r + i) as f32).collect::<Vec<f32>>();
+    let part = on_gpu(small(rank)).to_dtype(DType::BF16).unwrap();
+    let out = Tensor::zeros(3 * w, DType::BF16, &device).unwrap();
+    comm.all_gather_into(&part, &out).unwrap();
+    let expected: Vec<f32> = (0..w).flat_map(small).collect();
+    assert_eq!(
+        host(out.to_dtype(DType::F32).unwrap()),
+        expected,
+        "all_gather_into bf16"
+    );
 
     comm.barrier().unwrap();
 

@@ -9,6 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use ftrun::config::OptimConfig;
 use ftrun::dist::collectives::{sum_counts, sum_f64s, Collectives};
 use ftrun::dist::tcp_ring::TcpRing;
+use ftrun::model::decoder::{Batch, Decoder, GradReady, TrainMode};
+use ftrun::model::weights::LazyCheckpoint;
+use ftrun::model::ModelConfig;
 use ftrun::train::optim::{clip_grad_norm, AdamW, FlatParams};
 use ftrun::train::zero::ZeroOptimizer;
 use rand::{Rng, SeedableRng};
@@ -199,4 +202,125 @@ fn bf16_replica_keeps_fp32_only_in_the_shard() {
             .collect();
         assert_close(&shard, &exact, 2e-6, "fp32 shard");
     }
+}
+
+/// Sequence `i` of the global batch: 12 tokens drawn from the vocabulary, every label trained
+/// but the first.
+fn sequence(i: usize, vocab: usize) -> Batch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(500 + i as u64);
+    let ids: Vec<u32> = (0..12).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let mut labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+    labels[0] = -100;
+    Batch::single(ids, labels)
+}
+
+/// The tiny demo model, every weight trained, in f32 on the CPU.
+fn demo_decoder(dir: &std::path::Path) -> Decoder {
+    let cfg = ModelConfig::from_dir(dir).unwrap();
+    let mut source = LazyCheckpoint::open(dir).unwrap();
+    Decoder::new(
+        &cfg,
+        &mut source,
+        TrainMode::Full,
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap()
+}
+
+/// The ZeRO-2 step of the trainer on 2 ranks with 2 micro-batches each and buckets far smaller
+/// than a block: the last micro-batch's backward reduces buckets into the shards while it runs
+/// (the hook issued some before the backward returned), and the shards of the summed gradient
+/// equal the gradient of the whole global batch (4 sequences) in one process.
+#[test]
+fn buckets_reduced_during_the_backward_match_the_single_process_gradient() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let corpus = vec!["the quick brown fox jumps over the lazy dog".to_string()];
+    ftrun::model::demo::make_demo_model(&dir, &corpus, 0).unwrap();
+
+    // Reference: one process accumulates the 4 sequences' gradients.
+    let reference = demo_decoder(&dir);
+    let vocab = reference.config().vocab_size;
+    let batches: Vec<Batch> = (0..4).map(|i| sequence(i, vocab)).collect();
+    let scale = 1.0 / (4.0 * 11.0); // the mean over every trained token of the global batch
+    let mut grads = reference.new_grads();
+    for b in &batches {
+        reference
+            .forward_backward(b, scale, &mut grads, 0, false)
+            .unwrap();
+    }
+    let expected = grads.into_flat().unwrap().to_vec1::<f32>().unwrap();
+    let n = expected.len();
+    // One block's parameters span about 200k values: buckets of 20k make several per block.
+    let bucket = 20_000;
+    assert!(n > 10 * bucket, "the demo model has {n} trainable values");
+
+    let dir2 = dir.clone();
+    let ranks = run_world(2, move |ring| {
+        let rank = ring.rank();
+        let model = demo_decoder(&dir2);
+        let vocab = model.config().vocab_size;
+        let params = FlatParams::from_values(
+            &model.initial_trainable_values().unwrap(),
+            &model
+                .trainable()
+                .iter()
+                .map(|t| t.decay)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let mut z = ZeroOptimizer::new(&optim(), params, rank, 2, 25)
+            .unwrap()
+            .with_bucket_elems(bucket);
+        let mut grads = model.new_grads();
+        let mut reducer = z.reducer(&ring).unwrap();
+        for micro in 0..2 {
+            let b = sequence(2 * rank + micro, vocab);
+            // grad_accum 2: only the last micro-batch's backward reports final gradients.
+            let ready: Option<&mut dyn GradReady> = (micro == 1).then_some(&mut reducer as _);
+            model
+                .forward_backward_ready(&b, scale, &mut grads, 0, false, ready)
+                .unwrap();
+            if micro == 0 {
+                assert_eq!(
+                    reducer.buckets_issued_early(),
+                    0,
+                    "accumulating micro-batch"
+                );
+            }
+        }
+        let early = reducer.buckets_issued_early();
+        let shard = reducer.finish(&grads.into_flat().unwrap()).unwrap();
+        let shard_values = shard.to_vec1::<f32>().unwrap();
+        // The step goes on as the trainer's: norm from the shards, update, all-gather.
+        let norm = z.global_grad_norm(&shard, &ring).unwrap();
+        z.apply(&shard, norm, 1.0, 1e-4, &ring).unwrap();
+        (
+            early,
+            shard_values,
+            z.params().master.to_vec1::<f32>().unwrap(),
+        )
+    });
+    let total_buckets = n.div_ceil(bucket);
+    let scale_max = expected.iter().fold(0f32, |m, g| m.max(g.abs()));
+    let mut gathered = vec![];
+    for (rank, (early, shard, _)) in ranks.iter().enumerate() {
+        assert!(
+            *early > 0 && *early < total_buckets,
+            "rank {rank}: {early} of {total_buckets} buckets were issued during the backward"
+        );
+        gathered.extend_from_slice(shard);
+    }
+    // The padding tail of the last shard stays zero.
+    assert!(gathered[n..].iter().all(|&g| g == 0.0));
+    for (i, (g, e)) in gathered[..n].iter().zip(&expected).enumerate() {
+        assert!(
+            (g - e).abs() <= 1e-5 * scale_max,
+            "gradient element {i}: {g} (2 ranks) vs {e} (1 process)"
+        );
+    }
+    // The all-gathered update leaves every rank with the same parameters.
+    assert_eq!(ranks[0].2, ranks[1].2);
 }

@@ -6,7 +6,8 @@
 //! communicator's timeout: a missing rank never stalls the job silently.
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
 
 /// Collective operations over the ranks of one communicator (the world or a sub-group).
 ///
@@ -35,6 +36,94 @@ pub trait Collectives {
     /// A collective call of every rank: ranks passing the same `color` form a new
     /// communicator, ranked in the order of their rank here.
     fn split(&self, color: u64) -> Result<Box<dyn Collectives>>;
+
+    /// ZeRO-2's gradient reduction of one bucket `[b]` f32 (a view of the flat gradient): for
+    /// every piece, the sum over the ranks of `bucket[piece.range]` is written into the
+    /// piece's owner's `shard` (`[S]` f32, in place) at `piece.shard_offset`; other ranks'
+    /// `shard` elements are not touched. Every rank passes the same pieces.
+    ///
+    /// May return before the work is done (NCCL queues it on the communication stream): until
+    /// [`Collectives::join`], `bucket`'s values must not change and `shard` must not be read.
+    /// The communicator keeps both tensors alive until then.
+    ///
+    /// The default (CPU backends) all-reduces the bucket and copies the owned pieces out:
+    /// twice the traffic of a reduce, which CPU runs (tests, a few MiB) do not notice.
+    fn reduce_sum_pieces(&self, bucket: &Tensor, pieces: &[Piece], shard: &Tensor) -> Result<()> {
+        let sum = self.all_reduce_sum(bucket)?; // [b]
+        for p in pieces.iter().filter(|p| p.owner == self.rank()) {
+            shard.slice_set(
+                &sum.narrow(0, p.range.start, p.range.len())?,
+                0,
+                p.shard_offset,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// All-gather into a given buffer: `part` `[n]` from every rank lands in `out`
+    /// `[world * n]` (same dtype, f32 or a half type, contiguous) at `rank * n`, in place.
+    /// NCCL moves the dtype's bytes (a bf16 replica moves half the bytes of f32); the
+    /// default goes through [`Collectives::all_gather`] in f32 (exact for half types).
+    fn all_gather_into(&self, part: &Tensor, out: &Tensor) -> Result<()> {
+        ensure!(
+            part.dtype() == out.dtype() && out.elem_count() == part.elem_count() * self.world(),
+            "all_gather_into: {:?} {:?} parts of {} ranks do not fill {:?} {:?}",
+            part.dims(),
+            part.dtype(),
+            self.world(),
+            out.dims(),
+            out.dtype()
+        );
+        let full = self.all_gather(&part.flatten_all()?.to_dtype(DType::F32)?)?; // [world * n]
+        out.slice_set(&full.to_dtype(out.dtype())?.reshape(out.shape())?, 0, 0)?;
+        Ok(())
+    }
+
+    /// Waits on the host until every operation issued so far has completed, failing (and
+    /// marking the communicator unusable) after the communicator's timeout: the watchdog of
+    /// the asynchronous backends. `what` names the caller in the error. The CPU backends
+    /// complete every operation before returning.
+    fn join(&self, what: &str) -> Result<()> {
+        let _ = what;
+        Ok(())
+    }
+
+    /// Sums small f32 vectors over the ranks and returns them on the host (the counts and
+    /// scalars of a step). `device` is where the communicator takes its tensors.
+    fn sum_to_host(&self, values: &[f32], device: &Device) -> Result<Vec<f32>> {
+        let t = Tensor::from_slice(values, values.len(), device)?;
+        let sum = self.all_reduce_sum(&t)?;
+        self.join("sum_to_host")?;
+        Ok(sum.to_vec1::<f32>()?)
+    }
+}
+
+/// One rank's share of a ZeRO-2 gradient bucket (see [`Collectives::reduce_sum_pieces`]):
+/// bucket elements `range` belong to rank `owner`'s shard, starting at `shard_offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub owner: usize,
+    pub range: Range<usize>,
+    pub shard_offset: usize,
+}
+
+/// The pieces of the flat-buffer range `lo..hi` when rank r owns `r*shard_len..(r+1)*shard_len`:
+/// one per shard the range intersects, in rank order, ranges relative to `lo`.
+pub fn bucket_pieces(lo: usize, hi: usize, shard_len: usize) -> Vec<Piece> {
+    assert!(shard_len > 0, "ZeRO shards hold at least one element");
+    let mut pieces = vec![];
+    let mut at = lo;
+    while at < hi {
+        let owner = at / shard_len;
+        let end = ((owner + 1) * shard_len).min(hi);
+        pieces.push(Piece {
+            owner,
+            range: at - lo..end - lo,
+            shard_offset: at - owner * shard_len,
+        });
+        at = end;
+    }
+    pieces
 }
 
 /// Out-of-band exchange of communicator ids (NCCL's 128-byte unique id): the leader makes
@@ -168,8 +257,7 @@ pub fn sum_f64s(
         return Ok(values.to_vec());
     }
     let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-    let t = Tensor::from_vec(v, values.len(), device)?;
-    let sum = comm.all_reduce_sum(&t)?.to_vec1::<f32>()?;
+    let sum = comm.sum_to_host(&v, device)?;
     Ok(sum.into_iter().map(f64::from).collect())
 }
 
@@ -190,9 +278,7 @@ pub fn sum_counts(
             v.push(((c >> (12 * d)) & 0xfff) as f32);
         }
     }
-    let n = v.len();
-    let t = Tensor::from_vec(v, n, device)?;
-    let sum = comm.all_reduce_sum(&t)?.to_vec1::<f32>()?;
+    let sum = comm.sum_to_host(&v, device)?;
     Ok(sum
         .chunks(DIGITS)
         .map(|digits| {
@@ -246,6 +332,45 @@ mod tests {
         assert_eq!(l.dp_group(l.dp_color(4)), vec![0, 2, 4, 6]);
         let err = WorldLayout::new(6, 4).unwrap_err().to_string();
         assert!(err.contains("4 does not divide the world size 6"), "{err}");
+    }
+
+    /// Buckets of any size tile `0..n` and their pieces cover every rank's shard exactly
+    /// once up to `n` (the padding tail beyond `n` is never sent).
+    #[test]
+    fn bucket_pieces_cover_each_shard_once() {
+        for (n, world, bucket) in [(13, 2, 3), (13, 3, 1), (13, 3, 100), (7, 4, 2), (29, 5, 4)] {
+            let padded = padded_len(n, world);
+            let s = padded / world;
+            let mut hits = vec![vec![0u32; s]; world];
+            let mut lo = 0;
+            while lo < n {
+                let hi = (lo + bucket).min(n);
+                let pieces = bucket_pieces(lo, hi, s);
+                // The pieces tile the bucket in order.
+                let mut at = 0;
+                for p in &pieces {
+                    assert_eq!(p.range.start, at, "n {n} world {world} bucket {bucket}");
+                    assert!(p.owner < world && p.shard_offset + p.range.len() <= s);
+                    for k in 0..p.range.len() {
+                        // Element lo + range.start + k is shard element shard_offset + k.
+                        assert_eq!(lo + p.range.start + k, p.owner * s + p.shard_offset + k);
+                        hits[p.owner][p.shard_offset + k] += 1;
+                    }
+                    at = p.range.end;
+                }
+                assert_eq!(at, hi - lo);
+                lo = hi;
+            }
+            for (r, h) in hits.iter().enumerate() {
+                for (i, &c) in h.iter().enumerate() {
+                    let expected = u32::from(r * s + i < n);
+                    assert_eq!(
+                        c, expected,
+                        "n {n} world {world} bucket {bucket} rank {r} [{i}]"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

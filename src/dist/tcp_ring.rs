@@ -9,6 +9,10 @@
 //! Every message carries a small header (operation, length) so that ranks calling different
 //! collectives, or the same one with different sizes, fail with an error instead of reading
 //! garbage; every socket read and write has the communicator's timeout.
+//!
+//! Every operation completes before it returns, so ZeRO-2's bucket reductions
+//! (`reduce_sum_pieces`, the trait's default: an all-reduce of the bucket) run inside the
+//! backward's hook and `join` has nothing to wait for.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};

@@ -207,6 +207,14 @@ impl Grads {
     }
 }
 
+/// Told during the backward which gradients are final, so that a data-parallel run reduces them
+/// while the rest of the backward runs (ZeRO-2's bucketed reduction).
+pub trait GradReady {
+    /// Every value of the flat gradient buffer `grads` (`[N]`, the [`Grads`] buffer) at
+    /// offsets `>= from` is final for this step. Called with decreasing `from`.
+    fn ready_from(&mut self, from: usize, grads: &Tensor) -> Result<()>;
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepStats {
     /// Σ of token losses (divide by `n_trained` for the mean).
@@ -803,6 +811,22 @@ impl Decoder {
         Grads::new(&shapes, self.grad_dtype(), &self.device)
     }
 
+    /// Tells `ready` that the gradients of parameters `first_param..` are final.
+    fn report_ready(
+        &self,
+        ready: &mut Option<&mut dyn GradReady>,
+        first_param: usize,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let Some(ready) = ready else { return Ok(()) };
+        // The first trainable slot at or after `first_param` (slots follow parameter order).
+        let from = self.slot_of[first_param..]
+            .iter()
+            .find_map(|s| *s)
+            .map_or(grads.numel(), |slot| grads.layout[slot].0);
+        ready.ready_from(from, grads.buffer()?)
+    }
+
     fn check_grads(&self, grads: &Grads) -> Result<()> {
         if grads.len() != self.trainable.len() || grads.dtype != self.grad_dtype() {
             bail!(
@@ -1285,13 +1309,28 @@ impl Decoder {
         step_seed: u64,
         checkpointing: bool,
     ) -> Result<StepStats> {
+        self.forward_backward_ready(batch, loss_scale, grads, step_seed, checkpointing, None)
+    }
+
+    /// [`Decoder::forward_backward`] reporting to `ready` which gradients are final as the
+    /// backward goes (after the head and final norm, then after each block).
+    pub fn forward_backward_ready(
+        &self,
+        batch: &Batch,
+        loss_scale: f64,
+        grads: &mut Grads,
+        step_seed: u64,
+        checkpointing: bool,
+        ready: Option<&mut dyn GradReady>,
+    ) -> Result<StepStats> {
         self.check_grads(grads)?;
         if self.trainable.is_empty() {
             return self.loss(batch);
         }
         let ctx = self.batch_ctx(batch)?;
         let targets = shifted_targets(&batch.labels, self.cfg.vocab_size)?;
-        self.tokens_forward_backward(&ctx, &targets, loss_scale, grads, step_seed, checkpointing)
+        let run = (loss_scale, step_seed, checkpointing);
+        self.tokens_forward_backward(&ctx, &targets, run, grads, ready)
     }
 
     /// [`Decoder::forward_backward`] of one rank's piece of a packed batch under Ulysses
@@ -1308,6 +1347,20 @@ impl Decoder {
         step_seed: u64,
         checkpointing: bool,
     ) -> Result<StepStats> {
+        let run = (loss_scale, step_seed, checkpointing);
+        self.forward_backward_sp_ready(piece, sp, run, grads, None)
+    }
+
+    /// [`Decoder::forward_backward_sp`] reporting final gradients to `ready` (see
+    /// [`Decoder::forward_backward_ready`]); `run` is `(loss_scale, step_seed, checkpointing)`.
+    pub fn forward_backward_sp_ready(
+        &self,
+        piece: &SeqPiece,
+        sp: &dyn Collectives,
+        run: (f64, u64, bool),
+        grads: &mut Grads,
+        ready: Option<&mut dyn GradReady>,
+    ) -> Result<StepStats> {
         self.check_grads(grads)?;
         ulysses::check_heads(self.cfg.num_heads, self.cfg.num_kv_heads, sp.world())?;
         piece.check(sp)?;
@@ -1318,18 +1371,18 @@ impl Decoder {
             Some(sp),
         )?;
         let targets = row_targets(&piece.targets, self.cfg.vocab_size)?;
-        self.tokens_forward_backward(&ctx, &targets, loss_scale, grads, step_seed, checkpointing)
+        self.tokens_forward_backward(&ctx, &targets, run, grads, ready)
     }
 
-    /// Embedding, blocks, head + loss and back, from the batch's token ids.
+    /// Embedding, blocks, head + loss and back, from the batch's token ids; `run` is
+    /// `(loss_scale, step_seed, checkpointing)`.
     fn tokens_forward_backward(
         &self,
         ctx: &BatchCtx,
         targets: &RowTargets,
-        loss_scale: f64,
+        (loss_scale, step_seed, checkpointing): (f64, u64, bool),
         grads: &mut Grads,
-        step_seed: u64,
-        checkpointing: bool,
+        ready: Option<&mut dyn GradReady>,
     ) -> Result<StepStats> {
         let x0 = embedding_forward(&ctx.ids, &self.params[self.embed])?; // [n, h]
         let (stats, dx0) = self.stack_forward_backward(
@@ -1340,6 +1393,7 @@ impl Decoder {
             grads,
             step_seed,
             checkpointing,
+            ready,
         )?;
         if self.trains(self.embed) {
             let dw = embedding_backward(&ctx.ids, &dx0, self.cfg.vocab_size)?;
@@ -1388,6 +1442,7 @@ impl Decoder {
             grads,
             step_seed,
             checkpointing,
+            None,
         )
     }
 
@@ -1418,6 +1473,7 @@ impl Decoder {
         grads: &mut Grads,
         step_seed: u64,
         checkpointing: bool,
+        mut ready: Option<&mut dyn GradReady>,
     ) -> Result<(StepStats, Tensor)> {
         // The gradient buffer first: allocated before the activations, not between them.
         grads.buffer()?;
@@ -1477,6 +1533,9 @@ impl Decoder {
         if let Some(dw) = dwn {
             self.accumulate(grads, self.final_norm, &dw)?;
         }
+        // Trainables are laid out in parameter order (embedding, blocks, final norm, head): the
+        // final norm and an untied head are final now, each block once its backward is done.
+        self.report_ready(&mut ready, self.final_norm, grads)?;
         for (li, blk) in self.blocks.iter().enumerate().rev() {
             let acts = match kept.pop().context("missing block activations")? {
                 Kept::Acts(a) => *a,
@@ -1487,6 +1546,8 @@ impl Decoder {
             };
             dx = self.block_backward(blk, &acts, &dx, ctx, grads)?;
             crate::train::metrics::pool_checkpoint(&self.device, "backward block", li)?;
+            // A block's parameters start with its attention norm.
+            self.report_ready(&mut ready, blk.attn_norm, grads)?;
         }
         let stats = StepStats {
             loss_sum: ce.loss_sum,

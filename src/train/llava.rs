@@ -12,7 +12,9 @@ use crate::data::image::ClipPreprocess;
 use crate::data::llava::{build_llava_dataset, LlavaDataset, LlavaItem};
 use crate::data::loader::OrderedLoader;
 use crate::data::sampler::{SamplerIter, SamplerState};
-use crate::model::decoder::{Decoder, LoraSpec, QuantSpec, StepStats, TrainMode, TrainableInfo};
+use crate::model::decoder::{
+    Decoder, GradReady, LoraSpec, QuantSpec, StepStats, TrainMode, TrainableInfo,
+};
 use crate::model::layers::mix_seed;
 use crate::model::llava::{
     init_projector, make_llava_batch, LlavaBatch, LlavaGrads, LlavaModel, Projector,
@@ -217,7 +219,11 @@ impl StepModel for LlavaModel {
         grads: &mut LlavaGrads,
         seed: u64,
         checkpointing: bool,
+        _ready: Option<&mut dyn GradReady>,
     ) -> Result<StepStats> {
+        // The flat gradient is the concatenation of the decoder's, the projector's and the
+        // tower's buffers (`LlavaGrads::into_flat`): offsets in the decoder's buffer are not the
+        // flat offsets, so the reduction waits for the whole backward.
         LlavaModel::forward_backward(self, batch, loss_scale, grads, seed, checkpointing)
     }
     fn decoder(&self) -> &Decoder {

@@ -2,7 +2,7 @@
 //! trains the text decoder and the LLaVA model alike.
 
 use crate::data::sampler::{SamplerIter, SamplerState};
-use crate::model::decoder::{Decoder, StepStats, TrainableInfo};
+use crate::model::decoder::{Decoder, GradReady, StepStats, TrainableInfo};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -25,6 +25,9 @@ pub trait StepModel {
     /// The accumulated gradient as one f32 `[N]` tensor in trainable order.
     fn flat_grads(grads: Self::Grads) -> Result<Tensor>;
     /// `grads += d(loss_scale · loss_sum)/dθ` for one micro-batch; dropout from `seed`.
+    /// `ready` (the step's last micro-batch of a data-parallel run) is told which part of the
+    /// flat gradient is final as the backward goes; a model may ignore it (the reduction then
+    /// happens after the backward).
     fn forward_backward(
         &self,
         batch: &Self::Batch,
@@ -32,6 +35,7 @@ pub trait StepModel {
         grads: &mut Self::Grads,
         seed: u64,
         checkpointing: bool,
+        ready: Option<&mut dyn GradReady>,
     ) -> Result<StepStats>;
     /// The language model, for the evaluation prompts.
     fn decoder(&self) -> &Decoder;

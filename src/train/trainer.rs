@@ -16,7 +16,7 @@ use crate::dist::collectives::{Collectives, Groups, WorldLayout};
 use crate::dist::parallel::Parallel;
 use crate::dist::ulysses::{self, SeqPiece};
 use crate::model::decoder::{
-    Batch, Decoder, Grads, LoraSpec, QuantSpec, StepStats, TrainMode, TrainableInfo,
+    Batch, Decoder, GradReady, Grads, LoraSpec, QuantSpec, StepStats, TrainMode, TrainableInfo,
 };
 use crate::model::{weights, ModelConfig};
 use crate::tokenizer::Tokenizer;
@@ -218,6 +218,7 @@ impl MicroBatch {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward_backward(
         &self,
         model: &Decoder,
@@ -226,13 +227,15 @@ impl MicroBatch {
         grads: &mut Grads,
         seed: u64,
         checkpointing: bool,
+        ready: Option<&mut dyn GradReady>,
     ) -> Result<StepStats> {
         match (self, sp) {
             (MicroBatch::Piece(p), Some(sp)) => {
-                model.forward_backward_sp(p, sp, loss_scale, grads, seed, checkpointing)
+                let run = (loss_scale, seed, checkpointing);
+                model.forward_backward_sp_ready(p, sp, run, grads, ready)
             }
             (MicroBatch::Whole(b), _) => {
-                model.forward_backward(b, loss_scale, grads, seed, checkpointing)
+                model.forward_backward_ready(b, loss_scale, grads, seed, checkpointing, ready)
             }
             (MicroBatch::Piece(_), None) => bail!("a sequence-parallel piece needs its SP group"),
         }
@@ -289,6 +292,7 @@ impl StepModel for TextModel<'_> {
         grads: &mut Grads,
         seed: u64,
         checkpointing: bool,
+        ready: Option<&mut dyn GradReady>,
     ) -> Result<StepStats> {
         batch.forward_backward(
             &self.decoder,
@@ -297,6 +301,7 @@ impl StepModel for TextModel<'_> {
             grads,
             seed,
             checkpointing,
+            ready,
         )
     }
     fn decoder(&self) -> &Decoder {
@@ -621,25 +626,33 @@ where
         model.set_trainable(&opt.model_views()?)?;
         let mut grads = model.new_grads();
         let mut local_loss_sum = 0.0;
+        // ZeRO-2: on several ranks the last micro-batch's backward reduces each bucket of the
+        // flat gradient into its owners' shards as soon as the bucket is final.
+        let mut reducer = opt.reducer(par.comm())?;
         for (i, b) in micro.iter().enumerate() {
             // Ranks draw different dropout masks; rank 0's are the single-process ones.
             let seed =
                 cfg.train.seed ^ ((step as u64) << 20) ^ i as u64 ^ ((par.rank() as u64) << 40);
+            let last = i + 1 == micro.len();
+            let ready: Option<&mut dyn GradReady> =
+                (last && par.world() > 1).then_some(&mut reducer as &mut dyn GradReady);
             let s = model.forward_backward(
                 b,
                 1.0 / n_targets.max(1) as f64,
                 &mut grads,
                 seed,
                 cfg.train.activation_checkpointing,
+                ready,
             )?;
             local_loss_sum += s.loss_sum;
         }
-        let loss = par.sum_f64s(&[local_loss_sum], device)?[0] / n_targets.max(1) as f64;
 
-        // Reduce (ZeRO-2: into this rank's shard), clip by the global norm, check, update.
+        // Reduce the rest (ZeRO-2: into this rank's shard) and wait for it, clip by the global
+        // norm, check, update.
         let flat = M::flat_grads(grads)?; // [N] f32
-        let shard_grad = opt.reduce_gradients(&flat, par.comm())?; // [N / ranks]
+        let shard_grad = reducer.finish(&flat)?; // [N / ranks]
         drop(flat);
+        let loss = par.sum_f64s(&[local_loss_sum], device)?[0] / n_targets.max(1) as f64;
         let grad_norm = opt.global_grad_norm(&shard_grad, par.comm())?;
         let lr = schedule.lr_at(step);
         let finite = loss.is_finite() && grad_norm.is_finite();

@@ -1,12 +1,30 @@
-//! ZeRO-2 over the [`Collectives`] trait: the flat gradient (in `FlatParams` order) is
-//! reduce-scattered in buckets into per-rank shards, the global gradient norm for clipping is
-//! summed from the shards, AdamW (fp32 moments) runs only on this rank's shard of the fp32
-//! master buffer, and the updated shards are all-gathered so every rank holds all parameters.
+//! ZeRO-2 over the [`Collectives`] trait: the flat gradient (in `FlatParams` order) is reduced
+//! in buckets into per-rank shards while the backward still runs, the global gradient norm for
+//! clipping is summed from the shards, AdamW (fp32 moments) runs only on this rank's shard of
+//! the fp32 master buffer, and the updated shards are all-gathered so every rank holds all
+//! parameters.
 //!
 //! Layout: the flat buffer of N values is zero-padded to `padded_len(N, world)` and rank r owns
 //! elements `r*S..(r+1)*S`, S = padded / world. The padding has zero gradient and no weight
 //! decay, so it stays zero. On one rank (world 1) the shard is the whole buffer and every
 //! collective is skipped: the update is the single-process AdamW update, bit for bit.
+//!
+//! Gradient reduction ([`GradReducer`]): buckets are contiguous ranges of ~`bucket_mb` MiB of
+//! the flat gradient, issued from the end of the buffer down (the backward produces the last
+//! layers' gradients first). The model's backward calls [`GradReady::ready_from`] whenever a
+//! tail of the buffer is final (on the step's last micro-batch); every bucket inside that tail
+//! is handed to [`Collectives::reduce_sum_pieces`], which sums each shard's piece of it into
+//! its owner's persistent `[S]` shard-gradient buffer (NCCL: one `ncclReduce` per piece, queued
+//! on the communication stream, overlapping the rest of the backward). `finish` issues what is
+//! left and joins: the one host wait of the reduction, with the hang timeout.
+//!
+//! Memory (several ranks): besides the flat gradient `[N]` the reduction allocates nothing of
+//! size N: no padded copy (the padding tail of the shard gradient is zero from the start and
+//! never sent), no concatenation of pieces (they are written in place into the shard
+//! gradient `[S]`, which lives as long as the optimizer). The bucket views are views; an f64
+//! gradient (f64 compute) is cast bucket by bucket. The all-gather writes the updated shards
+//! straight into the replica buffer (`[padded]` in the replica dtype, the model's views
+//! narrow it), from a `[S]` cast of the shard master.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -14,7 +32,8 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use crate::config::OptimConfig;
-use crate::dist::collectives::{padded_len, sum_f64s, Collectives};
+use crate::dist::collectives::{bucket_pieces, padded_len, sum_f64s, Collectives};
+use crate::model::decoder::GradReady;
 use crate::train::checkpoint::SHARD_MASTER;
 use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams, Slot};
 
@@ -23,8 +42,11 @@ use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams, Slot};
 pub struct ZeroOptimizer {
     /// All trainable values, replicated on every rank (what the model reads: `model_views`):
     /// the fp32 master on one rank; in `replica_dtype` on several, where the fp32 master
-    /// exists only as this rank's `shard`.
+    /// exists only as this rank's `shard`. On several ranks `master` is the `[N]` head of
+    /// `replica`.
     params: FlatParams,
+    /// Several ranks: `[padded]` in `replica_dtype`, what the all-gather writes into.
+    replica: Option<Tensor>,
     replica_dtype: DType,
     rank: usize,
     world: usize,
@@ -32,15 +54,18 @@ pub struct ZeroOptimizer {
     padded: usize,
     /// This rank's slice `[S]` of the padded master buffer, with the slots clipped to it.
     shard: FlatParams,
+    /// Several ranks: this rank's `[S]` f32 shard of the summed gradient, written in place by
+    /// the reduction every step (its padding tail stays zero).
+    shard_grad: Option<Tensor>,
     /// AdamW over `shard` only: its moments are `[S]`.
     adamw: AdamW,
-    /// Elements per rank in one reduce-scatter bucket.
+    /// Elements of the flat gradient per reduction bucket.
     bucket: usize,
 }
 
 impl ZeroOptimizer {
-    /// `bucket_mb`: MiB of gradient (all ranks' pieces together) per reduce-scatter call;
-    /// 0 = one call for the whole buffer.
+    /// `bucket_mb`: MiB of f32 gradient per reduction bucket; 0 = one bucket for the whole
+    /// buffer (reduced only after the backward).
     pub fn new(
         cfg: &OptimConfig,
         params: FlatParams,
@@ -51,45 +76,66 @@ impl ZeroOptimizer {
         if world == 0 || rank >= world {
             bail!("ZeRO: rank {rank} outside a world of {world}");
         }
-        let padded = padded_len(params.numel(), world);
+        let n = params.numel();
+        let padded = padded_len(n, world);
         let shard_len = padded / world;
         let range = rank * shard_len..(rank + 1) * shard_len;
         let shard = shard_of(&params, range, padded)?;
         let adamw = AdamW::new(cfg, &shard)?;
         let bucket = if bucket_mb == 0 {
-            shard_len
+            n
         } else {
-            // bucket_mb MiB of f32 over all ranks' pieces.
-            ((bucket_mb << 20) / 4 / world).max(1)
+            (bucket_mb << 20) / 4
         };
-        Ok(Self {
+        let shard_grad = (world > 1)
+            .then(|| Tensor::zeros(shard_len, DType::F32, params.master.device()))
+            .transpose()?;
+        let mut z = Self {
             replica_dtype: params.master.dtype(),
+            replica: None,
             params,
             rank,
             world,
             padded,
             shard,
+            shard_grad,
             adamw,
-            bucket,
-        })
+            bucket: bucket.max(1),
+        };
+        let master = z.params.master.clone();
+        z.set_replica(&master)?;
+        Ok(z)
     }
 
-    /// Sets the reduce-scatter bucket to `per_rank` elements of each rank's shard (at least 1).
-    pub fn with_bucket_elems(mut self, per_rank: usize) -> Self {
-        self.bucket = per_rank.max(1);
+    /// Sets the reduction bucket to `elems` elements of the flat gradient (at least 1).
+    pub fn with_bucket_elems(mut self, elems: usize) -> Self {
+        self.bucket = elems.max(1);
         self
     }
 
     /// Keeps the replicated parameters in `dtype` (the compute dtype) when the run has more than
     /// one rank, so that fp32 master weights and AdamW moments exist only for the rank's shard,
-    /// as ZeRO specifies; the updated shards are all-gathered and cast into the replica. With one
-    /// rank the shard is the whole fp32 master and nothing changes.
+    /// as ZeRO specifies; the updated shards are all-gathered (in `dtype`: a bf16 replica moves
+    /// half the bytes) into the replica. With one rank the shard is the whole fp32 master and
+    /// nothing changes.
     pub fn with_replica_dtype(mut self, dtype: DType) -> Result<Self> {
         self.replica_dtype = dtype;
-        if self.world > 1 {
-            self.params.master = self.params.master.to_dtype(dtype)?;
-        }
+        let master = self.params.master.clone();
+        self.set_replica(&master)?;
         Ok(self)
+    }
+
+    /// Several ranks: makes the `[padded]` replica buffer in the replica dtype from `values`
+    /// `[N]` and points `params.master` at its head. One rank: keeps `values` as the master.
+    fn set_replica(&mut self, values: &Tensor) -> Result<()> {
+        if self.world == 1 {
+            self.params.master = values.clone();
+            return Ok(());
+        }
+        let replica = pad(&values.to_dtype(self.replica_dtype)?, self.padded)?; // [padded]
+        self.params.master = replica.narrow(0, 0, self.params.numel())?; // [N] view
+        self.replica = Some(replica);
+        Ok(())
     }
 
     /// All trainable values, current on every rank (fp32 on one rank, the replica dtype on
@@ -114,35 +160,26 @@ impl ZeroOptimizer {
         self.adamw.step_count()
     }
 
-    /// Sums the ranks' flat gradients `[N]` and returns this rank's shard `[S]` of the sum,
-    /// bucket by bucket (each reduce-scatter moves `world` pieces of at most `bucket` values).
-    pub fn reduce_gradients(&self, grad: &Tensor, comm: &dyn Collectives) -> Result<Tensor> {
+    /// The step's gradient reduction over `comm`: hand it to the backward of the step's last
+    /// micro-batch as its [`GradReady`], then [`GradReducer::finish`] it with the flat gradient.
+    pub fn reducer<'a>(&'a self, comm: &'a dyn Collectives) -> Result<GradReducer<'a>> {
         self.check_comm(comm)?;
         let n = self.params.numel();
-        if grad.dims() != [n] || grad.dtype() != DType::F32 {
-            bail!(
-                "ZeRO: gradient must be [{n}] f32, got {:?} {:?}",
-                grad.dims(),
-                grad.dtype()
-            );
-        }
-        if self.world == 1 {
-            return Ok(grad.clone());
-        }
-        let flat = pad(grad, self.padded)?; // [padded]
-        let s = self.padded / self.world;
-        let mut pieces = vec![];
-        let mut lo = 0;
-        while lo < s {
-            let hi = (lo + self.bucket).min(s);
-            // [world * (hi - lo)]: piece r is bucket range [lo, hi) of rank r's shard.
-            let parts = (0..self.world)
-                .map(|r| flat.narrow(0, r * s + lo, hi - lo))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            pieces.push(comm.reduce_scatter_sum(&Tensor::cat(&parts, 0)?)?); // [hi - lo]
-            lo = hi;
-        }
-        Ok(Tensor::cat(&pieces, 0)?) // [S]
+        Ok(GradReducer {
+            comm,
+            shard_grad: self.shard_grad.as_ref(),
+            n,
+            shard_len: self.padded / self.world,
+            bucket: self.bucket,
+            unissued: n,
+            issued_early: 0,
+        })
+    }
+
+    /// Sums the ranks' flat gradients `[N]` and returns this rank's shard `[S]` of the sum
+    /// (the whole reduction after the backward: [`ZeroOptimizer::reducer`] without a hook).
+    pub fn reduce_gradients(&self, grad: &Tensor, comm: &dyn Collectives) -> Result<Tensor> {
+        self.reducer(comm)?.finish(grad)
     }
 
     /// The 2-norm of the whole summed gradient, from every rank's shard `[S]`.
@@ -166,14 +203,14 @@ impl ZeroOptimizer {
         let coef = clip_coef(grad_norm, max_grad_norm);
         self.adamw
             .step_scaled(&mut self.shard, shard_grad, coef, lr)?;
-        if self.world == 1 {
+        let Some(replica) = &self.replica else {
             self.params.master = self.shard.master.clone();
             return Ok(());
-        }
-        let full = comm.all_gather(&self.shard.master)?; // [padded] f32
-        self.params.master = full
-            .narrow(0, 0, self.params.numel())?
-            .to_dtype(self.replica_dtype)?;
+        };
+        // [S] in the replica dtype (no copy when it is f32), gathered in place into the
+        // replica [padded]; `params.master` is its head, the model's views narrow it.
+        let part = self.shard.master.to_dtype(self.replica_dtype)?;
+        comm.all_gather_into(&part, replica)?;
         Ok(())
     }
 
@@ -197,11 +234,9 @@ impl ZeroOptimizer {
         }
         self.shard = shard_of(&params, range, self.padded)?;
         self.adamw.load_state(&sliced)?;
+        let master = params.master.clone();
         self.params = params;
-        if self.world > 1 {
-            self.params.master = self.params.master.to_dtype(self.replica_dtype)?;
-        }
-        Ok(())
+        self.set_replica(&master)
     }
 
     /// The optimizer state of the shard (`[S]` moments and the step count), under
@@ -228,6 +263,85 @@ impl ZeroOptimizer {
                 comm.world()
             );
         }
+        Ok(())
+    }
+}
+
+/// One step's ZeRO-2 gradient reduction (see the module docs): the [`GradReady`] of the last
+/// micro-batch's backward, then [`GradReducer::finish`].
+pub struct GradReducer<'a> {
+    comm: &'a dyn Collectives,
+    /// Several ranks: the optimizer's `[S]` shard gradient the pieces are summed into.
+    shard_grad: Option<&'a Tensor>,
+    n: usize,
+    shard_len: usize,
+    bucket: usize,
+    /// Buckets are issued from the end down: `unissued..n` has been issued.
+    unissued: usize,
+    /// Buckets issued from inside the backward (before `finish`).
+    issued_early: usize,
+}
+
+impl GradReducer<'_> {
+    /// Buckets handed to the communicator from inside the backward, before `finish` (what
+    /// overlaps the backward; a test checks it).
+    pub fn buckets_issued_early(&self) -> usize {
+        self.issued_early
+    }
+
+    /// Issues every bucket lying entirely in `from..n` that is not issued yet, reading `grad`.
+    fn issue_from(&mut self, from: usize, grad: &Tensor) -> Result<usize> {
+        let Some(shard_grad) = self.shard_grad else {
+            return Ok(0);
+        };
+        if grad.dims() != [self.n] {
+            bail!("ZeRO: gradient must be [{}], got {:?}", self.n, grad.dims());
+        }
+        let mut issued = 0;
+        while self.unissued > 0 {
+            // Buckets are aligned to multiples of `bucket` from the buffer's start, so every
+            // rank cuts the same buckets whatever its readiness points.
+            let lo = (self.unissued - 1) / self.bucket * self.bucket;
+            if lo < from {
+                break;
+            }
+            let view = grad.narrow(0, lo, self.unissued - lo)?; // [b], a view
+                                                                // f64 gradients (f64 compute) are cast one bucket at a time; the communicator
+                                                                // holds the cast until the join.
+            let view = view.to_dtype(DType::F32)?;
+            let pieces = bucket_pieces(lo, self.unissued, self.shard_len);
+            self.comm.reduce_sum_pieces(&view, &pieces, shard_grad)?;
+            self.unissued = lo;
+            issued += 1;
+        }
+        Ok(issued)
+    }
+
+    /// Issues the remaining buckets from the whole summed-over-micro-batches gradient `grad`
+    /// `[N]` f32 (the same values the backward reported), waits for the reduction (the step's
+    /// watchdog: fails after the communicator's timeout) and returns this rank's shard `[S]`
+    /// of the sum over the ranks. One rank: `grad` itself.
+    pub fn finish(mut self, grad: &Tensor) -> Result<Tensor> {
+        if grad.dims() != [self.n] || grad.dtype() != DType::F32 {
+            bail!(
+                "ZeRO: gradient must be [{}] f32, got {:?} {:?}",
+                self.n,
+                grad.dims(),
+                grad.dtype()
+            );
+        }
+        let Some(shard_grad) = self.shard_grad else {
+            return Ok(grad.clone());
+        };
+        self.issue_from(0, grad)?;
+        self.comm.join("ZeRO gradient reduction")?;
+        Ok(shard_grad.clone())
+    }
+}
+
+impl GradReady for GradReducer<'_> {
+    fn ready_from(&mut self, from: usize, grads: &Tensor) -> Result<()> {
+        self.issued_early += self.issue_from(from, grads)?;
         Ok(())
     }
 }
