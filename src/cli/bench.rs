@@ -345,6 +345,7 @@ impl Session<'_> {
                 &mut grads,
                 a.seed + step as u64,
                 !a.no_checkpointing,
+                None,
             )?;
             let gn = crate::profile::scope(device, "optimizer", || {
                 let flat = M::flat_grads(grads)?; // [N] f32
