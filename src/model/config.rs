@@ -199,8 +199,9 @@ impl ModelConfig {
         }
         let rope_theta = rope_theta(&raw)?;
         let rope_scaling = match &raw.rope_scaling {
-            None | Some(serde_json::Value::Null) => parse_rope_scaling(&raw.rope_parameters)
-                .context("rope_parameters")?,
+            None | Some(serde_json::Value::Null) => {
+                parse_rope_scaling(&raw.rope_parameters).context("rope_parameters")?
+            }
             given => parse_rope_scaling(given)?,
         };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
@@ -283,7 +284,10 @@ mod tests {
     #[test]
     fn rope_theta_top_level_or_in_transformers5_rope_parameters() {
         assert_eq!(llama("").unwrap().rope_theta, 10000.0);
-        assert_eq!(llama(r#", "rope_theta": 500000.0"#).unwrap().rope_theta, 500000.0);
+        assert_eq!(
+            llama(r#", "rope_theta": 500000.0"#).unwrap().rope_theta,
+            500000.0
+        );
         let v5 = llama(r#", "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}"#)
             .unwrap();
         assert_eq!(v5.rope_theta, 1000000.0);
@@ -292,12 +296,19 @@ mod tests {
             r#", "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "linear", "factor": 2.0}"#,
         )
         .unwrap();
-        assert_eq!(linear.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
-        let both = llama(r#", "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 1000000.0}"#)
-            .unwrap_err();
+        assert_eq!(
+            linear.rope_scaling,
+            Some(RopeScaling::Linear { factor: 2.0 })
+        );
+        let both =
+            llama(r#", "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 1000000.0}"#)
+                .unwrap_err();
         assert!(format!("{both:#}").contains("disagree"), "{both:#}");
         let bad = llama(r#", "rope_parameters": {"rope_theta": "big"}"#).unwrap_err();
-        assert!(format!("{bad:#}").contains("rope_parameters.rope_theta"), "{bad:#}");
+        assert!(
+            format!("{bad:#}").contains("rope_parameters.rope_theta"),
+            "{bad:#}"
+        );
     }
 
     #[test]

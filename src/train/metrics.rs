@@ -144,7 +144,11 @@ pub fn release_load_memory(device: &candle_core::Device) -> anyhow::Result<()> {
 /// `FTRUN_POOL_TRACE=1`: at every block boundary of a training step on a GPU, prints the memory
 /// pool's current and high-water used / reserved MiB since the previous boundary: where the
 /// pool's reservation outgrows what is allocated (its fragmentation). No-op otherwise.
-pub fn pool_checkpoint(device: &candle_core::Device, what: &str, index: usize) -> anyhow::Result<()> {
+pub fn pool_checkpoint(
+    device: &candle_core::Device,
+    what: &str,
+    index: usize,
+) -> anyhow::Result<()> {
     static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if !*TRACE.get_or_init(|| std::env::var("FTRUN_POOL_TRACE").is_ok_and(|v| v == "1")) {
         return Ok(());

@@ -496,6 +496,13 @@ where
     )?
     .with_replica_dtype(dtype)?;
     metrics::release_load_memory(device)?;
+    // Every rank: the sharded optimizer state (scripts/bench_dist reads this line).
+    eprintln!(
+        "optimizer state on rank {}: {:.1} MiB (fp32 master + AdamW moments of {} of {numel} values)",
+        par.rank(),
+        opt.state_bytes()? as f64 / (1u64 << 20) as f64,
+        opt.shard_range().len()
+    );
     if main {
         eprintln!(
             "model: {}, {:.2}M trainable ({method}), {dtype:?} on {device:?}{}",

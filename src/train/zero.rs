@@ -155,6 +155,16 @@ impl ZeroOptimizer {
         self.rank * s..(self.rank + 1) * s
     }
 
+    /// Bytes of optimizer state this rank holds: the fp32 master of its shard and the AdamW
+    /// moments (`[S]` each, S = N / ranks padded): 1/N of one rank's figure.
+    pub fn state_bytes(&self) -> Result<usize> {
+        let mut bytes = self.shard.master.elem_count() * self.shard.master.dtype().size_in_bytes();
+        for (_, t) in self.adamw.state_tensors()? {
+            bytes += t.elem_count() * t.dtype().size_in_bytes();
+        }
+        Ok(bytes)
+    }
+
     /// Optimizer steps taken.
     pub fn step_count(&self) -> u64 {
         self.adamw.step_count()
@@ -414,6 +424,32 @@ mod tests {
         );
         let first = shard_of(&p, 0..3, 9).unwrap();
         assert!(first.slots[0].decay);
+    }
+
+    #[test]
+    fn optimizer_state_per_rank_is_one_nth() {
+        let cfg = OptimConfig::default();
+        let p = params(&[vec![0.5; 1000], vec![1.0; 24]], &[true, false]); // N = 1024
+        let bytes = |rank, world| {
+            ZeroOptimizer::new(&cfg, p.clone(), rank, world, 0)
+                .unwrap()
+                .state_bytes()
+                .unwrap()
+        };
+        // master + 2 moments, f32, plus the 8-byte step count.
+        let one = bytes(0, 1);
+        assert_eq!(one, 3 * 4 * 1024 + 8);
+        for world in [2, 4, 8] {
+            for rank in 0..world {
+                assert_eq!(
+                    bytes(rank, world),
+                    3 * 4 * 1024 / world + 8,
+                    "rank {rank} of {world}"
+                );
+            }
+        }
+        // Padding: 1024 values over 3 ranks -> 342 per rank.
+        assert_eq!(bytes(2, 3), 3 * 4 * 342 + 8);
     }
 
     #[test]
