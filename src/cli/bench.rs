@@ -319,6 +319,8 @@ impl Session<'_> {
             ..OptimConfig::default()
         };
         let mut opt = AdamW::new(&optim, &params)?;
+        // As the trainer: the model's own copies of the trainables go before the pool is trimmed.
+        model.set_trainable(&params.views(DType::F32)?)?;
         crate::train::metrics::release_load_memory(device)?;
         device.synchronize()?;
         let load_s = self.t_load.elapsed().as_secs_f64();

@@ -122,15 +122,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
         listener,
         models,
         tokenizer,
-        ServeOptions {
-            api_key: a.api_key.clone(),
-            format,
-            max_context,
-            max_batch: a.max_batch,
-        },
+        serve_options(&a, format, max_context),
     )?;
     announce(&a, &server, &ids);
     server.wait()
+}
+
+fn serve_options(a: &ServeArgs, format: ChatFormat, max_context: usize) -> ServeOptions {
+    ServeOptions {
+        api_key: a.api_key.clone(),
+        format,
+        max_context,
+        max_batch: a.max_batch,
+    }
 }
 
 /// `--llava DIR --visual-encoder CLIP`: the LLaVA model, which takes one image per request.
@@ -166,12 +170,7 @@ fn run_llava(a: &ServeArgs, llava: &Path, visual_encoder: &Path) -> Result<()> {
             model,
         )],
         tokenizer,
-        ServeOptions {
-            api_key: a.api_key.clone(),
-            format,
-            max_context,
-            max_batch: a.max_batch,
-        },
+        serve_options(a, format, max_context),
         Some(images),
     )?;
     announce(a, &server, &[id]);

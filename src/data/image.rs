@@ -13,6 +13,32 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 #[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
+/// The Hugging Face image-processor config (`preprocessor_config.json`) of CLIP's preprocessing
+/// at `size` px: `CLIPImageProcessor`, or with `pad_to_square` the `LlavaImageProcessor` that
+/// first pads to a square with the mean colour (as the LLaVA finetune stage does).
+pub fn hf_processor_config(size: usize, pad_to_square: bool) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": true,
+        "size": {"shortest_edge": size},
+        "resample": 3,
+        "do_center_crop": true,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "do_convert_rgb": true,
+    });
+    if pad_to_square {
+        config["image_processor_type"] = "LlavaImageProcessor".into();
+        config["processor_class"] = "LlavaProcessor".into();
+        config["do_pad"] = true.into();
+    }
+    config
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipPreprocess {
     /// Output side in pixels (336 for CLIP-L/336).

@@ -93,6 +93,7 @@ pub trait Collectives {
     fn sum_to_host(&self, values: &[f32], device: &Device) -> Result<Vec<f32>> {
         let t = Tensor::from_slice(values, values.len(), device)?;
         let sum = self.all_reduce_sum(&t)?;
+        // The watchdog before the copy to the host (which would wait without a timeout).
         self.join("sum_to_host")?;
         Ok(sum.to_vec1::<f32>()?)
     }

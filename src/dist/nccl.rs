@@ -499,14 +499,6 @@ impl Collectives for NcclComm {
         Ok(())
     }
 
-    fn sum_to_host(&self, values: &[f32], device: &Device) -> Result<Vec<f32>> {
-        let t = Tensor::from_slice(values, values.len(), device)?;
-        let sum = self.all_reduce_sum(&t)?;
-        // The watchdog before the copy to the host (which would wait without a timeout).
-        self.join("sum_to_host")?;
-        Ok(sum.to_vec1::<f32>()?)
-    }
-
     fn split(&self, color: u64) -> Result<Box<dyn Collectives>> {
         let w = self.world();
         let device = Device::Cuda(self.device.clone());

@@ -17,7 +17,6 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 use super::{load_merged, storage_dtype};
-use crate::data::image::{CLIP_MEAN, CLIP_STD};
 use crate::data::IMAGE_TOKEN;
 use crate::infer::llava::{tower_weights, LlavaPaths, LLAVA_FEATURE_LAYER};
 use crate::infer::ChatFormat;
@@ -175,26 +174,11 @@ pub fn export_llava_hf(paths: &LlavaPaths, format: &ChatFormat, out: &Path) -> R
     write_json(&out.join("config.json"), &config)?;
     write_generation_config(&llm, out, image_token_id)?;
     let size = vision_cfg.image_size;
+    // LlavaImageProcessor: CLIP's processing after padding to a square with the mean colour, as
+    // the finetune stage trains and ftrun's chat feeds images.
     write_json(
         &out.join("preprocessor_config.json"),
-        &json!({
-            // LlavaImageProcessor: CLIP's processing after padding to a square with the mean
-            // colour, as the finetune stage trains and ftrun's chat feeds images.
-            "image_processor_type": "LlavaImageProcessor",
-            "processor_class": "LlavaProcessor",
-            "do_pad": true,
-            "do_resize": true,
-            "size": {"shortest_edge": size},
-            "resample": 3,
-            "do_center_crop": true,
-            "crop_size": {"height": size, "width": size},
-            "do_rescale": true,
-            "rescale_factor": 1.0 / 255.0,
-            "do_normalize": true,
-            "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD,
-            "do_convert_rgb": true,
-        }),
+        &crate::data::image::hf_processor_config(size, true),
     )?;
     write_json(
         &out.join("processor_config.json"),

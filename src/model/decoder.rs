@@ -332,7 +332,9 @@ struct Builder<'a> {
     slot_of: Vec<Option<usize>>,
     slot_param: Vec<usize>,
     trainable: Vec<TrainableInfo>,
+    /// LoRA initial values (host, f32) and the parameter index of each.
     lora_init: Vec<Tensor>,
+    lora_param_idx: Vec<usize>,
 }
 
 impl Builder<'_> {
@@ -371,8 +373,14 @@ impl Builder<'_> {
 
     /// Takes `name`, casts it to the compute dtype on the device.
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<usize> {
+        let device = self.device.clone();
+        self.take_on(name, shape, &device)
+    }
+
+    /// [`Builder::take`] onto `device`.
+    fn take_on(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<usize> {
         let t = self.take_raw(name, shape)?;
-        let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let t = t.to_device(device)?.to_dtype(self.dtype)?;
         let full = self.full;
         Ok(self.push(name.to_string(), t, full))
     }
@@ -417,13 +425,14 @@ impl Builder<'_> {
         let lora = match rank {
             Some(r) => {
                 let a_seed = mix_seed(self.seed, self.params.len() as u64);
-                let a = lora_a_init(r, in_f, a_seed, &self.device)?; // [r, in] f32
-                let b = Tensor::zeros((out_f, r), DType::F32, &self.device)?; // [out, r]
-                let (a_c, b_c) = (a.to_dtype(self.dtype)?, b.to_dtype(self.dtype)?);
-                self.lora_init.push(a);
-                self.lora_init.push(b);
-                let ai = self.push(format!("{prefix}.lora_A.weight"), a_c, true);
-                let bi = self.push(format!("{prefix}.lora_B.weight"), b_c, true);
+                // The init stays on the host (f32) until the whole model is loaded: device
+                // copies made here would sit between the base weights (see `upload_flat`).
+                let a = lora_a_init(r, in_f, a_seed, &Device::Cpu)?; // [r, in] f32
+                let b = Tensor::zeros((out_f, r), DType::F32, &Device::Cpu)?; // [out, r]
+                let ai = self.push(format!("{prefix}.lora_A.weight"), a.clone(), true);
+                let bi = self.push(format!("{prefix}.lora_B.weight"), b.clone(), true);
+                self.lora_init.extend([a, b]);
+                self.lora_param_idx.extend([ai, bi]);
                 Some((ai, bi))
             }
             None => None,
@@ -435,6 +444,30 @@ impl Builder<'_> {
             ordinal,
         })
     }
+}
+
+/// `values` (host tensors) on `device` in `dtype`, uploaded as one flat buffer and returned as
+/// views of it in their shapes: one device allocation instead of one per tensor, so that freeing
+/// them together gives the memory pool back one contiguous block.
+fn upload_flat(values: &[Tensor], device: &Device, dtype: DType) -> Result<Vec<Tensor>> {
+    if values.is_empty() {
+        return Ok(vec![]);
+    }
+    let flat: Vec<Tensor> = values
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    let all = Tensor::cat(&flat, 0)?.to_dtype(dtype)?.to_device(device)?; // [N]
+    let mut offset = 0;
+    values
+        .iter()
+        .map(|t| {
+            let n = t.elem_count();
+            let view = all.narrow(0, offset, n)?.reshape(t.dims())?;
+            offset += n;
+            Ok(view)
+        })
+        .collect()
 }
 
 /// Activations of the attention half of a block that its backward needs.
@@ -592,6 +625,7 @@ impl Decoder {
             slot_param: Vec::new(),
             trainable: Vec::new(),
             lora_init: Vec::new(),
+            lora_param_idx: Vec::new(),
         };
         let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let q_out = cfg.num_heads * cfg.head_dim;
@@ -602,7 +636,15 @@ impl Decoder {
             Arch::InternLM2 => "model.tok_embeddings.weight",
             _ => "model.embed_tokens.weight",
         };
-        let embed = b.take(embed_name, &[v, h])?;
+        // A frozen embedding table that is not also the LM head is only ever gathered from: it
+        // stays in host memory and a batch's rows are copied up (a few MiB), which saves its
+        // whole size in device memory (379 MiB for a 92544 x 2048 bf16 table). Loaded straight
+        // there: a trip through the device would leave a table-sized hole in its memory pool.
+        let embed = if device.is_cuda() && !b.full && !cfg.tie_word_embeddings {
+            b.take_on(embed_name, &[v, h], &Device::Cpu)?
+        } else {
+            b.take(embed_name, &[v, h])?
+        };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
@@ -673,11 +715,12 @@ impl Decoder {
             b.take(head_name, &[v, h])?
         };
         let mut params = b.params;
-        // A frozen embedding table that is not also the LM head is only ever gathered from: it
-        // stays in host memory and a batch's rows are copied up (a few MiB), which saves its
-        // whole size in device memory (379 MiB for a 92544 x 2048 bf16 table).
-        if device.is_cuda() && b.slot_of[embed].is_none() && head != embed {
-            params[embed] = params[embed].to_device(&Device::Cpu)?;
+        // The LoRA weights in the compute dtype, made now from the host init in one upload: one
+        // contiguous device block after the base weights, not holes between them once the
+        // optimizer's master views replace these copies.
+        let lora_values = upload_flat(&b.lora_init, device, compute_dtype)?;
+        for (&idx, value) in b.lora_param_idx.iter().zip(lora_values) {
+            params[idx] = value;
         }
         Ok(Decoder {
             cfg: cfg.clone(),
@@ -726,7 +769,7 @@ impl Decoder {
     /// loaded weights (as cast to the compute dtype) in full fine-tuning.
     pub fn initial_trainable_values(&self) -> Result<Vec<Tensor>> {
         if !self.lora_init.is_empty() {
-            return Ok(self.lora_init.clone());
+            return upload_flat(&self.lora_init, &self.device, DType::F32);
         }
         self.slot_param
             .iter()
@@ -1206,7 +1249,8 @@ impl Decoder {
             rmsnorm_forward(x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)
         })?;
         let (q, k, v, qkv_saved) = self.qkv_forward(&blk.qkv, &h1, seed)?;
-        let (q, k) = scope(dev, "rope_fwd", || {
+        // `move`: the pre-RoPE q and k die here instead of living on, shadowed, to the end.
+        let (q, k) = scope(dev, "rope_fwd", move || {
             Ok::<_, candle_core::Error>((
                 rope_forward(&q, &ctx.cos, &ctx.sin)?,
                 rope_forward(&k, &ctx.cos, &ctx.sin)?,
@@ -1239,46 +1283,63 @@ impl Decoder {
     fn block_backward(
         &self,
         blk: &Block,
-        acts: &BlockActs,
-        dout: &Tensor,
+        acts: BlockActs,
+        dout: Tensor,
         ctx: &BatchCtx,
         grads: &mut Grads,
     ) -> Result<Tensor> {
-        let (t, a) = (&acts.tail, &acts.attn);
+        // Every activation and gradient is dropped as soon as nothing reads it any more: the
+        // step's peak memory is inside this function, and a tensor kept to the end of it (the
+        // MLP's `[n, intermediate]` ones during the attention half) only raises it.
+        let BlockActs {
+            x,
+            attn: a,
+            tail: t,
+        } = acts;
         // MLP half: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
-        let dm = self.proj_backward(&blk.down, &t.m, t.down_saved.as_ref(), dout, grads)?;
+        let dm = self.proj_backward(&blk.down, &t.m, t.down_saved.as_ref(), &dout, grads)?;
+        drop((t.m, t.down_saved));
         let (dg, du) = scope(&self.device, "swiglu_bwd", || {
             swiglu_backward(&t.g, &t.u, &dm)
         })?;
-        let dh2 = (self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?
-            + self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads)?)?;
+        drop((dm, t.g, t.u));
+        let dh2_gate = self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?;
+        drop((dg, t.gate_saved));
+        let dh2_up = self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads)?;
+        drop((du, t.up_saved, t.h2));
+        let dh2 = (dh2_gate + dh2_up)?;
         let ffn_w = &self.params[blk.ffn_norm];
         let (dx2_norm, dw2) = scope(&self.device, "rmsnorm_bwd", || {
             rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))
         })?;
+        drop((dh2, t.x2, t.rstd2));
         if let Some(dw) = dw2 {
             self.accumulate(grads, blk.ffn_norm, &dw)?;
         }
-        let dx2 = (dout + dx2_norm)?;
-        // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
+        let dx2 = (dout + dx2_norm)?; // consumes both
+                                      // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
         let dattn_flat =
             self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
+        drop((t.attn_flat, t.o_saved));
         let (n, heads, d) = (dx2.dim(0)?, self.cfg.num_heads, self.cfg.head_dim);
         let [dattn] = ctx.scatter_heads([dattn_flat.reshape((n, heads, d))?])?;
+        drop(dattn_flat);
         let (dq, dk, dv) = scope(&self.device, "attn_bwd", || {
             attention_backward(&a.q, &a.k, &a.v, &a.attn, &a.lse, &dattn, ctx.cu_seqlens)
         })?;
+        drop((dattn, a.q, a.k, a.v, a.attn, a.lse));
         let [dq, dk, dv] = ctx.gather_heads([dq, dk, dv])?;
-        let (dq, dk) = scope(&self.device, "rope_bwd", || {
+        let (dq, dk) = scope(&self.device, "rope_bwd", move || {
             Ok::<_, candle_core::Error>((
                 rope_backward(&dq, &ctx.cos, &ctx.sin)?,
                 rope_backward(&dk, &ctx.cos, &ctx.sin)?,
             ))
         })?;
         let dh1 = self.qkv_backward(&blk.qkv, &a.h1, &a.qkv_saved, (&dq, &dk, &dv), grads)?;
+        drop((dq, dk, dv, a.h1, a.qkv_saved));
         let attn_w = &self.params[blk.attn_norm];
         let (dx_norm, dw1) = scope(&self.device, "rmsnorm_bwd", || {
-            rmsnorm_backward(&acts.x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))
+            rmsnorm_backward(&x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))
         })?;
         if let Some(dw) = dw1 {
             self.accumulate(grads, blk.attn_norm, &dw)?;
@@ -1530,6 +1591,7 @@ impl Decoder {
         drop(hf);
         let (mut dx, dwn) =
             rmsnorm_backward(&x, norm_w, &rstd, &dhf, self.trains(self.final_norm))?;
+        drop((x, rstd, dhf)); // not read again: free before the blocks' backward
         if let Some(dw) = dwn {
             self.accumulate(grads, self.final_norm, &dw)?;
         }
@@ -1544,7 +1606,7 @@ impl Decoder {
                         .1
                 }
             };
-            dx = self.block_backward(blk, &acts, &dx, ctx, grads)?;
+            dx = self.block_backward(blk, acts, dx, ctx, grads)?;
             crate::train::metrics::pool_checkpoint(&self.device, "backward block", li)?;
             // A block's parameters start with its attention norm.
             self.report_ready(&mut ready, blk.attn_norm, grads)?;

@@ -5,7 +5,6 @@
 //! Weights follow `CLIPPreTrainedModel._init_weights` (factor 1), then every LayerNorm and bias
 //! gets N(0, 0.1) noise added, so tests exercise them (the init leaves them at 1 and 0).
 
-use crate::data::image::{CLIP_MEAN, CLIP_STD};
 use crate::model::demo::{gaussian, write_json};
 use crate::model::weights::save_sharded;
 use anyhow::{bail, Context, Result};
@@ -84,20 +83,7 @@ pub fn make_tiny_clip(out_dir: &Path, spec: &TinyClipSpec, seed: u64) -> Result<
     });
     write_json(&out_dir.join("config.json"), &config)?;
     let size = s.image_size;
-    let preprocessor = serde_json::json!({
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": true,
-        "size": {"shortest_edge": size},
-        "resample": 3,
-        "do_center_crop": true,
-        "crop_size": {"height": size, "width": size},
-        "do_rescale": true,
-        "rescale_factor": 1.0 / 255.0,
-        "do_normalize": true,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-        "do_convert_rgb": true,
-    });
+    let preprocessor = crate::data::image::hf_processor_config(size, false);
     write_json(&out_dir.join("preprocessor_config.json"), &preprocessor)?;
     save_sharded(out_dir, &init_weights(spec, seed)?, usize::MAX, DType::F32)
 }

@@ -495,6 +495,9 @@ where
         cfg.parallel.bucket_mb,
     )?
     .with_replica_dtype(dtype)?;
+    // The model reads the optimizer's values from now on: its own copies of the trainables
+    // are freed before the pool's free memory goes back to the driver.
+    model.set_trainable(&opt.model_views()?)?;
     metrics::release_load_memory(device)?;
     // Every rank: the sharded optimizer state (scripts/bench_dist reads this line).
     eprintln!(
