@@ -50,33 +50,41 @@ fn llm_lora_params(llm: &Path, r: usize) -> usize {
     layers * linears.iter().map(|(i, o)| r * (i + o)).sum::<usize>()
 }
 
+/// `ftrun bench` on the tiny model, on the CPU, writing to `out`: with `--llava` and the tiny
+/// tower when `llava`, then `extra`.
+fn bench(t: &TinyLlava, llava: bool, out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["bench", "--model", t.llm.to_str().unwrap()];
+    if llava {
+        args.extend(["--llava", "--visual-encoder", t.clip.to_str().unwrap()]);
+    }
+    args.extend(["--device", "cpu", "--out", out.to_str().unwrap()]);
+    args.extend(extra);
+    ftrun(&args)
+}
+
 fn bench_llava(t: &TinyLlava, method: &str, out: &Path, seq: usize, batch: usize) -> Value {
-    let (ok, err) = ftrun(&[
-        "bench",
-        "--llava",
-        "--model",
-        t.llm.to_str().unwrap(),
-        "--visual-encoder",
-        t.clip.to_str().unwrap(),
-        "--method",
-        method,
-        "--r",
-        "4",
-        "--alpha",
-        "8",
-        "--seq-len",
-        &seq.to_string(),
-        "--batch",
-        &batch.to_string(),
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (seq, batch) = (seq.to_string(), batch.to_string());
+    let (ok, err) = bench(
+        t,
+        true,
+        out,
+        &[
+            "--method",
+            method,
+            "--r",
+            "4",
+            "--alpha",
+            "8",
+            "--seq-len",
+            &seq,
+            "--batch",
+            &batch,
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+        ],
+    );
     assert!(ok, "bench --llava --method {method} failed:\n{err}");
     assert!(
         err.contains(&format!("ftrun llava_{method}:")),
@@ -227,20 +235,7 @@ fn llava_bench_rejects_rows_too_short_for_the_image() {
     let tmp = tempfile::tempdir().unwrap();
     let t = make_tiny_llava(&tmp.path().join("tiny"), 0).unwrap();
     let out = tmp.path().join("short");
-    let (ok, err) = ftrun(&[
-        "bench",
-        "--llava",
-        "--model",
-        t.llm.to_str().unwrap(),
-        "--visual-encoder",
-        t.clip.to_str().unwrap(),
-        "--seq-len",
-        "10",
-        "--device",
-        "cpu",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, err) = bench(&t, true, &out, &["--seq-len", "10"]);
     assert!(!ok);
     assert!(
         err.contains("--seq-len 10 cannot hold the 4 image tokens") && err.contains("tiny-clip"),
@@ -263,25 +258,23 @@ fn text_bench_trains_random_rows_with_labels_equal_to_ids() {
     let tmp = tempfile::tempdir().unwrap();
     let t = make_tiny_llava(&tmp.path().join("tiny"), 0).unwrap();
     let out = tmp.path().join("text");
-    let (ok, err) = ftrun(&[
-        "bench",
-        "--model",
-        t.llm.to_str().unwrap(),
-        "--method",
-        "lora",
-        "--r",
-        "4",
-        "--seq-len",
-        "32",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, err) = bench(
+        &t,
+        false,
+        &out,
+        &[
+            "--method",
+            "lora",
+            "--r",
+            "4",
+            "--seq-len",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ],
+    );
     assert!(ok, "{err}");
     let res = read_json(&out.join("ftrun_lora.json"));
     assert_eq!(res["rows"].as_array().unwrap().len(), 2);
