@@ -380,7 +380,9 @@ impl Builder<'_> {
     /// [`Builder::take`] onto `device`.
     fn take_on(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<usize> {
         let t = self.take_raw(name, shape)?;
-        let t = t.to_device(device)?.to_dtype(self.dtype)?;
+        // Cast on the host: a device copy in the checkpoint's dtype would be freed at once and
+        // leave a hole between the weights in the memory pool.
+        let t = t.to_dtype(self.dtype)?.to_device(device)?;
         let full = self.full;
         Ok(self.push(name.to_string(), t, full))
     }
