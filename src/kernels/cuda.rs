@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, CudaStorage, Shape, Storage, StorageRef, Tensor};
@@ -93,6 +93,14 @@ impl<'a> CudaInput<'a> {
             _ => bail!("kernel input is not on a CUDA device"),
         }
     }
+}
+
+/// Whether the device address of `v` is a multiple of 16 bytes, as the vectorized kernels' 16-byte
+/// loads and stores need. A tensor at a storage offset (a narrow, a slice of a flat buffer) may
+/// not be; fresh allocations are (the driver aligns them to 256 bytes).
+pub fn aligned16<T, V: DevicePtr<T>>(v: &V, stream: &CudaStream) -> bool {
+    let (ptr, _sync) = v.device_ptr(stream);
+    ptr % 16 == 0
 }
 
 /// A device allocation of `n` elements (uninitialized: the kernel must write every element).

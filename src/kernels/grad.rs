@@ -1,6 +1,8 @@
 //! Gradient accumulation into the flat f32 gradient buffer (`cuda/grad.cu`):
 //! `acc[offset .. offset + n] += g` for a bf16 or f32 `g`, in place, in one pass (the candle-ops
-//! path needs a slice copy, a cast, an add and a copy back).
+//! path needs a slice copy, a cast, an add and a copy back); and the same-shape add `a + b` of two
+//! contiguous tensors ([`add`], [`add_assign`]: the residual adds), bit-identical to candle's CPU
+//! add (f32 add, one round to the dtype).
 
 use super::{random_tensor, run_check, sized, KernelCheck, Tolerance};
 use anyhow::{bail, Result};
@@ -26,13 +28,74 @@ pub fn accumulate_into(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Whether the add kernel takes `a + b`: CUDA, a kernel dtype, same dtype and shape, both
+/// contiguous (strided views stay with candle, which reads them in place).
+fn add_supported(a: &Tensor, b: &Tensor) -> bool {
+    super::on_cuda(a)
+        && super::float_kernel_dtype(a.dtype())
+        && b.dtype() == a.dtype()
+        && b.dims() == a.dims()
+        && b.device().same_device(a.device())
+        && a.is_contiguous()
+        && b.is_contiguous()
+}
+
+/// `a + b` (same shape and dtype, both contiguous) in one kernel on CUDA, rounding as candle's
+/// CPU add; `None` off CUDA or when unsupported (the caller uses candle's `a + b`).
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !add_supported(a, b) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        imp::add(a, b, false).map_err(candle_core::Error::wrap)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(None)
+    }
+}
+
+/// `acc += b` in place (same shape and dtype, both contiguous); `false` off CUDA or when
+/// unsupported (nothing written: the caller computes `acc + b` with candle). The caller
+/// guarantees that `acc`'s storage is not shared with a tensor that must keep its old values
+/// (a clone or a view of `acc` sees the update).
+pub fn add_assign(acc: &Tensor, b: &Tensor) -> candle_core::Result<bool> {
+    if !add_supported(acc, b) {
+        return Ok(false);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        imp::add(acc, b, true)
+            .map(|_| true)
+            .map_err(candle_core::Error::wrap)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(false)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
-    use crate::kernels::cuda::{device_of, func, grid_1d, stream, CudaInput};
+    use crate::kernels::cuda::{
+        aligned16, alloc, device_of, func, grid_1d, stream, wrap, CudaInput,
+    };
     use anyhow::{bail, Result};
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Tensor};
     use half::bf16;
+
+    /// Threads for `n` elements: the 8-wide kernels take 8 per thread (the grid is never below
+    /// one 256-thread block, enough for the tail's at most 7), the scalar ones 1.
+    fn threads_needed(n: usize, vectorized: bool) -> usize {
+        if vectorized {
+            n.div_ceil(8)
+        } else {
+            n
+        }
+    }
 
     pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
         let dev = device_of(acc)?;
@@ -42,54 +105,184 @@ mod imp {
         let acc_v = acc_in.view::<f32>()?.slice(offset..offset + n);
         let n_u = n as u64;
         let stream = stream(&dev);
+        // Gradients at an offset of the flat buffer that is not a multiple of 4 floats (or a g
+        // view at an odd offset) take the scalar kernel.
+        let acc_aligned = aligned16(&acc_v, &stream);
         match g.dtype() {
             DType::F32 => {
                 let gv = g_in.view::<f32>()?;
-                let f = func(&dev, "grad", "accumulate_f32")?;
+                let vectorized = acc_aligned && aligned16(&gv, &stream);
+                let name = if vectorized {
+                    "accumulate_f32"
+                } else {
+                    "accumulate_f32_scalar"
+                };
+                let f = func(&dev, "grad", name)?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&gv).arg(&n_u).arg(&acc_v);
-                // SAFETY: arguments match `accumulate_f32`; g and the acc slice hold n elements.
-                unsafe { b.launch(grid_1d(n, 256)) }?;
+                // SAFETY: arguments match `accumulate_f32*`; g and the acc slice hold n elements,
+                // 16-byte aligned for the 8-wide kernel.
+                unsafe { b.launch(grid_1d(threads_needed(n, vectorized), 256)) }?;
             }
             DType::BF16 => {
                 let gv = g_in.view::<bf16>()?;
-                let f = func(&dev, "grad", "accumulate_bf16")?;
+                let vectorized = acc_aligned && aligned16(&gv, &stream);
+                let name = if vectorized {
+                    "accumulate_bf16"
+                } else {
+                    "accumulate_bf16_scalar"
+                };
+                let f = func(&dev, "grad", name)?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&gv).arg(&n_u).arg(&acc_v);
-                // SAFETY: arguments match `accumulate_bf16`; g and the acc slice hold n elements.
-                unsafe { b.launch(grid_1d(n, 256)) }?;
+                // SAFETY: arguments match `accumulate_bf16*`; g and the acc slice hold n
+                // elements, 16-byte aligned for the 8-wide kernel.
+                unsafe { b.launch(grid_1d(threads_needed(n, vectorized), 256)) }?;
             }
             other => bail!("gradient accumulation kernel: no {other:?} version"),
         }
         Ok(())
     }
+
+    /// `a + b` into a new tensor, or into `a` itself when `in_place` (then `None`).
+    pub fn add(a: &Tensor, b: &Tensor, in_place: bool) -> Result<Option<Tensor>> {
+        match a.dtype() {
+            DType::BF16 => add_typed::<bf16>(a, b, in_place, "bf16"),
+            DType::F32 => add_typed::<f32>(a, b, in_place, "f32"),
+            other => bail!("add kernel: no {other:?} version"),
+        }
+    }
+
+    fn add_typed<T: CudaDType + DeviceRepr>(
+        a: &Tensor,
+        b: &Tensor,
+        in_place: bool,
+        suffix: &str,
+    ) -> Result<Option<Tensor>> {
+        let dev = device_of(a)?;
+        let n = a.elem_count();
+        let (a_in, b_in) = (CudaInput::new(a)?, CudaInput::new(b)?);
+        let (av, bv) = (a_in.view::<T>()?, b_in.view::<T>()?);
+        let n_u = n as u64;
+        let stream = stream(&dev);
+        // A fresh output is 16-byte aligned; in place, the output is a's view.
+        let vectorized = aligned16(&av, &stream) && aligned16(&bv, &stream);
+        let name = if vectorized {
+            format!("add_{suffix}")
+        } else {
+            format!("add_{suffix}_scalar")
+        };
+        let f = func(&dev, "grad", &name)?;
+        let cfg = grid_1d(threads_needed(n, vectorized), 256);
+        if in_place {
+            let mut b = stream.launch_builder(&f);
+            b.arg(&av).arg(&bv).arg(&n_u).arg(&av);
+            // SAFETY: arguments match `add_*` with y = a (the kernels read an element before
+            // writing it, from the same thread); a and b hold n elements, 16-byte aligned for the
+            // 8-wide kernel.
+            unsafe { b.launch(cfg) }?;
+            return Ok(None);
+        }
+        let mut y = alloc::<T>(&dev, n)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&av).arg(&bv).arg(&n_u).arg(&mut y);
+        // SAFETY: arguments match `add_*`; a, b, y hold n elements, 16-byte aligned for the
+        // 8-wide kernel (y is a fresh allocation).
+        unsafe { b.launch(cfg) }?;
+        drop(b);
+        Ok(Some(wrap(y, &dev, a.shape().clone())))
+    }
 }
 
-/// Exact against the CPU: a bf16 and an f32 gradient added at an offset of an f32 buffer.
+/// Exact against the CPU: a bf16 and an f32 gradient added at an offset of an f32 buffer; the
+/// plain names take an offset of 99 floats (the scalar kernel: not 16-byte aligned), the
+/// "aligned" ones an offset of 96 and a length with a tail of 5 (the 8-wide kernel).
 pub fn self_checks() -> Vec<KernelCheck> {
     let mut checks = vec![];
-    for (name, g_dtype) in [
-        ("grad accumulate bf16", DType::BF16),
-        ("grad accumulate f32", DType::F32),
+    for (name, g_dtype, aligned) in [
+        ("grad accumulate bf16", DType::BF16, false),
+        ("grad accumulate f32", DType::F32, false),
+        ("grad accumulate bf16 aligned", DType::BF16, true),
+        ("grad accumulate f32 aligned", DType::F32, true),
     ] {
         checks.push(KernelCheck::new(name, move |device: &Device| {
             let (n, total) = sized(device, (4096 * 64, 4096 * 64 + 99), (37, 50));
+            let (n, offset) = if aligned {
+                (n - 3, 96.min(total - n))
+            } else {
+                (n, 99.min(total - n))
+            };
             let acc = random_tensor(&[total], 1.0, 21, DType::F32, device)?;
             let g = random_tensor(&[n], 1.0, 22, g_dtype, device)?;
             let run = |acc: &Tensor, g: &Tensor| -> Result<Vec<Tensor>> {
                 let acc = acc.copy()?;
-                accumulate_into(&acc, 99.min(total - n), g)?;
+                accumulate_into(&acc, offset, g)?;
                 Ok(vec![acc])
             };
             let (acc_cpu, g_cpu) = (acc.to_device(&Device::Cpu)?, g.to_device(&Device::Cpu)?);
             run_check(
                 device,
-                format!("[{n}] {g_dtype:?} into f32 [{total}]"),
+                format!("[{n}] {g_dtype:?} into f32 [{total}] at {offset}"),
                 Tolerance::EXACT,
                 &|| run(&acc, &g),
                 &|| run(&acc_cpu, &g_cpu),
             )
         }));
     }
+    // The residual add: `add` and `add_assign` against candle's CPU add in the same dtype
+    // (bit-exact). "add unaligned" reads both inputs at an offset of one element (the scalar
+    // kernels); the shapes' element counts leave a tail of 5 for the 8-wide kernel.
+    for (name, skip) in [("add", 0usize), ("add unaligned", 1)] {
+        checks.push(KernelCheck::new(name, move |device: &Device| {
+            let (rows, cols) = sized(device, (4096, 4099), (7, 13));
+            let dtype = super::check_dtype(device);
+            let n = rows * cols;
+            // [n + skip] flat, viewed from element `skip` as [rows, cols] (contiguous either way).
+            let view =
+                |t: Tensor| -> Result<Tensor> { Ok(t.narrow(0, skip, n)?.reshape((rows, cols))?) };
+            let a = view(random_tensor(&[n + skip], 4.0, 41, dtype, device)?)?;
+            let b = view(random_tensor(&[n + skip], 4.0, 42, dtype, device)?)?;
+            let fused = |a: &Tensor, b: &Tensor| -> Result<Vec<Tensor>> {
+                let sum = match add(a, b)? {
+                    Some(y) => y,
+                    None => (a + b)?,
+                };
+                let mut acc = a.copy()?;
+                if !add_assign(&acc, b)? {
+                    acc = (&acc + b)?;
+                }
+                Ok(vec![sum, acc])
+            };
+            let (a_cpu, b_cpu) = (a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?);
+            run_check(
+                device,
+                format!("[{rows}, {cols}] {dtype:?}, inputs at offset {skip}"),
+                Tolerance::EXACT,
+                &|| fused(&a, &b),
+                &|| {
+                    let sum = (&a_cpu + &b_cpu)?;
+                    Ok(vec![sum.clone(), sum])
+                },
+            )
+        }));
+    }
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_entry_points_decline_off_cuda() {
+        let a = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap();
+        assert!(add(&a, &b).unwrap().is_none());
+        assert!(!add_assign(&a, &b).unwrap());
+        assert_eq!(
+            a.to_vec1::<f32>().unwrap(),
+            [1.0, 2.0],
+            "untouched when declined"
+        );
+    }
 }

@@ -9,6 +9,37 @@ use candle_core::{DType, Device, Result, Tensor};
 /// The kernels keep one block's dw partial row in shared memory: at most this many columns.
 const MAX_DW_COLS: usize = 12 * 1024;
 
+/// Most threads per row block of the vectorized kernels (`kRowVecMaxThreads` in rmsnorm.cu).
+const VEC_MAX_THREADS: usize = 512;
+
+/// How the vectorized kernels (`rmsnorm_*_k{K}`) split a row of `cols` columns: each thread holds
+/// `groups_per_thread` (K) groups of 8 columns in registers, `threads` threads per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RowVecPlan {
+    groups_per_thread: usize,
+    threads: u32,
+}
+
+/// The vectorized kernels' split of a row, or `None` when they cannot take it (cols not a
+/// multiple of 8, or more than 4 x 512 groups of 8). The fewest groups per thread that fit 512
+/// threads (K = 1, 2 or 4: the compiled variants), threads rounded up to a warp multiple.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn row_vec_plan(cols: usize) -> Option<RowVecPlan> {
+    if cols % 8 != 0 || cols == 0 {
+        return None;
+    }
+    let groups = cols / 8;
+    let k = [1, 2, 4]
+        .into_iter()
+        .find(|k| groups.div_ceil(*k) <= VEC_MAX_THREADS)?;
+    let threads = groups.div_ceil(k).next_multiple_of(32);
+    Some(RowVecPlan {
+        groups_per_thread: k,
+        threads: threads as u32,
+    })
+}
+
 fn supported(x: &Tensor, w: &Tensor) -> bool {
     super::on_cuda(x)
         && super::float_kernel_dtype(x.dtype())
@@ -67,8 +98,9 @@ pub fn backward(
 
 #[cfg(feature = "cuda")]
 mod imp {
+    use super::{row_vec_plan, RowVecPlan};
     use crate::kernels::cuda::{
-        alloc, device_of, func, grid_1d, grid_rows, row_threads, stream, wrap, CudaInput,
+        aligned16, alloc, device_of, func, grid_1d, grid_rows, row_threads, stream, wrap, CudaInput,
     };
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -107,14 +139,21 @@ mod imp {
             eps as f32,
             (1.0 / cols as f64) as f32,
         );
-        let f = func(
-            &dev,
-            "rmsnorm",
-            &format!("rmsnorm_fwd_{}", suffix(x.dtype())?),
-        )?;
+        let stream = stream(&dev);
+        let sfx = suffix(x.dtype())?;
+        // The vectorized kernel needs 16-byte aligned x and w (y is a fresh allocation).
+        let plan =
+            row_vec_plan(cols).filter(|_| aligned16(&xv, &stream) && aligned16(&wv, &stream));
+        let (name, threads) = match plan {
+            Some(RowVecPlan {
+                groups_per_thread,
+                threads,
+            }) => (format!("rmsnorm_fwd_{sfx}_k{groups_per_thread}"), threads),
+            None => (format!("rmsnorm_fwd_{sfx}_scalar"), row_threads(cols)),
+        };
+        let f = func(&dev, "rmsnorm", &name)?;
         let mut y = alloc::<T>(&dev, rows * cols)?;
         let mut rstd = alloc::<f32>(&dev, rows)?;
-        let stream = stream(&dev);
         let mut b = stream.launch_builder(&f);
         b.arg(&xv)
             .arg(&wv)
@@ -123,8 +162,9 @@ mod imp {
             .arg(&eps_f)
             .arg(&inv_cols);
         b.arg(&mut y).arg(&mut rstd);
-        // SAFETY: arguments match `rmsnorm_fwd_*`; x, y: rows x cols, w: cols, rstd: rows.
-        unsafe { b.launch(grid_rows(rows, row_threads(cols), 0)) }?;
+        // SAFETY: arguments match `rmsnorm_fwd_*`; x, y: rows x cols, w: cols, rstd: rows; for the
+        // vectorized kernel the plan's threads x K x 8 columns cover a row.
+        unsafe { b.launch(grid_rows(rows, threads, 0)) }?;
         drop(b);
         Ok((wrap(y, &dev, (rows, cols)), wrap(rstd, &dev, (rows, 1))))
     }
@@ -170,18 +210,33 @@ mod imp {
             dy_in.view::<T>()?,
         );
         let (rows_u, cols_u, inv_cols) = (rows as u32, cols as u32, (1.0 / cols as f64) as f32);
-        let threads = row_threads(cols);
-        // With dw: a fixed number of blocks, each accumulating its rows' dw in shared memory.
-        let (blocks, shared) = if need_dw {
-            (rows.clamp(1, 256), (cols * 4) as u32)
-        } else {
-            (rows, 0)
+        let stream = stream(&dev);
+        let sfx = suffix(x.dtype())?;
+        // The vectorized kernels need 16-byte aligned x, w and dy (dx and the partials are fresh).
+        let plan = row_vec_plan(cols).filter(|_| {
+            aligned16(&xv, &stream) && aligned16(&wv, &stream) && aligned16(&dyv, &stream)
+        });
+        // With dw: a fixed number of blocks, each accumulating its rows' dw (in registers for the
+        // vectorized kernel, in cols floats of shared memory for the scalar one).
+        let blocks = if need_dw { rows.clamp(1, 256) } else { rows };
+        let (name, threads, shared) = match plan {
+            Some(RowVecPlan {
+                groups_per_thread: k,
+                threads,
+            }) => {
+                let dw = if need_dw { "dw_" } else { "" };
+                (format!("rmsnorm_bwd_{dw}{sfx}_k{k}"), threads, 0)
+            }
+            None => {
+                let shared = if need_dw { (cols * 4) as u32 } else { 0 };
+                (
+                    format!("rmsnorm_bwd_{sfx}_scalar"),
+                    row_threads(cols),
+                    shared,
+                )
+            }
         };
-        let f = func(
-            &dev,
-            "rmsnorm",
-            &format!("rmsnorm_bwd_{}", suffix(x.dtype())?),
-        )?;
+        let f = func(&dev, "rmsnorm", &name)?;
         let mut dx = alloc::<T>(&dev, rows * cols)?;
         let mut partial = if need_dw {
             Some(alloc::<f32>(&dev, blocks * cols)?)
@@ -189,7 +244,6 @@ mod imp {
             None
         };
         let null: u64 = 0;
-        let stream = stream(&dev);
         let mut b = stream.launch_builder(&f);
         b.arg(&xv)
             .arg(&wv)
@@ -206,7 +260,8 @@ mod imp {
         let mut cfg = grid_rows(rows, threads, shared);
         cfg.grid_dim.0 = cfg.grid_dim.0.min(blocks as u32);
         // SAFETY: arguments match `rmsnorm_bwd_*`; x, dy, dx: rows x cols; w: cols; rstd: rows;
-        // partial: grid x cols with cols floats of shared memory (cols <= MAX_DW_COLS).
+        // partial: grid x cols (16-byte aligned rows: cols % 8 == 0 on the vectorized path); the
+        // scalar kernel gets cols floats of shared memory for dw (cols <= MAX_DW_COLS).
         unsafe { b.launch(cfg) }?;
         drop(b);
         let dw = match partial {
@@ -307,4 +362,53 @@ pub fn self_checks() -> Vec<KernelCheck> {
             )
         }),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_vec_plan_covers_the_row_within_the_compiled_variants() {
+        // The model sizes this is tuned for: one 8-column group per thread up to 4096 columns.
+        assert_eq!(
+            row_vec_plan(2048),
+            Some(RowVecPlan {
+                groups_per_thread: 1,
+                threads: 256
+            })
+        );
+        assert_eq!(
+            row_vec_plan(8192),
+            Some(RowVecPlan {
+                groups_per_thread: 2,
+                threads: 512
+            })
+        );
+        for cols in (8..=40_000).step_by(8) {
+            let groups = cols / 8;
+            match row_vec_plan(cols) {
+                Some(p) => {
+                    let t = p.threads as usize;
+                    assert!([1, 2, 4].contains(&p.groups_per_thread), "{cols}: {p:?}");
+                    assert!(
+                        t % 32 == 0 && (32..=VEC_MAX_THREADS).contains(&t),
+                        "{cols}: {p:?}"
+                    );
+                    assert!(
+                        t * p.groups_per_thread >= groups,
+                        "{cols}: {p:?} misses columns"
+                    );
+                    // No whole warp idle in every slot: the fewest K was taken.
+                    assert!(
+                        t - 32 < groups.div_ceil(p.groups_per_thread),
+                        "{cols}: {p:?}"
+                    );
+                }
+                None => assert!(groups > 4 * VEC_MAX_THREADS, "{cols} should fit"),
+            }
+        }
+        assert_eq!(row_vec_plan(2047), None);
+        assert_eq!(row_vec_plan(0), None);
+    }
 }

@@ -35,7 +35,9 @@ pub fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Optio
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use crate::kernels::cuda::{alloc, device_of, func, grid_1d, stream, wrap, CudaInput};
+    use crate::kernels::cuda::{
+        aligned16, alloc, device_of, func, grid_1d, stream, wrap, CudaInput,
+    };
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
@@ -44,8 +46,8 @@ mod imp {
 
     pub fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Tensor> {
         match x.dtype() {
-            DType::BF16 => launch::<bf16>(x, cos, sin, sign, "rope_bf16"),
-            DType::F32 => launch::<f32>(x, cos, sin, sign, "rope_f32"),
+            DType::BF16 => launch::<bf16>(x, cos, sin, sign, "bf16"),
+            DType::F32 => launch::<f32>(x, cos, sin, sign, "f32"),
             other => bail!("rope kernel: no {other:?} version"),
         }
     }
@@ -55,7 +57,7 @@ mod imp {
         cos: &Tensor,
         sin: &Tensor,
         sign: f32,
-        kernel: &str,
+        suffix: &str,
     ) -> Result<Tensor> {
         let dev = device_of(x)?;
         let (n, heads, d) = x.dims3()?;
@@ -67,9 +69,22 @@ mod imp {
         );
         let (xv, cv, sv) = (x_in.view::<T>()?, c_in.view::<T>()?, s_in.view::<T>()?);
         let (n_u, h_u, d_u) = (n as u32, heads as u32, d as u32);
-        let f = func(&dev, "rope", kernel)?;
-        let mut y = alloc::<T>(&dev, n * heads * d)?;
+        let total = n * heads * d;
         let stream = stream(&dev);
+        // The vectorized kernel: a thread rotates 8 elements of each half of a head vector
+        // (d % 16 == 0), 16-byte aligned inputs, 32-bit indices.
+        let vectorized = d % 16 == 0
+            && u32::try_from(total).is_ok()
+            && aligned16(&xv, &stream)
+            && aligned16(&cv, &stream)
+            && aligned16(&sv, &stream);
+        let (name, threads_needed) = if vectorized {
+            (format!("rope_{suffix}"), total / 16)
+        } else {
+            (format!("rope_{suffix}_scalar"), total)
+        };
+        let f = func(&dev, "rope", &name)?;
+        let mut y = alloc::<T>(&dev, total)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&xv)
             .arg(&cv)
@@ -79,8 +94,9 @@ mod imp {
             .arg(&d_u)
             .arg(&sign)
             .arg(&mut y);
-        // SAFETY: arguments match `rope_*`; x, y: n x heads x d; cos, sin: n x d.
-        unsafe { b.launch(grid_1d(n * heads * d, 256)) }?;
+        // SAFETY: arguments match `rope_*`; x, y: n x heads x d; cos, sin: n x d; the 8-wide
+        // kernel's conditions are checked above.
+        unsafe { b.launch(grid_1d(threads_needed, 256)) }?;
         drop(b);
         Ok(wrap(y, &dev, (n, heads, d)))
     }

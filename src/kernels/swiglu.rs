@@ -51,7 +51,9 @@ pub fn backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<Option<(Tensor, T
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use crate::kernels::cuda::{alloc, device_of, func, grid_1d, stream, wrap, CudaInput};
+    use crate::kernels::cuda::{
+        aligned16, alloc, device_of, func, grid_1d, stream, wrap, CudaInput,
+    };
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
@@ -92,8 +94,16 @@ mod imp {
             .map(|_| alloc::<T>(&dev, n))
             .collect::<Result<Vec<_>>>()?;
         let n_u = n as u64;
-        let f = func(&dev, "swiglu", &format!("swiglu_{pass}_{suffix}"))?;
         let stream = stream(&dev);
+        // The 8-wide kernel needs 16-byte aligned inputs (outputs are fresh allocations); views
+        // at an odd storage offset take the one-element-per-thread variant.
+        let vectorized = views.iter().all(|v| aligned16(v, &stream));
+        let (name, threads_needed) = if vectorized {
+            (format!("swiglu_{pass}_{suffix}"), n.div_ceil(8))
+        } else {
+            (format!("swiglu_{pass}_{suffix}_scalar"), n)
+        };
+        let f = func(&dev, "swiglu", &name)?;
         let mut b = stream.launch_builder(&f);
         for v in &views {
             b.arg(v);
@@ -102,8 +112,9 @@ mod imp {
         for o in outs.iter_mut() {
             b.arg(o);
         }
-        // SAFETY: arguments match `swiglu_{fwd,bwd}_*`; every buffer holds n elements of T.
-        unsafe { b.launch(grid_1d(n, 256)) }?;
+        // SAFETY: arguments match `swiglu_{fwd,bwd}_*`; every buffer holds n elements of T and,
+        // for the 8-wide kernel, is 16-byte aligned; the grid has >= 256 threads (the tail's 7).
+        unsafe { b.launch(grid_1d(threads_needed, 256)) }?;
         drop(b);
         Ok(outs
             .into_iter()
