@@ -810,7 +810,8 @@ impl Decoder {
     }
 
     /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step. Pass
-    /// f32 views of the optimizer's master copy: LoRA weights then cost no second copy.
+    /// views in the compute dtype (`FlatParams::views`: one cast of the whole master per step):
+    /// then no weight is cast per use.
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
         let lora: std::collections::HashSet<usize> = self.lora_params().collect();
         if values.len() != self.trainable.len() {
@@ -832,8 +833,9 @@ impl Decoder {
             }
             let p = self.slot_param[slot];
             let value = value.to_device(&self.device)?;
-            // LoRA weights stay in the given dtype (the optimizer's f32 master views: no copy)
-            // and are cast per use (`lora_weights`); other trainables are read in compute dtype.
+            // LoRA weights stay in the given dtype (views of the optimizer's buffer: no copy;
+            // `lora_weights` casts per use only if that is not the compute dtype); other
+            // trainables are read in the compute dtype.
             self.params[p] = if lora.contains(&p) {
                 value
             } else {
