@@ -105,6 +105,11 @@ mod launch {
     const THREADS: u32 = 128;
     /// Query and key rows per tile in the kernels.
     const BLOCK: usize = 64;
+    /// The backward splits each GQA group over several CTAs when its grid would have fewer
+    /// CTAs than this (about two waves of two CTAs per SM on an H100): at batch 1 the grid is one
+    /// wave and its time is that of the first key block's CTA, which sees every query block of
+    /// every head of its group.
+    const SPLIT_BELOW_CTAS: usize = 512;
 
     fn err(e: anyhow::Error) -> candle_core::Error {
         candle_core::Error::msg(format!("flash attention: {e:#}"))
@@ -125,20 +130,25 @@ mod launch {
     /// Launch geometry shared by forward and backward: one CTA per 64-row block of the longest
     /// sample, per head (`heads_in_grid`), per sample.
     fn grid(cu_seqlens: &[u32], heads_in_grid: usize, shared_mem_bytes: u32) -> LaunchConfig {
-        let longest = cu_seqlens
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(1);
         LaunchConfig {
             grid_dim: (
-                longest.div_ceil(BLOCK) as u32,
+                row_blocks(cu_seqlens) as u32,
                 heads_in_grid as u32,
                 (cu_seqlens.len() - 1) as u32,
             ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes,
         }
+    }
+
+    /// 64-row blocks of the longest sample.
+    fn row_blocks(cu_seqlens: &[u32]) -> usize {
+        let longest = cu_seqlens
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(1);
+        longest.div_ceil(BLOCK)
     }
 
     fn i32_arg(x: usize, what: &str) -> Result<i32> {
@@ -249,8 +259,25 @@ mod launch {
         unsafe { b.launch(cfg) }.map_err(|e| err(e.into()))?;
 
         let mut dq_accum = kc::alloc_zeros::<f32>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
-        let mut dk = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
-        let mut dv = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
+        let group = heads / kv_heads;
+        let unsplit_ctas = row_blocks(cu_seqlens) * kv_heads * (cu_seqlens.len() - 1);
+        let splits = if group > 1 && unsplit_ctas < SPLIT_BELOW_CTAS {
+            group
+        } else {
+            1
+        };
+        // One split writes dK, dV in bf16; several add f32 partial sums ([n, kv_heads, d]).
+        let (dk_len, accum_len) = if splits == 1 {
+            (n * kv_heads * d, 0)
+        } else {
+            (0, n * kv_heads * d)
+        };
+        let mut dk = kc::alloc::<bf16>(&dev, dk_len.max(1)).map_err(err)?;
+        let mut dv = kc::alloc::<bf16>(&dev, dk_len.max(1)).map_err(err)?;
+        let mut dk_accum = kc::alloc_zeros::<f32>(&dev, accum_len.max(1)).map_err(err)?;
+        let mut dv_accum = kc::alloc_zeros::<f32>(&dev, accum_len.max(1)).map_err(err)?;
+        let null: u64 = 0;
+        let splits_i = splits as i32;
         let func = kc::func(&dev, MODULE, &format!("flash_bwd_d{d}")).map_err(err)?;
         // K, V, Q, dO tiles [64][d+8] bf16, dSᵀ [64][72] bf16, lse and delta [64] f32.
         let smem = 4 * BLOCK * (d + 8) * 2 + BLOCK * (BLOCK + 8) * 2 + 2 * BLOCK * 4;
@@ -266,18 +293,31 @@ mod launch {
             .arg(&dov)
             .arg(&lsev)
             .arg(&delta);
-        b.arg(&mut dq_accum).arg(&mut dk).arg(&mut dv).arg(&cu);
-        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&scale);
-        // SAFETY: matches flash_bwd_d{d}; every key row is owned by one CTA, which writes its dK
-        // and dV; dq_accum is zeroed and only accumulated into.
-        unsafe { b.launch(grid(cu_seqlens, kv_heads, smem as u32)) }.map_err(|e| err(e.into()))?;
+        b.arg(&mut dq_accum).arg(&mut dk).arg(&mut dv);
+        if splits == 1 {
+            b.arg(&null).arg(&null);
+        } else {
+            b.arg(&mut dk_accum).arg(&mut dv_accum);
+        }
+        b.arg(&cu);
+        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&splits_i).arg(&scale);
+        // SAFETY: matches flash_bwd_d{d}; with one split every key row is owned by one CTA,
+        // which writes its dK and dV; with several (null dK/dV accumulators otherwise) the
+        // splits only add into the zeroed f32 accumulators, as every CTA into dq_accum.
+        unsafe { b.launch(grid(cu_seqlens, kv_heads * splits, smem as u32)) }
+            .map_err(|e| err(e.into()))?;
 
         let dq = kc::wrap(dq_accum, &dev, (n, heads, d)).to_dtype(DType::BF16)?;
-        Ok((
-            dq,
-            kc::wrap(dk, &dev, (n, kv_heads, d)),
-            kc::wrap(dv, &dev, (n, kv_heads, d)),
-        ))
+        let shape = (n, kv_heads, d);
+        let (dk, dv) = if splits == 1 {
+            (kc::wrap(dk, &dev, shape), kc::wrap(dv, &dev, shape))
+        } else {
+            (
+                kc::wrap(dk_accum, &dev, shape).to_dtype(DType::BF16)?,
+                kc::wrap(dv_accum, &dev, shape).to_dtype(DType::BF16)?,
+            )
+        };
+        Ok((dq, dk, dv))
     }
 }
 
@@ -365,13 +405,20 @@ const TOL: Tolerance = Tolerance {
     rtol: 2e-2,
 };
 
-fn check(device: &Device, d: usize, with_backward: bool) -> anyhow::Result<CheckOutcome> {
-    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads); a small
-    // instance on the CPU, where the "fused" path is the candle-ops code itself.
-    let (cu, heads, kv_heads): (&[u32], usize, usize) = if device.is_cuda() {
-        (&[0, 1000, 1637, 2048], 16, 8)
-    } else {
-        (&[0, 37, 100, 130], 4, 2)
+fn check(
+    device: &Device,
+    d: usize,
+    with_backward: bool,
+    batch4: bool,
+) -> anyhow::Result<CheckOutcome> {
+    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads: the
+    // backward splits each GQA group over CTAs), or 4 rows of 2048 (batch 4: a grid large
+    // enough that it does not split); a small instance on the CPU, where the "fused" path is the
+    // candle-ops code itself.
+    let (cu, heads, kv_heads): (&[u32], usize, usize) = match (device.is_cuda(), batch4) {
+        (true, false) => (&[0, 1000, 1637, 2048], 16, 8),
+        (true, true) => (&[0, 2048, 4096, 6144, 8192], 16, 8),
+        (false, _) => (&[0, 37, 100, 130], 4, 2),
     };
     let case = Case::new(device, cu, heads, kv_heads, d)?;
     let cpu = case.to_cpu_f32()?;
@@ -421,10 +468,13 @@ fn check(device: &Device, d: usize, with_backward: bool) -> anyhow::Result<Check
 /// Forward alone and forward + backward, head dims 128 and 64.
 pub fn self_checks() -> Vec<KernelCheck> {
     vec![
-        KernelCheck::new("flash_attn_fwd_d128", |dev| check(dev, 128, false)),
-        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| check(dev, 128, true)),
-        KernelCheck::new("flash_attn_fwd_d64", |dev| check(dev, 64, false)),
-        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| check(dev, 64, true)),
+        KernelCheck::new("flash_attn_fwd_d128", |dev| check(dev, 128, false, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| check(dev, 128, true, false)),
+        KernelCheck::new("flash_attn_fwd_d64", |dev| check(dev, 64, false, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| check(dev, 64, true, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d128_batch4", |dev| {
+            check(dev, 128, true, true)
+        }),
     ]
 }
 
