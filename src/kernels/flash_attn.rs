@@ -300,7 +300,11 @@ mod launch {
             b.arg(&mut dk_accum).arg(&mut dv_accum);
         }
         b.arg(&cu);
-        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&splits_i).arg(&scale);
+        b.arg(&n_i)
+            .arg(&heads_i)
+            .arg(&kv_i)
+            .arg(&splits_i)
+            .arg(&scale);
         // SAFETY: matches flash_bwd_d{d}; with one split every key row is owned by one CTA,
         // which writes its dK and dV; with several (null dK/dV accumulators otherwise) the
         // splits only add into the zeroed f32 accumulators, as every CTA into dq_accum.
@@ -469,7 +473,9 @@ fn check(
 pub fn self_checks() -> Vec<KernelCheck> {
     vec![
         KernelCheck::new("flash_attn_fwd_d128", |dev| check(dev, 128, false, false)),
-        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| check(dev, 128, true, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| {
+            check(dev, 128, true, false)
+        }),
         KernelCheck::new("flash_attn_fwd_d64", |dev| check(dev, 64, false, false)),
         KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| check(dev, 64, true, false)),
         KernelCheck::new("flash_attn_fwd_bwd_d128_batch4", |dev| {
