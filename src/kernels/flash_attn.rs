@@ -105,11 +105,6 @@ mod launch {
     const THREADS: u32 = 128;
     /// Query and key rows per tile in the kernels.
     const BLOCK: usize = 64;
-    /// The backward splits each GQA group over several CTAs when its grid would have fewer
-    /// CTAs than this (about two waves of two CTAs per SM on an H100): at batch 1 the grid is one
-    /// wave and its time is that of the first key block's CTA, which sees every query block of
-    /// every head of its group.
-    const SPLIT_BELOW_CTAS: usize = 512;
 
     fn err(e: anyhow::Error) -> candle_core::Error {
         candle_core::Error::msg(format!("flash attention: {e:#}"))
@@ -259,25 +254,8 @@ mod launch {
         unsafe { b.launch(cfg) }.map_err(|e| err(e.into()))?;
 
         let mut dq_accum = kc::alloc_zeros::<f32>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
-        let group = heads / kv_heads;
-        let unsplit_ctas = row_blocks(cu_seqlens) * kv_heads * (cu_seqlens.len() - 1);
-        let splits = if group > 1 && unsplit_ctas < SPLIT_BELOW_CTAS {
-            group
-        } else {
-            1
-        };
-        // One split writes dK, dV in bf16; several add f32 partial sums ([n, kv_heads, d]).
-        let (dk_len, accum_len) = if splits == 1 {
-            (n * kv_heads * d, 0)
-        } else {
-            (0, n * kv_heads * d)
-        };
-        let mut dk = kc::alloc::<bf16>(&dev, dk_len.max(1)).map_err(err)?;
-        let mut dv = kc::alloc::<bf16>(&dev, dk_len.max(1)).map_err(err)?;
-        let mut dk_accum = kc::alloc_zeros::<f32>(&dev, accum_len.max(1)).map_err(err)?;
-        let mut dv_accum = kc::alloc_zeros::<f32>(&dev, accum_len.max(1)).map_err(err)?;
-        let null: u64 = 0;
-        let splits_i = splits as i32;
+        let mut dk = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
+        let mut dv = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
         let func = kc::func(&dev, MODULE, &format!("flash_bwd_d{d}")).map_err(err)?;
         // K, V, Q, dO tiles [64][d+8] bf16, dSᵀ [64][72] bf16, lse and delta [64] f32.
         let smem = 4 * BLOCK * (d + 8) * 2 + BLOCK * (BLOCK + 8) * 2 + 2 * BLOCK * 4;
@@ -293,35 +271,18 @@ mod launch {
             .arg(&dov)
             .arg(&lsev)
             .arg(&delta);
-        b.arg(&mut dq_accum).arg(&mut dk).arg(&mut dv);
-        if splits == 1 {
-            b.arg(&null).arg(&null);
-        } else {
-            b.arg(&mut dk_accum).arg(&mut dv_accum);
-        }
-        b.arg(&cu);
-        b.arg(&n_i)
-            .arg(&heads_i)
-            .arg(&kv_i)
-            .arg(&splits_i)
-            .arg(&scale);
-        // SAFETY: matches flash_bwd_d{d}; with one split every key row is owned by one CTA,
-        // which writes its dK and dV; with several (null dK/dV accumulators otherwise) the
-        // splits only add into the zeroed f32 accumulators, as every CTA into dq_accum.
-        unsafe { b.launch(grid(cu_seqlens, kv_heads * splits, smem as u32)) }
-            .map_err(|e| err(e.into()))?;
+        b.arg(&mut dq_accum).arg(&mut dk).arg(&mut dv).arg(&cu);
+        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&scale);
+        // SAFETY: matches flash_bwd_d{d}; every key row is owned by one CTA, which writes its dK
+        // and dV; dq_accum is zeroed and only accumulated into.
+        unsafe { b.launch(grid(cu_seqlens, kv_heads, smem as u32)) }.map_err(|e| err(e.into()))?;
 
         let dq = kc::wrap(dq_accum, &dev, (n, heads, d)).to_dtype(DType::BF16)?;
-        let shape = (n, kv_heads, d);
-        let (dk, dv) = if splits == 1 {
-            (kc::wrap(dk, &dev, shape), kc::wrap(dv, &dev, shape))
-        } else {
-            (
-                kc::wrap(dk_accum, &dev, shape).to_dtype(DType::BF16)?,
-                kc::wrap(dv_accum, &dev, shape).to_dtype(DType::BF16)?,
-            )
-        };
-        Ok((dq, dk, dv))
+        Ok((
+            dq,
+            kc::wrap(dk, &dev, (n, kv_heads, d)),
+            kc::wrap(dv, &dev, (n, kv_heads, d)),
+        ))
     }
 }
 
@@ -415,10 +376,9 @@ fn check(
     with_backward: bool,
     batch4: bool,
 ) -> anyhow::Result<CheckOutcome> {
-    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads: the
-    // backward splits each GQA group over CTAs), or 4 rows of 2048 (batch 4: a grid large
-    // enough that it does not split); a small instance on the CPU, where the "fused" path is the
-    // candle-ops code itself.
+    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads), or 4 rows
+    // of 2048 (batch 4: a grid of several waves); a small instance on the CPU, where the "fused"
+    // path is the candle-ops code itself.
     let (cu, heads, kv_heads): (&[u32], usize, usize) = match (device.is_cuda(), batch4) {
         (true, false) => (&[0, 1000, 1637, 2048], 16, 8),
         (true, true) => (&[0, 2048, 4096, 6144, 8192], 16, 8),

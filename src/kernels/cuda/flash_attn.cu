@@ -274,15 +274,12 @@ __device__ void flash_bwd_delta(const bf16* __restrict__ out, const bf16* __rest
     }
 }
 
-// Backward main pass. Grid (key blocks of the longest sample, kv_heads x splits, batch). A CTA
-// holds one 64-key block of K and V and walks, for its share of the query heads of its GQA group
-// (the group split `splits` ways), over the query blocks at or after the diagonal; warp w owns
-// keys 16w..16w+15 and accumulates their dK and dV in registers. With one split the CTA writes
-// dK and dV in bf16; with several, the splits of a key block add their partial sums into the f32
-// dk_accum / dv_accum with atomics (the caller casts them). Splitting halves the longest CTA's
-// work at batch 1, where the grid is a single wave and the causal first key block (which sees
-// every query block) sets the time. Key block 0 is the heaviest, so it gets blockIdx.x 0 and
-// is scheduled first. Per query block (all in transposed form, rows = keys):
+// Backward main pass. Grid (key blocks of the longest sample, kv_heads, batch). A CTA holds one
+// 64-key block of K and V and walks, for every query head of its GQA group, over the query blocks
+// at or after the diagonal; warp w owns keys 16w..16w+15 and accumulates their dK and dV in
+// registers. Key block 0 sees every query block, so it is the heaviest and gets blockIdx.x 0
+// (scheduled first: at batch 4 the grid is several waves). Per query block (all in transposed
+// form, rows = keys):
 //   Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ·scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)·scale,
 //   dK += dSᵀ Q, then dSᵀ goes through shared memory so that warp w computes dQ rows 16w.. as
 //   dS K and adds them into the f32 dq_accum with atomics.
@@ -292,9 +289,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta,
                           float* __restrict__ dq_accum, bf16* __restrict__ dk,
-                          bf16* __restrict__ dv, float* __restrict__ dk_accum,
-                          float* __restrict__ dv_accum, const uint32_t* __restrict__ cu_seqlens,
-                          int n_tokens, int heads, int kv_heads, int splits, float scale) {
+                          bf16* __restrict__ dv, const uint32_t* __restrict__ cu_seqlens,
+                          int n_tokens, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8;
     constexpr int LDS = BLOCK + 8;
     constexpr int KSTEPS = D / 16;
@@ -310,13 +306,12 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
-    const int batch = blockIdx.z, kv_head = blockIdx.y / splits, split = blockIdx.y % splits;
+    const int batch = blockIdx.z, kv_head = blockIdx.y;
     const int seq_start = cu_seqlens[batch];
     const int seq_len = cu_seqlens[batch + 1] - seq_start;
     const int n_block = blockIdx.x;
     if (n_block * BLOCK >= seq_len) return;
     const int group = heads / kv_heads;
-    const int members = group / splits;  // query heads of this CTA
     const int m_blocks = (seq_len + BLOCK - 1) / BLOCK;
     const float scale_log2 = scale * LOG2E;
 
@@ -333,7 +328,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     const bf16* sKw = sK + warp * 16 * LD;  // this warp's keys
     const bf16* sVw = sV + warp * 16 * LD;
 
-    for (int member = split * members; member < (split + 1) * members; ++member) {
+    for (int member = 0; member < group; ++member) {
         const int head = kv_head * group + member;
         for (int m_block = n_block; m_block < m_blocks; ++m_block) {
             load_tile<D>(sQ, LD, q, seq_start, seq_len, m_block * BLOCK, heads, head);
@@ -479,16 +474,6 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         int row = n_block * BLOCK + warp * 16 + g + r * 8;
         if (row >= seq_len) continue;
         size_t base = ((size_t)(seq_start + row) * kv_heads + kv_head) * D + 2 * t;
-        if (dk_accum != nullptr) {
-#pragma unroll
-            for (int dt = 0; dt < DTILES; ++dt) {
-                atomicAdd(dk_accum + base + dt * 8, dk_acc[dt][2 * r]);
-                atomicAdd(dk_accum + base + dt * 8 + 1, dk_acc[dt][2 * r + 1]);
-                atomicAdd(dv_accum + base + dt * 8, dv_acc[dt][2 * r]);
-                atomicAdd(dv_accum + base + dt * 8 + 1, dv_acc[dt][2 * r + 1]);
-            }
-            continue;
-        }
 #pragma unroll
         for (int dt = 0; dt < DTILES; ++dt) {
             *reinterpret_cast<__nv_bfloat162*>(dk + base + dt * 8) =
@@ -518,10 +503,10 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     extern "C" __global__ void __launch_bounds__(NUM_THREADS)                                   \
         flash_bwd_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,           \
                        const float* lse, const float* delta, float* dq_accum, bf16* dk,         \
-                       bf16* dv, float* dk_accum, float* dv_accum, const uint32_t* cu_seqlens,  \
-                       int n_tokens, int heads, int kv_heads, int splits, float scale) {        \
-        flash_bwd<D>(q, k, v, dout, lse, delta, dq_accum, dk, dv, dk_accum, dv_accum,          \
-                     cu_seqlens, n_tokens, heads, kv_heads, splits, scale);                     \
+                       bf16* dv, const uint32_t* cu_seqlens, int n_tokens, int heads,           \
+                       int kv_heads, float scale) {                                             \
+        flash_bwd<D>(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens, n_tokens, heads,  \
+                     kv_heads, scale);                                                          \
     }
 
 FLASH_ENTRY_POINTS(64)
