@@ -352,3 +352,25 @@ fn schedule_matches_mmengine_linear_then_cosine() {
         assert_eq!(s2, s);
     }
 }
+
+/// Views in another dtype come from one cast of the whole master: each equals its own slot
+/// cast alone, keeps the slot's shape, and views in the master's dtype share its values.
+#[test]
+fn views_in_compute_dtype_equal_per_slot_casts() {
+    let a = Tensor::new(&[[0.1f32, -2.5, 3.3], [1e-3, 7.77, -0.004]], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[1.0009765f32, -65504.0, 0.333], &Device::Cpu).unwrap();
+    let params = FlatParams::from_values(&[a.clone(), b.clone()], &[true, false]).unwrap();
+    let bf = params.views(DType::BF16).unwrap();
+    for (view, orig) in bf.iter().zip([&a, &b]) {
+        assert_eq!(view.dtype(), DType::BF16);
+        assert_eq!(view.dims(), orig.dims());
+        let want = orig.to_dtype(DType::BF16).unwrap().flatten_all().unwrap();
+        let got = view.flatten_all().unwrap();
+        assert_eq!(
+            got.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            want.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+    let f = params.views(DType::F32).unwrap();
+    assert_eq!(f[1].to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+}

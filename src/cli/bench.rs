@@ -320,7 +320,7 @@ impl Session<'_> {
         };
         let mut opt = AdamW::new(&optim, &params)?;
         // As the trainer: the model's own copies of the trainables go before the pool is trimmed.
-        model.set_trainable(&params.views(DType::F32)?)?;
+        model.set_trainable(&params.views(self.dtype)?)?;
         crate::train::metrics::release_load_memory(device)?;
         device.synchronize()?;
         let load_s = self.t_load.elapsed().as_secs_f64();
@@ -338,7 +338,7 @@ impl Session<'_> {
             device.synchronize()?;
             let t0 = Instant::now();
             crate::profile::scope(device, "set_trainable", || {
-                model.set_trainable(&params.views(DType::F32)?)
+                model.set_trainable(&params.views(self.dtype)?)
             })?;
             let mut grads = model.new_grads();
             let s = model.forward_backward(

@@ -125,20 +125,25 @@ mod launch {
     /// Launch geometry shared by forward and backward: one CTA per 64-row block of the longest
     /// sample, per head (`heads_in_grid`), per sample.
     fn grid(cu_seqlens: &[u32], heads_in_grid: usize, shared_mem_bytes: u32) -> LaunchConfig {
-        let longest = cu_seqlens
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(1);
         LaunchConfig {
             grid_dim: (
-                longest.div_ceil(BLOCK) as u32,
+                row_blocks(cu_seqlens) as u32,
                 heads_in_grid as u32,
                 (cu_seqlens.len() - 1) as u32,
             ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes,
         }
+    }
+
+    /// 64-row blocks of the longest sample.
+    fn row_blocks(cu_seqlens: &[u32]) -> usize {
+        let longest = cu_seqlens
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(1);
+        longest.div_ceil(BLOCK)
     }
 
     fn i32_arg(x: usize, what: &str) -> Result<i32> {
@@ -365,13 +370,19 @@ const TOL: Tolerance = Tolerance {
     rtol: 2e-2,
 };
 
-fn check(device: &Device, d: usize, with_backward: bool) -> anyhow::Result<CheckOutcome> {
-    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads); a small
-    // instance on the CPU, where the "fused" path is the candle-ops code itself.
-    let (cu, heads, kv_heads): (&[u32], usize, usize) = if device.is_cuda() {
-        (&[0, 1000, 1637, 2048], 16, 8)
-    } else {
-        (&[0, 37, 100, 130], 4, 2)
+fn check(
+    device: &Device,
+    d: usize,
+    with_backward: bool,
+    batch4: bool,
+) -> anyhow::Result<CheckOutcome> {
+    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads), or 4 rows
+    // of 2048 (batch 4: a grid of several waves); a small instance on the CPU, where the "fused"
+    // path is the candle-ops code itself.
+    let (cu, heads, kv_heads): (&[u32], usize, usize) = match (device.is_cuda(), batch4) {
+        (true, false) => (&[0, 1000, 1637, 2048], 16, 8),
+        (true, true) => (&[0, 2048, 4096, 6144, 8192], 16, 8),
+        (false, _) => (&[0, 37, 100, 130], 4, 2),
     };
     let case = Case::new(device, cu, heads, kv_heads, d)?;
     let cpu = case.to_cpu_f32()?;
@@ -421,10 +432,15 @@ fn check(device: &Device, d: usize, with_backward: bool) -> anyhow::Result<Check
 /// Forward alone and forward + backward, head dims 128 and 64.
 pub fn self_checks() -> Vec<KernelCheck> {
     vec![
-        KernelCheck::new("flash_attn_fwd_d128", |dev| check(dev, 128, false)),
-        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| check(dev, 128, true)),
-        KernelCheck::new("flash_attn_fwd_d64", |dev| check(dev, 64, false)),
-        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| check(dev, 64, true)),
+        KernelCheck::new("flash_attn_fwd_d128", |dev| check(dev, 128, false, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| {
+            check(dev, 128, true, false)
+        }),
+        KernelCheck::new("flash_attn_fwd_d64", |dev| check(dev, 64, false, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| check(dev, 64, true, false)),
+        KernelCheck::new("flash_attn_fwd_bwd_d128_batch4", |dev| {
+            check(dev, 128, true, true)
+        }),
     ]
 }
 

@@ -9,7 +9,7 @@
 use crate::dist::collectives::Collectives;
 use crate::dist::ulysses::{self, SeqPiece};
 use crate::infer::CausalLm;
-use crate::kernels::gemm::GemmOut;
+use crate::kernels::gemm::{gemm_into, GemmOut};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::layers::attention::{
     attend, attention_backward, attention_forward, check_cu_seqlens,
@@ -810,7 +810,8 @@ impl Decoder {
     }
 
     /// Replaces the trainables (any dtype, `trainable()` order) after an optimizer step. Pass
-    /// f32 views of the optimizer's master copy: LoRA weights then cost no second copy.
+    /// views in the compute dtype (`FlatParams::views`: one cast of the whole master per step):
+    /// then no weight is cast per use.
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
         let lora: std::collections::HashSet<usize> = self.lora_params().collect();
         if values.len() != self.trainable.len() {
@@ -832,8 +833,9 @@ impl Decoder {
             }
             let p = self.slot_param[slot];
             let value = value.to_device(&self.device)?;
-            // LoRA weights stay in the given dtype (the optimizer's f32 master views: no copy)
-            // and are cast per use (`lora_weights`); other trainables are read in compute dtype.
+            // LoRA weights stay in the given dtype (views of the optimizer's buffer: no copy;
+            // `lora_weights` casts per use only if that is not the compute dtype); other
+            // trainables are read in the compute dtype.
             self.params[p] = if lora.contains(&p) {
                 value
             } else {
@@ -1074,16 +1076,36 @@ impl Decoder {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor> {
+        self.proj_backward_into(p, x, saved, dy, grads, None)
+    }
+
+    /// [`Decoder::proj_backward`] that adds `dx` into `dx_acc` in place when given (projections
+    /// that read the same input: their input gradients are summed by the GEMMs' `beta = 1`, with
+    /// no `[n, in]` temporary or add pass) and returns it.
+    fn proj_backward_into(
+        &self,
+        p: &Proj,
+        x: &Tensor,
+        saved: Option<&LoraSaved>,
+        dy: &Tensor,
+        grads: &mut Grads,
+        dx_acc: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let w = self.matmul_weight(p.weight)?;
         let lg = scope(&self.device, "linear_bwd", || {
-            linear_backward(
+            let lg = linear_backward(
                 x,
                 &w,
                 dy,
-                true,
+                dx_acc.is_none(),
                 self.trains(p.weight),
                 p.bias.is_some_and(|b| self.trains(b)),
-            )
+            )?;
+            if let Some(acc) = dx_acc {
+                gemm_into(GemmOut::whole(acc), dy, false, &w, false, 1.0, 1.0)?;
+                // += dy·W
+            }
+            anyhow::Ok(lg)
         })?;
         drop(w); // a dequantized NF4 weight dies here, before the adapter's backward
         if let Some(dw) = &lg.dw {
@@ -1092,7 +1114,10 @@ impl Decoder {
         if let (Some(db), Some(b)) = (&lg.db, p.bias) {
             self.accumulate(grads, b, db)?;
         }
-        let dx = lg.dx.context("linear backward returned no dx")?;
+        let dx = match dx_acc {
+            Some(acc) => acc.clone(),
+            None => lg.dx.context("linear backward returned no dx")?,
+        };
         if let (Some((a, b)), Some(saved)) = (p.lora, saved) {
             let (Some(slot_a), Some(slot_b)) = (self.slot_of[a], self.slot_of[b]) else {
                 bail!(
@@ -1166,23 +1191,14 @@ impl Decoder {
         let (hq, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         match qkv {
             Qkv::Separate { q, k, v } => {
-                let dxq =
+                // dh1 = dq·Wq + dk·Wk + dv·Wv (+ LoRA), summed in place in the first one's output.
+                let dx =
                     self.proj_backward(q, h1, saved[0].as_ref(), &dq.reshape((n, hq * d))?, grads)?;
-                let dxk = self.proj_backward(
-                    k,
-                    h1,
-                    saved[1].as_ref(),
-                    &dk.reshape((n, hkv * d))?,
-                    grads,
-                )?;
-                let dxv = self.proj_backward(
-                    v,
-                    h1,
-                    saved[2].as_ref(),
-                    &dv.reshape((n, hkv * d))?,
-                    grads,
-                )?;
-                Ok(((dxq + dxk)? + dxv)?)
+                let dk = dk.reshape((n, hkv * d))?;
+                self.proj_backward_into(k, h1, saved[1].as_ref(), &dk, grads, Some(&dx))?;
+                let dv = dv.reshape((n, hkv * d))?;
+                self.proj_backward_into(v, h1, saved[2].as_ref(), &dv, grads, Some(&dx))?;
+                Ok(dx)
             }
             Qkv::Fused(w) => {
                 let group = hq / hkv;
@@ -1305,11 +1321,11 @@ impl Decoder {
             swiglu_backward(&t.g, &t.u, &dm)
         })?;
         drop((dm, t.g, t.u));
-        let dh2_gate = self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?;
+        let dh2 = self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?;
         drop((dg, t.gate_saved));
-        let dh2_up = self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads)?;
+        // dh2 += du·W_up (+ LoRA) in place
+        self.proj_backward_into(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads, Some(&dh2))?;
         drop((du, t.up_saved, t.h2));
-        let dh2 = (dh2_gate + dh2_up)?;
         let ffn_w = &self.params[blk.ffn_norm];
         let (dx2_norm, dw2) = scope(&self.device, "rmsnorm_bwd", || {
             rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))

@@ -66,16 +66,17 @@ impl FlatParams {
         self.slots.last().map_or(0, |s| s.offset + s.numel)
     }
 
-    /// Per-slot tensors in their original shapes, cast to `dtype` (for `Decoder::set_trainable`).
+    /// Per-slot tensors in their original shapes, in `dtype` (for `Decoder::set_trainable`):
+    /// views of the master itself in its dtype, else views of one cast of the whole buffer (one
+    /// kernel instead of one per slot; the model then reads its weights without a cast per use).
     pub fn views(&self, dtype: DType) -> Result<Vec<Tensor>> {
+        let flat = self.master.to_dtype(dtype)?; // [N], no copy when the dtype matches
         self.slots
             .iter()
             .map(|s| {
-                Ok(self
-                    .master
+                Ok(flat
                     .narrow(0, s.offset, s.numel)?
-                    .reshape(s.shape.as_slice())?
-                    .to_dtype(dtype)?)
+                    .reshape(s.shape.as_slice())?)
             })
             .collect()
     }

@@ -144,9 +144,11 @@ impl ZeroOptimizer {
         &self.params
     }
 
-    /// Per-tensor views of the replicated parameters for `set_trainable`, without a copy.
-    pub fn model_views(&self) -> Result<Vec<Tensor>> {
-        self.params.views(self.params.master.dtype())
+    /// Per-tensor views of the replicated parameters for `set_trainable` in the model's compute
+    /// `dtype`: no copy when the replica already is in it (several ranks), else one cast of the
+    /// whole fp32 buffer per step.
+    pub fn model_views(&self, dtype: DType) -> Result<Vec<Tensor>> {
+        self.params.views(dtype)
     }
 
     /// This rank's element range in the padded flat buffer.

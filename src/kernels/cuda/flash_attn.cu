@@ -277,7 +277,9 @@ __device__ void flash_bwd_delta(const bf16* __restrict__ out, const bf16* __rest
 // Backward main pass. Grid (key blocks of the longest sample, kv_heads, batch). A CTA holds one
 // 64-key block of K and V and walks, for every query head of its GQA group, over the query blocks
 // at or after the diagonal; warp w owns keys 16w..16w+15 and accumulates their dK and dV in
-// registers. Per query block (all in transposed form, rows = keys):
+// registers. Key block 0 sees every query block, so it is the heaviest and gets blockIdx.x 0
+// (scheduled first: at batch 4 the grid is several waves). Per query block (all in transposed
+// form, rows = keys):
 //   Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ·scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)·scale,
 //   dK += dSᵀ Q, then dSᵀ goes through shared memory so that warp w computes dQ rows 16w.. as
 //   dS K and adds them into the f32 dq_accum with atomics.
@@ -307,7 +309,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     const int batch = blockIdx.z, kv_head = blockIdx.y;
     const int seq_start = cu_seqlens[batch];
     const int seq_len = cu_seqlens[batch + 1] - seq_start;
-    const int n_block = gridDim.x - 1 - blockIdx.x;
+    const int n_block = blockIdx.x;
     if (n_block * BLOCK >= seq_len) return;
     const int group = heads / kv_heads;
     const int m_blocks = (seq_len + BLOCK - 1) / BLOCK;

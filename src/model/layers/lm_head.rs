@@ -7,6 +7,7 @@
 //! are never materialized whole.
 
 use super::acc_dtype;
+use crate::kernels::gemm::{gemm_into, GemmOut};
 use candle_core::{bail, Result, Tensor, D};
 
 /// Label value that marks a position as not trained (PyTorch's `ignore_index`).
@@ -120,9 +121,26 @@ pub fn lm_head_ce_rows(
             None => chunk_sum,
         });
         if let (Some(req), Some(dlogits)) = (grad, dlogits) {
-            let dhc = dlogits.matmul(w)?; // [c, vocab]·[vocab, h] = [c, h]
             if let Some(dh) = dhidden.as_mut() {
-                *dh = dh.index_add(&rows_c, &dhc, 0)?;
+                let runs = row_runs(&rows[start..start + len]);
+                if runs.len() <= MAX_RUNS_IN_PLACE {
+                    // Each trained row appears once: the rows' gradient is written straight
+                    // into its place in dh (one GEMM per run of consecutive rows, no
+                    // [c, h] temporary and no copy of dh).
+                    for (at, row0, run) in runs {
+                        let out = GemmOut {
+                            buf: dh,
+                            offset: row0 as usize * h,
+                        };
+                        let d = dlogits.narrow(0, at, run)?; // [run, vocab]
+                                                             // [run, vocab]·[vocab, h]
+                        gemm_into(out, &d, false, w, false, 1.0, 0.0)
+                            .map_err(candle_core::Error::msg)?;
+                    }
+                } else {
+                    let dhc = dlogits.matmul(w)?; // [c, vocab]·[vocab, h] = [c, h]
+                    *dh = dh.index_add(&rows_c, &dhc, 0)?;
+                }
             }
             if req.need_dw {
                 let dwc = dlogits.t()?.matmul(&hc)?.to_dtype(acc)?; // [vocab, h]
@@ -147,6 +165,22 @@ pub fn lm_head_ce_rows(
         dhidden,
         dw,
     })
+}
+
+/// A chunk's rows go into dh by GEMMs in place when they form at most this many runs of
+/// consecutive rows (packed SFT rows: a few response spans per chunk), else by one index-add.
+const MAX_RUNS_IN_PLACE: usize = 4;
+
+/// Maximal runs of consecutive values in `rows`: `(position in rows, first row, length)`.
+fn row_runs(rows: &[u32]) -> Vec<(usize, u32, usize)> {
+    let mut runs: Vec<(usize, u32, usize)> = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, first, len)) if *first as usize + *len == r as usize => *len += 1,
+            _ => runs.push((i, r, 1)),
+        }
+    }
+    runs
 }
 
 /// Cross-entropy of one chunk: `logits [c, vocab]` (compute dtype), `targets [c]` u32.
