@@ -37,6 +37,15 @@ use candle_core::{DType, Device, Tensor};
 /// adds more than a few such temporaries to the step's peak memory.
 pub const CE_CHUNK_BYTES: usize = 64 << 20;
 
+/// `fresh + other` for a residual connection, written into `fresh` in place on a GPU (`fresh`
+/// must be a new tensor nothing else holds, e.g. a projection's output).
+fn residual_add(fresh: Tensor, other: &Tensor) -> Result<Tensor> {
+    if crate::kernels::grad::add_assign(&fresh, other)? {
+        return Ok(fresh);
+    }
+    Ok((other + fresh)?)
+}
+
 /// Rows per LM-head chunk for `vocab` under [`CE_CHUNK_BYTES`] (at least 64, at most 1024).
 pub fn ce_chunk_rows_for(vocab: usize) -> usize {
     (CE_CHUNK_BYTES / (vocab.max(1) * 4)).clamp(64, 1024)
@@ -1227,7 +1236,7 @@ impl Decoder {
         let n = x.dim(0)?;
         let attn_flat = attn.reshape((n, self.cfg.num_heads * self.cfg.head_dim))?;
         let (o, o_saved) = self.proj_forward(&blk.o, &attn_flat, seed)?;
-        let x2 = (x + o)?; // [n, h]
+        let x2 = residual_add(o, x)?; // [n, h]
         let (h2, rstd2) = scope(&self.device, "rmsnorm_fwd", || {
             rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)
         })?;
@@ -1235,7 +1244,7 @@ impl Decoder {
         let (u, up_saved) = self.proj_forward(&blk.up, &h2, seed)?;
         let m = scope(&self.device, "swiglu_fwd", || swiglu_forward(&g, &u))?;
         let (down, down_saved) = self.proj_forward(&blk.down, &m, seed)?; // [n, h]
-        let out = (&x2 + down)?;
+        let out = residual_add(down, &x2)?;
         Ok((
             out,
             TailActs {
@@ -1334,8 +1343,9 @@ impl Decoder {
         if let Some(dw) = dw2 {
             self.accumulate(grads, blk.ffn_norm, &dw)?;
         }
-        let dx2 = (dout + dx2_norm)?; // consumes both
-                                      // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
+        let dx2 = residual_add(dx2_norm, &dout)?;
+        drop(dout);
+        // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
         let dattn_flat =
             self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
         drop((t.attn_flat, t.o_saved));
@@ -1362,7 +1372,7 @@ impl Decoder {
         if let Some(dw) = dw1 {
             self.accumulate(grads, blk.attn_norm, &dw)?;
         }
-        Ok((dx2 + dx_norm)?)
+        residual_add(dx_norm, &dx2)
     }
 
     /// Final hidden states `[n, h]` before the final norm, without keeping activations.
