@@ -1076,22 +1076,11 @@ impl Decoder {
         Ok((y, Some(saved)))
     }
 
-    /// Returns `dx` and accumulates the gradients of the projection's trainables.
+    /// Returns `dx` and accumulates the gradients of the projection's trainables. With `dx_acc`
+    /// the input gradient is added into it in place and it is returned (projections that read the
+    /// same input: their input gradients are summed by the GEMMs' `beta = 1`, with no `[n, in]`
+    /// temporary or add pass).
     fn proj_backward(
-        &self,
-        p: &Proj,
-        x: &Tensor,
-        saved: Option<&LoraSaved>,
-        dy: &Tensor,
-        grads: &mut Grads,
-    ) -> Result<Tensor> {
-        self.proj_backward_into(p, x, saved, dy, grads, None)
-    }
-
-    /// [`Decoder::proj_backward`] that adds `dx` into `dx_acc` in place when given (projections
-    /// that read the same input: their input gradients are summed by the GEMMs' `beta = 1`, with
-    /// no `[n, in]` temporary or add pass) and returns it.
-    fn proj_backward_into(
         &self,
         p: &Proj,
         x: &Tensor,
@@ -1201,12 +1190,18 @@ impl Decoder {
         match qkv {
             Qkv::Separate { q, k, v } => {
                 // dh1 = dq·Wq + dk·Wk + dv·Wv (+ LoRA), summed in place in the first one's output.
-                let dx =
-                    self.proj_backward(q, h1, saved[0].as_ref(), &dq.reshape((n, hq * d))?, grads)?;
+                let dx = self.proj_backward(
+                    q,
+                    h1,
+                    saved[0].as_ref(),
+                    &dq.reshape((n, hq * d))?,
+                    grads,
+                    None,
+                )?;
                 let dk = dk.reshape((n, hkv * d))?;
-                self.proj_backward_into(k, h1, saved[1].as_ref(), &dk, grads, Some(&dx))?;
+                self.proj_backward(k, h1, saved[1].as_ref(), &dk, grads, Some(&dx))?;
                 let dv = dv.reshape((n, hkv * d))?;
-                self.proj_backward_into(v, h1, saved[2].as_ref(), &dv, grads, Some(&dx))?;
+                self.proj_backward(v, h1, saved[2].as_ref(), &dv, grads, Some(&dx))?;
                 Ok(dx)
             }
             Qkv::Fused(w) => {
@@ -1220,7 +1215,7 @@ impl Decoder {
                     2,
                 )? // [n, kv, group + 2, d]
                 .reshape((n, (hq + 2 * hkv) * d))?;
-                self.proj_backward(w, h1, saved[0].as_ref(), &dy, grads)
+                self.proj_backward(w, h1, saved[0].as_ref(), &dy, grads, None)
             }
         }
     }
@@ -1324,16 +1319,16 @@ impl Decoder {
             tail: t,
         } = acts;
         // MLP half: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
-        let dm = self.proj_backward(&blk.down, &t.m, t.down_saved.as_ref(), &dout, grads)?;
+        let dm = self.proj_backward(&blk.down, &t.m, t.down_saved.as_ref(), &dout, grads, None)?;
         drop((t.m, t.down_saved));
         let (dg, du) = scope(&self.device, "swiglu_bwd", || {
             swiglu_backward(&t.g, &t.u, &dm)
         })?;
         drop((dm, t.g, t.u));
-        let dh2 = self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads)?;
+        let dh2 = self.proj_backward(&blk.gate, &t.h2, t.gate_saved.as_ref(), &dg, grads, None)?;
         drop((dg, t.gate_saved));
         // dh2 += du·W_up (+ LoRA) in place
-        self.proj_backward_into(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads, Some(&dh2))?;
+        self.proj_backward(&blk.up, &t.h2, t.up_saved.as_ref(), &du, grads, Some(&dh2))?;
         drop((du, t.up_saved, t.h2));
         let ffn_w = &self.params[blk.ffn_norm];
         let (dx2_norm, dw2) = scope(&self.device, "rmsnorm_bwd", || {
@@ -1347,7 +1342,7 @@ impl Decoder {
         drop(dout);
         // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
         let dattn_flat =
-            self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads)?;
+            self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads, None)?;
         drop((t.attn_flat, t.o_saved));
         let (n, heads, d) = (dx2.dim(0)?, self.cfg.num_heads, self.cfg.head_dim);
         let [dattn] = ctx.scatter_heads([dattn_flat.reshape((n, heads, d))?])?;
