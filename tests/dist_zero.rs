@@ -168,7 +168,7 @@ fn bf16_replica_keeps_fp32_only_in_the_shard() {
             z.apply(&shard, norm, 1.0, 1e-2, &ring).unwrap();
         }
         let replica = z.params().master.clone();
-        let views_dtype = z.model_views(DType::BF16).unwrap()[0].dtype();
+        let views_dtype = z.params().views(DType::BF16).unwrap()[0].dtype();
         let shard = z.shard_tensors().unwrap()[0].1.clone();
         (
             replica.dtype(),

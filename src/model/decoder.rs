@@ -788,29 +788,6 @@ impl Decoder {
             .collect()
     }
 
-    /// Parameter indices of every LoRA `A` and `B`.
-    fn lora_params(&self) -> impl Iterator<Item = usize> + '_ {
-        self.blocks.iter().flat_map(|blk| {
-            let qkv: Vec<&Proj> = match &blk.qkv {
-                Qkv::Separate { q, k, v } => vec![q, k, v],
-                Qkv::Fused(w) => vec![w],
-            };
-            qkv.into_iter()
-                .chain([&blk.o, &blk.gate, &blk.up, &blk.down])
-                .filter_map(|p| p.lora)
-                .flat_map(|(a, b)| [a, b])
-                .collect::<Vec<_>>()
-        })
-    }
-
-    /// A projection's LoRA `(A, B)` in the compute dtype.
-    fn lora_weights(&self, (a, b): (usize, usize)) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.params[a].to_dtype(self.dtype)?,
-            self.params[b].to_dtype(self.dtype)?,
-        ))
-    }
-
     /// Frees the LoRA init kept for [`Decoder::initial_trainable_values`] (f32, as large as the
     /// optimizer's master copy) once the optimizer holds its own copy; afterwards that method
     /// returns the current values.
@@ -822,7 +799,6 @@ impl Decoder {
     /// views in the compute dtype (`FlatParams::views`: one cast of the whole master per step):
     /// then no weight is cast per use.
     pub fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
-        let lora: std::collections::HashSet<usize> = self.lora_params().collect();
         if values.len() != self.trainable.len() {
             bail!(
                 "set_trainable got {} tensors for {} trainables",
@@ -840,16 +816,9 @@ impl Decoder {
                     value.dims()
                 );
             }
+            // Views already in the compute dtype are kept as they are (no copy).
             let p = self.slot_param[slot];
-            let value = value.to_device(&self.device)?;
-            // LoRA weights stay in the given dtype (views of the optimizer's buffer: no copy;
-            // `lora_weights` casts per use only if that is not the compute dtype); other
-            // trainables are read in the compute dtype.
-            self.params[p] = if lora.contains(&p) {
-                value
-            } else {
-                value.to_dtype(self.dtype)?
-            };
+            self.params[p] = value.to_device(&self.device)?.to_dtype(self.dtype)?;
         }
         Ok(())
     }
@@ -1070,8 +1039,8 @@ impl Decoder {
             None => None,
         };
         let saved = scope(&self.device, "lora_fwd", || {
-            let (wa, wb) = self.lora_weights((a, b))?;
-            lora_forward_into(&y, x, &wa, &wb, self.lora_scale, mask)
+            let (wa, wb) = (&self.params[a], &self.params[b]);
+            lora_forward_into(&y, x, wa, wb, self.lora_scale, mask)
         })?;
         Ok((y, Some(saved)))
     }
@@ -1100,8 +1069,8 @@ impl Decoder {
                 p.bias.is_some_and(|b| self.trains(b)),
             )?;
             if let Some(acc) = dx_acc {
+                // acc += dy·W
                 gemm_into(GemmOut::whole(acc), dy, false, &w, false, 1.0, 1.0)?;
-                // += dy·W
             }
             anyhow::Ok(lg)
         })?;
@@ -1131,8 +1100,8 @@ impl Decoder {
                 db: GemmOut { buf, offset: db },
             };
             scope(&self.device, "lora_bwd", || {
-                let (wa, wb) = self.lora_weights((a, b))?;
-                lora_backward_into(x, &wa, &wb, self.lora_scale, saved, dy, out)
+                let (wa, wb) = (&self.params[a], &self.params[b]);
+                lora_backward_into(x, wa, wb, self.lora_scale, saved, dy, out)
             })?;
         }
         Ok(dx)

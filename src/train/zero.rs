@@ -40,7 +40,7 @@ use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams, Slot};
 /// The optimizer of a (data-parallel) run: replicated parameters, sharded gradients and
 /// optimizer state.
 pub struct ZeroOptimizer {
-    /// All trainable values, replicated on every rank (what the model reads: `model_views`):
+    /// All trainable values, replicated on every rank (what the model reads: `params().views`):
     /// the fp32 master on one rank; in `replica_dtype` on several, where the fp32 master
     /// exists only as this rank's `shard`. On several ranks `master` is the `[N]` head of
     /// `replica`.
@@ -142,13 +142,6 @@ impl ZeroOptimizer {
     /// several; the fp32 values of a distributed run are the shards).
     pub fn params(&self) -> &FlatParams {
         &self.params
-    }
-
-    /// Per-tensor views of the replicated parameters for `set_trainable` in the model's compute
-    /// `dtype`: no copy when the replica already is in it (several ranks), else one cast of the
-    /// whole fp32 buffer per step.
-    pub fn model_views(&self, dtype: DType) -> Result<Vec<Tensor>> {
-        self.params.views(dtype)
     }
 
     /// This rank's element range in the padded flat buffer.
