@@ -103,6 +103,17 @@ pub fn aligned16<T, V: DevicePtr<T>>(v: &V, stream: &CudaStream) -> bool {
     ptr % 16 == 0
 }
 
+/// An elementwise kernel's variant and grid for `n` elements: `name` itself (8 elements per
+/// thread, every buffer 16-byte aligned; the grid is never below one 256-thread block, enough for
+/// a tail of at most 7) or its one-element-per-thread `name_scalar`.
+pub fn elementwise_launch(name: &str, vectorized: bool, n: usize) -> (String, LaunchConfig) {
+    if vectorized {
+        (name.to_string(), grid_1d(n.div_ceil(8), 256))
+    } else {
+        (format!("{name}_scalar"), grid_1d(n, 256))
+    }
+}
+
 /// A device allocation of `n` elements (uninitialized: the kernel must write every element).
 pub fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: the callers' kernels write all `n` elements before the tensor is read.

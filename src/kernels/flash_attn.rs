@@ -125,25 +125,20 @@ mod launch {
     /// Launch geometry shared by forward and backward: one CTA per 64-row block of the longest
     /// sample, per head (`heads_in_grid`), per sample.
     fn grid(cu_seqlens: &[u32], heads_in_grid: usize, shared_mem_bytes: u32) -> LaunchConfig {
+        let longest = cu_seqlens
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(1);
         LaunchConfig {
             grid_dim: (
-                row_blocks(cu_seqlens) as u32,
+                longest.div_ceil(BLOCK) as u32,
                 heads_in_grid as u32,
                 (cu_seqlens.len() - 1) as u32,
             ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes,
         }
-    }
-
-    /// 64-row blocks of the longest sample.
-    fn row_blocks(cu_seqlens: &[u32]) -> usize {
-        let longest = cu_seqlens
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(1);
-        longest.div_ceil(BLOCK)
     }
 
     fn i32_arg(x: usize, what: &str) -> Result<i32> {

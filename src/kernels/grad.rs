@@ -1,8 +1,8 @@
 //! Gradient accumulation into the flat f32 gradient buffer (`cuda/grad.cu`):
 //! `acc[offset .. offset + n] += g` for a bf16 or f32 `g`, in place, in one pass (the candle-ops
-//! path needs a slice copy, a cast, an add and a copy back); and the same-shape add `a + b` of two
-//! contiguous tensors ([`add`], [`add_assign`]: the residual adds), bit-identical to candle's CPU
-//! add (f32 add, one round to the dtype).
+//! path needs a slice copy, a cast, an add and a copy back); and the in-place same-shape add
+//! `acc += b` of two contiguous tensors ([`add_assign`]: the residual adds), bit-identical to
+//! candle's CPU add (f32 add, one round to the dtype).
 
 use super::{random_tensor, run_check, sized, KernelCheck, Tolerance};
 use anyhow::{bail, Result};
@@ -40,22 +40,6 @@ fn add_supported(a: &Tensor, b: &Tensor) -> bool {
         && b.is_contiguous()
 }
 
-/// `a + b` (same shape and dtype, both contiguous) in one kernel on CUDA, rounding as candle's
-/// CPU add; `None` off CUDA or when unsupported (the caller uses candle's `a + b`).
-pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !add_supported(a, b) {
-        return Ok(None);
-    }
-    #[cfg(feature = "cuda")]
-    {
-        imp::add(a, b, false).map_err(candle_core::Error::wrap)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Ok(None)
-    }
-}
-
 /// `acc += b` in place (same shape and dtype, both contiguous); `false` off CUDA or when
 /// unsupported (nothing written: the caller computes `acc + b` with candle). The caller
 /// guarantees that `acc`'s storage is not shared with a tensor that must keep its old values
@@ -66,7 +50,7 @@ pub fn add_assign(acc: &Tensor, b: &Tensor) -> candle_core::Result<bool> {
     }
     #[cfg(feature = "cuda")]
     {
-        imp::add(acc, b, true)
+        imp::add_assign(acc, b)
             .map(|_| true)
             .map_err(candle_core::Error::wrap)
     }
@@ -78,119 +62,78 @@ pub fn add_assign(acc: &Tensor, b: &Tensor) -> candle_core::Result<bool> {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use crate::kernels::cuda::{
-        aligned16, alloc, device_of, func, grid_1d, stream, wrap, CudaInput,
-    };
+    use crate::kernels::cuda::{aligned16, device_of, elementwise_launch, func, stream, CudaInput};
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Tensor};
     use half::bf16;
 
-    /// Threads for `n` elements: the 8-wide kernels take 8 per thread (the grid is never below
-    /// one 256-thread block, enough for the tail's at most 7), the scalar ones 1.
-    fn threads_needed(n: usize, vectorized: bool) -> usize {
-        if vectorized {
-            n.div_ceil(8)
-        } else {
-            n
+    pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
+        match g.dtype() {
+            DType::F32 => accumulate_typed::<f32>(acc, offset, g, "f32"),
+            DType::BF16 => accumulate_typed::<bf16>(acc, offset, g, "bf16"),
+            other => bail!("gradient accumulation kernel: no {other:?} version"),
         }
     }
 
-    pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
+    fn accumulate_typed<T: CudaDType + DeviceRepr>(
+        acc: &Tensor,
+        offset: usize,
+        g: &Tensor,
+        suffix: &str,
+    ) -> Result<()> {
         let dev = device_of(acc)?;
         let g = g.contiguous()?;
         let n = g.elem_count();
         let (acc_in, g_in) = (CudaInput::new(acc)?, CudaInput::new(&g)?);
         let acc_v = acc_in.view::<f32>()?.slice(offset..offset + n);
+        let gv = g_in.view::<T>()?;
         let n_u = n as u64;
         let stream = stream(&dev);
         // Gradients at an offset of the flat buffer that is not a multiple of 4 floats (or a g
         // view at an odd offset) take the scalar kernel.
-        let acc_aligned = aligned16(&acc_v, &stream);
-        match g.dtype() {
-            DType::F32 => {
-                let gv = g_in.view::<f32>()?;
-                let vectorized = acc_aligned && aligned16(&gv, &stream);
-                let name = if vectorized {
-                    "accumulate_f32"
-                } else {
-                    "accumulate_f32_scalar"
-                };
-                let f = func(&dev, "grad", name)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&gv).arg(&n_u).arg(&acc_v);
-                // SAFETY: arguments match `accumulate_f32*`; g and the acc slice hold n elements,
-                // 16-byte aligned for the 8-wide kernel.
-                unsafe { b.launch(grid_1d(threads_needed(n, vectorized), 256)) }?;
-            }
-            DType::BF16 => {
-                let gv = g_in.view::<bf16>()?;
-                let vectorized = acc_aligned && aligned16(&gv, &stream);
-                let name = if vectorized {
-                    "accumulate_bf16"
-                } else {
-                    "accumulate_bf16_scalar"
-                };
-                let f = func(&dev, "grad", name)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&gv).arg(&n_u).arg(&acc_v);
-                // SAFETY: arguments match `accumulate_bf16*`; g and the acc slice hold n
-                // elements, 16-byte aligned for the 8-wide kernel.
-                unsafe { b.launch(grid_1d(threads_needed(n, vectorized), 256)) }?;
-            }
-            other => bail!("gradient accumulation kernel: no {other:?} version"),
-        }
+        let vectorized = aligned16(&acc_v, &stream) && aligned16(&gv, &stream);
+        let (name, cfg) = elementwise_launch(&format!("accumulate_{suffix}"), vectorized, n);
+        let f = func(&dev, "grad", &name)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&gv).arg(&n_u).arg(&acc_v);
+        // SAFETY: arguments match `accumulate_*`; g and the acc slice hold n elements, 16-byte
+        // aligned for the 8-wide kernel.
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
-    /// `a + b` into a new tensor, or into `a` itself when `in_place` (then `None`).
-    pub fn add(a: &Tensor, b: &Tensor, in_place: bool) -> Result<Option<Tensor>> {
-        match a.dtype() {
-            DType::BF16 => add_typed::<bf16>(a, b, in_place, "bf16"),
-            DType::F32 => add_typed::<f32>(a, b, in_place, "f32"),
+    /// `acc += b` in place (the kernel `add_*` with y = a).
+    pub fn add_assign(acc: &Tensor, b: &Tensor) -> Result<()> {
+        match acc.dtype() {
+            DType::BF16 => add_assign_typed::<bf16>(acc, b, "bf16"),
+            DType::F32 => add_assign_typed::<f32>(acc, b, "f32"),
             other => bail!("add kernel: no {other:?} version"),
         }
     }
 
-    fn add_typed<T: CudaDType + DeviceRepr>(
-        a: &Tensor,
+    fn add_assign_typed<T: CudaDType + DeviceRepr>(
+        acc: &Tensor,
         b: &Tensor,
-        in_place: bool,
         suffix: &str,
-    ) -> Result<Option<Tensor>> {
-        let dev = device_of(a)?;
-        let n = a.elem_count();
-        let (a_in, b_in) = (CudaInput::new(a)?, CudaInput::new(b)?);
-        let (av, bv) = (a_in.view::<T>()?, b_in.view::<T>()?);
+    ) -> Result<()> {
+        let dev = device_of(acc)?;
+        let n = acc.elem_count();
+        let (acc_in, b_in) = (CudaInput::new(acc)?, CudaInput::new(b)?);
+        let (av, bv) = (acc_in.view::<T>()?, b_in.view::<T>()?);
         let n_u = n as u64;
         let stream = stream(&dev);
-        // A fresh output is 16-byte aligned; in place, the output is a's view.
         let vectorized = aligned16(&av, &stream) && aligned16(&bv, &stream);
-        let name = if vectorized {
-            format!("add_{suffix}")
-        } else {
-            format!("add_{suffix}_scalar")
-        };
+        let (name, cfg) = elementwise_launch(&format!("add_{suffix}"), vectorized, n);
         let f = func(&dev, "grad", &name)?;
-        let cfg = grid_1d(threads_needed(n, vectorized), 256);
-        if in_place {
-            let mut b = stream.launch_builder(&f);
-            b.arg(&av).arg(&bv).arg(&n_u).arg(&av);
-            // SAFETY: arguments match `add_*` with y = a (the kernels read an element before
-            // writing it, from the same thread); a and b hold n elements, 16-byte aligned for the
-            // 8-wide kernel.
-            unsafe { b.launch(cfg) }?;
-            return Ok(None);
-        }
-        let mut y = alloc::<T>(&dev, n)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&av).arg(&bv).arg(&n_u).arg(&mut y);
-        // SAFETY: arguments match `add_*`; a, b, y hold n elements, 16-byte aligned for the
-        // 8-wide kernel (y is a fresh allocation).
-        unsafe { b.launch(cfg) }?;
-        drop(b);
-        Ok(Some(wrap(y, &dev, a.shape().clone())))
+        let mut l = stream.launch_builder(&f);
+        l.arg(&av).arg(&bv).arg(&n_u).arg(&av);
+        // SAFETY: arguments match `add_*` with y = a (the kernels read an element before writing
+        // it, from the same thread); a and b hold n elements, 16-byte aligned for the 8-wide
+        // kernel.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
     }
 }
 
@@ -229,7 +172,7 @@ pub fn self_checks() -> Vec<KernelCheck> {
             )
         }));
     }
-    // The residual add: `add` and `add_assign` against candle's CPU add in the same dtype
+    // The residual add: `add_assign` against candle's CPU add in the same dtype
     // (bit-exact). "add unaligned" reads both inputs at an offset of one element (the scalar
     // kernels); the shapes' element counts leave a tail of 5 for the 8-wide kernel.
     for (name, skip) in [("add", 0usize), ("add unaligned", 1)] {
@@ -243,15 +186,11 @@ pub fn self_checks() -> Vec<KernelCheck> {
             let a = view(random_tensor(&[n + skip], 4.0, 41, dtype, device)?)?;
             let b = view(random_tensor(&[n + skip], 4.0, 42, dtype, device)?)?;
             let fused = |a: &Tensor, b: &Tensor| -> Result<Vec<Tensor>> {
-                let sum = match add(a, b)? {
-                    Some(y) => y,
-                    None => (a + b)?,
-                };
                 let mut acc = a.copy()?;
                 if !add_assign(&acc, b)? {
                     acc = (&acc + b)?;
                 }
-                Ok(vec![sum, acc])
+                Ok(vec![acc])
             };
             let (a_cpu, b_cpu) = (a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?);
             run_check(
@@ -259,10 +198,7 @@ pub fn self_checks() -> Vec<KernelCheck> {
                 format!("[{rows}, {cols}] {dtype:?}, inputs at offset {skip}"),
                 Tolerance::EXACT,
                 &|| fused(&a, &b),
-                &|| {
-                    let sum = (&a_cpu + &b_cpu)?;
-                    Ok(vec![sum.clone(), sum])
-                },
+                &|| Ok(vec![(&a_cpu + &b_cpu)?]),
             )
         }));
     }
@@ -274,10 +210,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn add_entry_points_decline_off_cuda() {
+    fn add_assign_declines_off_cuda() {
         let a = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
         let b = Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap();
-        assert!(add(&a, &b).unwrap().is_none());
         assert!(!add_assign(&a, &b).unwrap());
         assert_eq!(
             a.to_vec1::<f32>().unwrap(),

@@ -52,7 +52,7 @@ pub fn backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<Option<(Tensor, T
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::kernels::cuda::{
-        aligned16, alloc, device_of, func, grid_1d, stream, wrap, CudaInput,
+        aligned16, alloc, device_of, elementwise_launch, func, stream, wrap, CudaInput,
     };
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -98,11 +98,7 @@ mod imp {
         // The 8-wide kernel needs 16-byte aligned inputs (outputs are fresh allocations); views
         // at an odd storage offset take the one-element-per-thread variant.
         let vectorized = views.iter().all(|v| aligned16(v, &stream));
-        let (name, threads_needed) = if vectorized {
-            (format!("swiglu_{pass}_{suffix}"), n.div_ceil(8))
-        } else {
-            (format!("swiglu_{pass}_{suffix}_scalar"), n)
-        };
+        let (name, cfg) = elementwise_launch(&format!("swiglu_{pass}_{suffix}"), vectorized, n);
         let f = func(&dev, "swiglu", &name)?;
         let mut b = stream.launch_builder(&f);
         for v in &views {
@@ -114,7 +110,7 @@ mod imp {
         }
         // SAFETY: arguments match `swiglu_{fwd,bwd}_*`; every buffer holds n elements of T and,
         // for the 8-wide kernel, is 16-byte aligned; the grid has >= 256 threads (the tail's 7).
-        unsafe { b.launch(grid_1d(threads_needed, 256)) }?;
+        unsafe { b.launch(cfg) }?;
         drop(b);
         Ok(outs
             .into_iter()
