@@ -301,7 +301,7 @@ fn folded_clip_equals_clip_then_step() {
     let (mut p1, mut o1) = adam_setup(case);
     let (mut p2, mut o2) = adam_setup(case);
     o1.step(&mut p1, &clipped, 1e-3).unwrap();
-    o2.step_scaled(&mut p2, &grad, coef, 1e-3).unwrap();
+    o2.step_scaled(&mut p2, &grad, coef, 1e-3, None).unwrap();
     assert_eq!(to_f64(&p1.master), to_f64(&p2.master));
     assert_eq!(clip_coef(norm, 0.0), 1.0, "max_norm 0 disables clipping");
     assert!(clip_coef(f64::NAN, 1.0).is_nan());

@@ -19,18 +19,20 @@ use crate::data::image::ClipPreprocess;
 use crate::data::llava::LlavaItem;
 use crate::data::pack::PackedSeq;
 use crate::data::IMAGE_TOKEN_ID;
+use crate::dist::collectives::SoloComm;
 use crate::model::decoder::{Decoder, QuantSpec};
 use crate::model::layers::mix_seed;
 use crate::model::llava::{init_projector, make_llava_batch, LlavaModel, Projector};
 use crate::model::vision::{ClipVision, ClipVisionConfig};
 use crate::model::{weights::LazyCheckpoint, ModelConfig};
 use crate::train::metrics::{device_memory_mib, keep_memory_pool, pool_high_marks};
-use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams};
+use crate::train::optim::FlatParams;
 use crate::train::step::StepModel;
 use crate::train::trainer::{
     compute_dtype, make_batch, select_device, train_mode_for, trained_targets, MicroBatch,
     TextModel,
 };
+use crate::train::zero::ZeroOptimizer;
 
 /// Row position of each image's first patch in a LLaVA bench row: after a few template tokens,
 /// as in `<s><|im_start|>user\n<image>\n...`.
@@ -310,7 +312,7 @@ impl Session<'_> {
         let decay: Vec<bool> = model.trainable().iter().map(|t| t.decay).collect();
         let init = model.initial_trainable_values()?;
         save_init(&names, &init)?;
-        let mut params = FlatParams::from_values(&init, &decay)?;
+        let params = FlatParams::from_values(&init, &decay)?;
         drop(init);
         model.release_initial_values();
         let optim = OptimConfig {
@@ -318,9 +320,11 @@ impl Session<'_> {
             weight_decay: 0.0,
             ..OptimConfig::default()
         };
-        let mut opt = AdamW::new(&optim, &params)?;
+        // The trainer's optimizer on one rank: the same update, clipping and model views.
+        let mut opt =
+            ZeroOptimizer::new(&optim, params, 0, 1, 0)?.with_replica_dtype(self.dtype)?;
         // As the trainer: the model's own copies of the trainables go before the pool is trimmed.
-        model.set_trainable(&params.views(self.dtype)?)?;
+        model.set_trainable(&opt.model_views(self.dtype)?)?;
         crate::train::metrics::release_load_memory(device)?;
         device.synchronize()?;
         let load_s = self.t_load.elapsed().as_secs_f64();
@@ -338,7 +342,7 @@ impl Session<'_> {
             device.synchronize()?;
             let t0 = Instant::now();
             crate::profile::scope(device, "set_trainable", || {
-                model.set_trainable(&params.views(self.dtype)?)
+                model.set_trainable(&opt.model_views(self.dtype)?)
             })?;
             let mut grads = model.new_grads();
             let s = model.forward_backward(
@@ -351,8 +355,8 @@ impl Session<'_> {
             )?;
             let gn = crate::profile::scope(device, "optimizer", || {
                 let flat = M::flat_grads(grads)?; // [N] f32
-                let gn = sum_squares(&flat)?.sqrt();
-                opt.step_scaled(&mut params, &flat, clip_coef(gn, 1.0), a.lr)?;
+                let gn = opt.global_grad_norm(&flat, &SoloComm)?;
+                opt.apply(&flat, gn, 1.0, a.lr, &SoloComm)?;
                 anyhow::Ok(gn)
             })?;
             device.synchronize()?;
@@ -397,7 +401,7 @@ impl Session<'_> {
             "load_s": load_s,
             "device": format!("{device:?}"),
             "dtype": format!("{:?}", self.dtype),
-            "trainable_params": params.numel(),
+            "trainable_params": opt.params().numel(),
             "model_params": model.decoder().config().num_params(),
             "checkpointing": !a.no_checkpointing,
             "seq_len": a.seq_len,
@@ -416,7 +420,7 @@ impl Session<'_> {
             peak,
             peak - self.before,
             after_load - self.before,
-            params.numel()
+            opt.params().numel()
         );
         Ok(())
     }

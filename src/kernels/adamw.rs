@@ -89,7 +89,9 @@ pub fn adamw_update_fused(
 /// [`adamw_update_fused`] writing the new values over `param`, `exp_avg` and `exp_avg_sq` in
 /// their own device buffers (each thread reads element i of every input before it writes element
 /// i of the outputs, so aliasing them is safe): an optimizer step then allocates nothing, where
-/// the out-of-place update needs three more parameter-sized buffers at once. Returns false (and
+/// the out-of-place update needs three more parameter-sized buffers at once. `bf16_copy` (`[n]`
+/// bf16, contiguous) also receives the new parameters rounded to bf16 in the same pass: the
+/// model's weights, with no separate cast that reads the master again. Returns false (and
 /// changes nothing) off CUDA or for other dtypes. Callers must not hold other tensors sharing
 /// these buffers and expect the old values.
 pub fn adamw_update_in_place(
@@ -99,6 +101,7 @@ pub fn adamw_update_in_place(
     exp_avg_sq: &Tensor,
     decay_mask: Option<&Tensor>,
     h: &AdamWStep,
+    bf16_copy: Option<&Tensor>,
 ) -> Result<bool> {
     let ok = [
         Some(param),
@@ -109,7 +112,10 @@ pub fn adamw_update_in_place(
     ]
     .into_iter()
     .flatten()
-    .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
+    .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+        && bf16_copy.is_none_or(|c| {
+            c.dtype() == DType::BF16 && c.is_contiguous() && c.elem_count() == param.elem_count()
+        });
     if !super::on_cuda(param) || !ok || !super::enabled() {
         return Ok(false);
     }
@@ -122,6 +128,7 @@ pub fn adamw_update_in_place(
             exp_avg_sq,
             decay_mask,
             &AdamWArgs::new(h),
+            bf16_copy,
         )?;
         Ok(true)
     }
@@ -150,10 +157,14 @@ pub fn sum_squares_fused(grad: &Tensor) -> Result<Option<f64>> {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::AdamWArgs;
-    use crate::kernels::cuda::{alloc_zeros, device_of, func, grid_1d, stream, wrap, CudaInput};
+    use crate::kernels::cuda::{
+        aligned16, alloc_zeros, device_of, elementwise_launch, func, grid_1d, stream, wrap,
+        CudaInput,
+    };
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::Tensor;
+    use half::bf16;
 
     // SAFETY: #[repr(C)] plain-old-data, field for field the kernel's `struct AdamWArgs`.
     unsafe impl DeviceRepr for AdamWArgs {}
@@ -168,7 +179,7 @@ mod imp {
         args: &AdamWArgs,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (p, m, v) = (param.copy()?, exp_avg.copy()?, exp_avg_sq.copy()?);
-        adamw_in_place(&p, &grad.contiguous()?, &m, &v, decay_mask, args)?;
+        adamw_in_place(&p, &grad.contiguous()?, &m, &v, decay_mask, args, None)?;
         Ok((p, m, v))
     }
 
@@ -179,11 +190,18 @@ mod imp {
         exp_avg_sq: &Tensor,
         decay_mask: Option<&Tensor>,
         args: &AdamWArgs,
+        bf16_copy: Option<&Tensor>,
     ) -> Result<()> {
         let n = param.elem_count();
-        for t in [Some(grad), Some(exp_avg), Some(exp_avg_sq), decay_mask]
-            .into_iter()
-            .flatten()
+        for t in [
+            Some(grad),
+            Some(exp_avg),
+            Some(exp_avg_sq),
+            decay_mask,
+            bf16_copy,
+        ]
+        .into_iter()
+        .flatten()
         {
             if t.elem_count() != n {
                 bail!("AdamW kernel: {} values for {n} parameters", t.elem_count());
@@ -204,21 +222,34 @@ mod imp {
             v_in.view::<f32>()?,
         );
         let mask_v = mask_in.as_ref().map(|i| i.view::<f32>()).transpose()?;
+        let copy_in = bf16_copy.map(CudaInput::new).transpose()?;
+        let copy_v = copy_in.as_ref().map(|i| i.view::<bf16>()).transpose()?;
         let null: u64 = 0;
         let n_u = n as u64;
-        let f = func(&dev, "adamw", "adamw_f32")?;
         let stream = stream(&dev);
+        let vectorized = aligned16(&pv, &stream)
+            && aligned16(&gv, &stream)
+            && aligned16(&mv, &stream)
+            && aligned16(&vv, &stream)
+            && mask_v.as_ref().is_none_or(|v| aligned16(v, &stream))
+            && copy_v.as_ref().is_none_or(|v| aligned16(v, &stream));
+        let (name, cfg) = elementwise_launch("adamw_f32", vectorized, n);
+        let f = func(&dev, "adamw", &name)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&pv).arg(&gv).arg(&mv).arg(&vv);
         match &mask_v {
             Some(mv) => b.arg(mv),
             None => b.arg(&null),
         };
-        // Outputs: the inputs' own buffers.
-        b.arg(&n_u).arg(args).arg(&pv).arg(&mv).arg(&vv);
-        // SAFETY: arguments match `adamw_f32`; every buffer holds n f32 (checked above); each
+        b.arg(&n_u).arg(args);
+        match &copy_v {
+            Some(cv) => b.arg(cv),
+            None => b.arg(&null),
+        };
+        // SAFETY: arguments match `adamw_f32{,_scalar}`; every buffer holds n elements (checked
+        // above), 16-byte aligned for the 8-wide variant; each
         // element is read and then written by the same thread only.
-        unsafe { b.launch(grid_1d(n, 256)) }?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -292,6 +323,65 @@ pub fn self_checks() -> Vec<KernelCheck> {
                 &|| {
                     let (p, m, v) = adamw_update(&pc, &gc, &mc, &vc, maskc.as_ref(), &h)?;
                     Ok(vec![p, m, v])
+                },
+            )
+        }));
+    }
+    // In place with the bf16 copy, as the optimizer step runs it: 8-wide with a tail (n % 8 = 3),
+    // and the one-element kernel on views at a 4-byte offset.
+    for unaligned in [false, true] {
+        let name = if unaligned {
+            "adamw in place + bf16 copy, unaligned"
+        } else {
+            "adamw in place + bf16 copy"
+        };
+        checks.push(KernelCheck::new(name, move |device: &Device| {
+            let n = sized(device, 40_000_003, 10_003);
+            let param = random_tensor(&[n], 0.1, 11, DType::F32, device)?;
+            let grad = random_tensor(&[n], 1e-3, 12, DType::F32, device)?;
+            let m = random_tensor(&[n], 1e-4, 13, DType::F32, device)?;
+            let v = (random_tensor(&[n], 1e-6, 14, DType::F32, device)?.abs())?;
+            let mask = random_tensor(&[n], 1.0, 15, DType::F32, device)?
+                .ge(0.0)?
+                .to_dtype(DType::F32)?;
+            let h = AdamWStep {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step: 3,
+                grad_scale: 0.5,
+            };
+            // A fresh buffer for the update to overwrite: at offset 1 of a `[n + 1]` one when
+            // unaligned.
+            let fresh = |t: &Tensor| -> candle_core::Result<Tensor> {
+                if unaligned {
+                    Tensor::cat(&[&t.narrow(0, 0, 1)?, t], 0)?.narrow(0, 1, n)
+                } else {
+                    t.copy()
+                }
+            };
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+            let (pc, gc, mc, vc, kc) = (cpu(&param)?, cpu(&grad)?, cpu(&m)?, cpu(&v)?, cpu(&mask)?);
+            run_check(
+                device,
+                format!("[{n}] f32 -> bf16 copy, step {}", h.step),
+                Tolerance::EXACT,
+                &|| {
+                    let (p, mm, vv, g) = (fresh(&param)?, fresh(&m)?, fresh(&v)?, fresh(&grad)?);
+                    let copy = fresh(&param.to_dtype(DType::BF16)?)?;
+                    if adamw_update_in_place(&p, &g, &mm, &vv, Some(&mask), &h, Some(&copy))? {
+                        return Ok(vec![p, mm, vv, copy]);
+                    }
+                    let (p, mm, vv) = adamw_update(&p, &g, &mm, &vv, Some(&mask), &h)?;
+                    let copy = p.to_dtype(DType::BF16)?;
+                    Ok(vec![p, mm, vv, copy])
+                },
+                &|| {
+                    let (p, m, v) = adamw_update(&pc, &gc, &mc, &vc, Some(&kc), &h)?;
+                    let copy = p.to_dtype(DType::BF16)?;
+                    Ok(vec![p, m, v, copy])
                 },
             )
         }));

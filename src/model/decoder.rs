@@ -875,6 +875,29 @@ impl Decoder {
         }
     }
 
+    /// A trained parameter's slot of the gradient buffer as a GEMM output (marked as receiving
+    /// a contribution) and the `beta` to write it with: its weight gradient goes there straight
+    /// from `gemm_into` (f32 from bf16 inputs on a GPU: no temporary, cast or accumulate pass).
+    /// `beta` is 0 for the slot's first contribution (the GEMM then only writes: a step with one
+    /// micro-batch never reads the weight-sized f32 region back) and 1 after it. None when
+    /// `param` is frozen.
+    fn grad_out<'g>(
+        &self,
+        grads: &'g mut Grads,
+        param: usize,
+    ) -> Result<Option<(GemmOut<'g>, f64)>> {
+        let Some(slot) = self.slot_of[param] else {
+            return Ok(None);
+        };
+        let beta = if grads.touched[slot] { 1.0 } else { 0.0 };
+        let offset = grads.mark(slot);
+        let out = GemmOut {
+            buf: grads.buffer()?,
+            offset,
+        };
+        Ok(Some((out, beta)))
+    }
+
     /// Parameter `idx` in the compute dtype: NF4 weights are dequantized into a temporary that
     /// lives only as long as the caller's matmul.
     fn weight(&self, idx: usize) -> Result<Tensor> {
@@ -1059,25 +1082,27 @@ impl Decoder {
         dx_acc: Option<&Tensor>,
     ) -> Result<Tensor> {
         let w = self.matmul_weight(p.weight)?;
+        let dw_into = self.grad_out(grads, p.weight)?;
         let lg = scope(&self.device, "linear_bwd", || {
             let lg = linear_backward(
                 x,
                 &w,
                 dy,
                 dx_acc.is_none(),
-                self.trains(p.weight),
+                false,
                 p.bias.is_some_and(|b| self.trains(b)),
             )?;
             if let Some(acc) = dx_acc {
                 // acc += dy·W
                 gemm_into(GemmOut::whole(acc), dy, false, &w, false, 1.0, 1.0)?;
             }
+            if let Some((out, beta)) = dw_into {
+                // dW = dyᵀ·x + beta·dW: [out, n]·[n, in]
+                gemm_into(out, dy, true, x, false, 1.0, beta)?;
+            }
             anyhow::Ok(lg)
         })?;
         drop(w); // a dequantized NF4 weight dies here, before the adapter's backward
-        if let Some(dw) = &lg.dw {
-            self.accumulate(grads, p.weight, dw)?;
-        }
         if let (Some(db), Some(b)) = (&lg.db, p.bias) {
             self.accumulate(grads, b, db)?;
         }
@@ -1563,7 +1588,7 @@ impl Decoder {
         let (hf, rstd) = rmsnorm_forward(&x, norm_w, self.cfg.rms_norm_eps)?;
         let req = CeGradRequest {
             loss_scale,
-            need_dw: self.trains(self.head),
+            dw_into: self.grad_out(grads, self.head)?,
         };
         let ce = scope(&self.device, "lm_head_ce", || {
             lm_head_ce_rows(
@@ -1575,9 +1600,6 @@ impl Decoder {
                 Some(&req),
             )
         })?;
-        if let Some(dw) = &ce.dw {
-            self.accumulate(grads, self.head, dw)?;
-        }
         crate::train::metrics::pool_checkpoint(&self.device, "lm head", 0)?;
         let dhf = ce.dhidden.context("lm_head_ce returned no dhidden")?;
         drop(hf);

@@ -70,7 +70,19 @@ impl FlatParams {
     /// views of the master itself in its dtype, else views of one cast of the whole buffer (one
     /// kernel instead of one per slot; the model then reads its weights without a cast per use).
     pub fn views(&self, dtype: DType) -> Result<Vec<Tensor>> {
-        let flat = self.master.to_dtype(dtype)?; // [N], no copy when the dtype matches
+        self.views_of(&self.master.to_dtype(dtype)?) // [N], no copy when the dtype matches
+    }
+
+    /// Per-slot views, in their original shapes, of another `[N]` buffer laid out as the master
+    /// (e.g. a copy of it in the compute dtype).
+    pub fn views_of(&self, flat: &Tensor) -> Result<Vec<Tensor>> {
+        if flat.dims() != [self.numel()] {
+            bail!(
+                "a flat buffer of shape {:?} for {} trainable values",
+                flat.dims(),
+                self.numel()
+            );
+        }
         self.slots
             .iter()
             .map(|s| {
@@ -158,17 +170,20 @@ impl AdamW {
 
     /// One update of `params.master` with the flat `[N]` f32 gradient `grad`.
     pub fn step(&mut self, params: &mut FlatParams, grad: &Tensor, lr: f64) -> Result<()> {
-        self.step_scaled(params, grad, 1.0, lr)
+        self.step_scaled(params, grad, 1.0, lr, None)
     }
 
     /// [`AdamW::step`] with the gradient multiplied by `grad_scale` first (gradient clipping
-    /// folded into the update: no clipped copy of the gradient is made).
+    /// folded into the update: no clipped copy of the gradient is made). `copy_to` (`[N]`, any
+    /// float dtype) receives the updated values in its dtype: in the update's own pass on CUDA
+    /// for a bf16 copy, else by a cast afterwards.
     pub fn step_scaled(
         &mut self,
         params: &mut FlatParams,
         grad: &Tensor,
         grad_scale: f64,
         lr: f64,
+        copy_to: Option<&Tensor>,
     ) -> Result<()> {
         let n = params.numel();
         if grad.dims() != [n] || grad.dtype() != DType::F32 {
@@ -176,6 +191,12 @@ impl AdamW {
                 "AdamW: gradient must be [{n}] f32, got {:?} {:?}",
                 grad.dims(),
                 grad.dtype()
+            );
+        }
+        if let Some(c) = copy_to.filter(|c| c.dims() != [n]) {
+            bail!(
+                "AdamW: the parameters' copy must be [{n}], got {:?}",
+                c.dims()
             );
         }
         self.step += 1;
@@ -190,27 +211,35 @@ impl AdamW {
         };
         // On CUDA the fused kernel updates the master and moments in place (same arithmetic as
         // `adamw_update`), so a step allocates no parameter-sized buffers.
-        if crate::kernels::adamw::adamw_update_in_place(
+        let fused_copy = copy_to.filter(|c| c.dtype() == DType::BF16);
+        let fused = crate::kernels::adamw::adamw_update_in_place(
             &params.master,
             grad,
             &self.exp_avg,
             &self.exp_avg_sq,
             self.decay_mask.as_ref(),
             &h,
-        )? {
-            return Ok(());
-        }
-        let (p, m, v) = adamw_update(
-            &params.master,
-            grad,
-            &self.exp_avg,
-            &self.exp_avg_sq,
-            self.decay_mask.as_ref(),
-            &h,
+            fused_copy,
         )?;
-        params.master = p;
-        self.exp_avg = m;
-        self.exp_avg_sq = v;
+        if !fused {
+            let (p, m, v) = adamw_update(
+                &params.master,
+                grad,
+                &self.exp_avg,
+                &self.exp_avg_sq,
+                self.decay_mask.as_ref(),
+                &h,
+            )?;
+            params.master = p;
+            self.exp_avg = m;
+            self.exp_avg_sq = v;
+        }
+        match copy_to {
+            Some(c) if !(fused && fused_copy.is_some()) => {
+                c.slice_set(&params.master.to_dtype(c.dtype())?, 0, 0)?
+            }
+            _ => {}
+        }
         Ok(())
     }
 

@@ -26,7 +26,7 @@
 //! straight into the replica buffer (`[padded]` in the replica dtype, the model's views
 //! narrow it), from a `[S]` cast of the shard master.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -40,12 +40,14 @@ use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams, Slot};
 /// The optimizer of a (data-parallel) run: replicated parameters, sharded gradients and
 /// optimizer state.
 pub struct ZeroOptimizer {
-    /// All trainable values, replicated on every rank (what the model reads: `params().views`):
-    /// the fp32 master on one rank; in `replica_dtype` on several, where the fp32 master
-    /// exists only as this rank's `shard`. On several ranks `master` is the `[N]` head of
-    /// `replica`.
+    /// All trainable values, replicated on every rank: the fp32 master on one rank; in
+    /// `replica_dtype` on several, where the fp32 master exists only as this rank's `shard`.
+    /// On several ranks `master` is the `[N]` head of `replica`.
     params: FlatParams,
-    /// Several ranks: `[padded]` in `replica_dtype`, what the all-gather writes into.
+    /// What the model reads ([`ZeroOptimizer::model_views`]), kept current by every step.
+    /// Several ranks: `[padded]` in `replica_dtype`, what the all-gather writes into. One rank:
+    /// `[N]` in `replica_dtype` when that is not f32 (the AdamW kernel writes it in its own
+    /// pass, where a cast per step would read the whole master again), else none.
     replica: Option<Tensor>,
     replica_dtype: DType,
     rank: usize,
@@ -126,10 +128,14 @@ impl ZeroOptimizer {
     }
 
     /// Several ranks: makes the `[padded]` replica buffer in the replica dtype from `values`
-    /// `[N]` and points `params.master` at its head. One rank: keeps `values` as the master.
+    /// `[N]` and points `params.master` at its head. One rank: keeps `values` as the master and
+    /// its copy in the replica dtype, unless that is the master's own.
     fn set_replica(&mut self, values: &Tensor) -> Result<()> {
         if self.world == 1 {
             self.params.master = values.clone();
+            self.replica = (self.replica_dtype != values.dtype())
+                .then(|| values.to_dtype(self.replica_dtype))
+                .transpose()?;
             return Ok(());
         }
         let replica = pad(&values.to_dtype(self.replica_dtype)?, self.padded)?; // [padded]
@@ -142,6 +148,18 @@ impl ZeroOptimizer {
     /// several; the fp32 values of a distributed run are the shards).
     pub fn params(&self) -> &FlatParams {
         &self.params
+    }
+
+    /// The trainables as the model reads them, per slot in `dtype`: views of the replica when
+    /// it has that dtype (the optimizer step keeps it current, so nothing is cast), else views of
+    /// one cast of the values.
+    pub fn model_views(&self, dtype: DType) -> Result<Vec<Tensor>> {
+        match &self.replica {
+            Some(r) if r.dtype() == dtype => {
+                self.params.views_of(&r.narrow(0, 0, self.params.numel())?)
+            }
+            _ => self.params.views(dtype),
+        }
     }
 
     /// This rank's element range in the padded flat buffer.
@@ -206,15 +224,27 @@ impl ZeroOptimizer {
         self.check_comm(comm)?;
         // Clipping folded into the update: the gradient is scaled inside the AdamW kernel.
         let coef = clip_coef(grad_norm, max_grad_norm);
-        self.adamw
-            .step_scaled(&mut self.shard, shard_grad, coef, lr)?;
-        let Some(replica) = &self.replica else {
+        if self.world == 1 {
+            // The shard is the whole buffer; the step also refreshes the replica (if any).
+            self.adamw
+                .step_scaled(&mut self.shard, shard_grad, coef, lr, self.replica.as_ref())?;
             self.params.master = self.shard.master.clone();
             return Ok(());
-        };
-        // [S] in the replica dtype (no copy when it is f32), gathered in place into the
-        // replica [padded]; `params.master` is its head, the model's views narrow it.
-        let part = self.shard.master.to_dtype(self.replica_dtype)?;
+        }
+        let replica = self
+            .replica
+            .as_ref()
+            .context("ZeRO: no replica on several ranks")?;
+        // The updated shard [S] in the replica dtype (written by the update itself), gathered
+        // in place into the replica [padded]; `params.master` is its head, the model's views
+        // narrow it.
+        let part = Tensor::zeros(
+            self.shard.master.elem_count(),
+            self.replica_dtype,
+            replica.device(),
+        )?;
+        self.adamw
+            .step_scaled(&mut self.shard, shard_grad, coef, lr, Some(&part))?;
         comm.all_gather_into(&part, replica)?;
         Ok(())
     }
@@ -419,6 +449,43 @@ mod tests {
         );
         let first = shard_of(&p, 0..3, 9).unwrap();
         assert!(first.slots[0].decay);
+    }
+
+    /// One rank with a bf16 compute dtype: the model's views are a bf16 copy the step keeps
+    /// current (not a cast per step), equal to the master cast to bf16 after every update.
+    #[test]
+    fn one_rank_bf16_replica_follows_every_step() {
+        let cfg = OptimConfig::default();
+        let p = params(&[vec![0.5, -1.0, 2.0], vec![3.0, 0.25]], &[true, false]);
+        let grad = Tensor::new(&[4.0f32, -3.0, 1.0, 0.5, -2.0], &Device::Cpu).unwrap();
+        let mut zero = ZeroOptimizer::new(&cfg, p, 0, 1, 25)
+            .unwrap()
+            .with_replica_dtype(DType::BF16)
+            .unwrap();
+        let bits = |views: Vec<Tensor>| -> Vec<Vec<f32>> {
+            views
+                .iter()
+                .map(|t| {
+                    assert_eq!(t.dtype(), DType::BF16);
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let before = bits(zero.model_views(DType::BF16).unwrap());
+        for _ in 0..3 {
+            zero.apply(&grad, 10.0, 1.0, 1e-1, &SoloComm).unwrap();
+            let views = bits(zero.model_views(DType::BF16).unwrap());
+            assert_eq!(views, bits(zero.params().views(DType::BF16).unwrap()));
+            assert_ne!(views, before, "the step must move the replica");
+        }
+        // The fp32 master is still what `params` holds, at full precision.
+        assert_eq!(zero.params().master.dtype(), DType::F32);
+        assert_eq!(zero.model_views(DType::F32).unwrap()[1].dims(), [2]);
     }
 
     #[test]

@@ -43,11 +43,14 @@ fn trained_rows(labels: &[i32], shift: usize, vocab_size: usize) -> Result<(Vec<
 }
 
 /// What the backward pass wants from [`lm_head_ce`].
-pub struct CeGradRequest {
+pub struct CeGradRequest<'a> {
     /// Multiplies every gradient: the gradient is that of `loss_scale · loss_sum`.
     pub loss_scale: f64,
-    /// Whether the head weight is trained (then `dw` is returned).
-    pub need_dw: bool,
+    /// A trained head: where its gradient `[vocab, h]` goes (e.g. its slot of the flat f32
+    /// gradient buffer) and the first chunk's `beta` (0 overwrites, 1 adds to what is there).
+    /// Each chunk's `dlogitsᵀ · h` goes there by one GEMM, the later ones with `beta = 1`, so no
+    /// `[vocab, h]` temporary, cast or sum over the chunks is ever made. None: frozen head.
+    pub dw_into: Option<(GemmOut<'a>, f64)>,
 }
 
 /// Result of [`lm_head_ce`].
@@ -57,8 +60,6 @@ pub struct CeOutput {
     pub n_trained: usize,
     /// `[n, h]` in the hidden's dtype (zero for untrained rows); when gradients were requested.
     pub dhidden: Option<Tensor>,
-    /// `[vocab, h]` in acc dtype; when `need_dw`.
-    pub dw: Option<Tensor>,
 }
 
 /// Chunked LM head + cross-entropy over `hidden [n, h]` (after the final norm) with head `w [vocab, h]`.
@@ -67,7 +68,7 @@ pub fn lm_head_ce(
     w: &Tensor,
     labels: &[i32],
     chunk_rows: usize,
-    grad: Option<&CeGradRequest>,
+    grad: Option<&CeGradRequest<'_>>,
 ) -> Result<CeOutput> {
     let n = hidden.dim(0)?;
     if labels.len() != n {
@@ -85,7 +86,7 @@ pub fn lm_head_ce_rows(
     rows: &[u32],
     targets: &[u32],
     chunk_rows: usize,
-    grad: Option<&CeGradRequest>,
+    grad: Option<&CeGradRequest<'_>>,
 ) -> Result<CeOutput> {
     let (n, h) = hidden.dims2()?;
     if rows.len() != targets.len() {
@@ -94,9 +95,7 @@ pub fn lm_head_ce_rows(
     if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
         bail!("trained row {bad} is outside the {n} hidden rows");
     }
-    let vocab = w.dim(0)?;
     let dtype = hidden.dtype();
-    let acc = acc_dtype(dtype);
     let dev = hidden.device();
     let n_trained = rows.len();
     let mut loss_sum: Option<Tensor> = None; // [] f64
@@ -104,7 +103,6 @@ pub fn lm_head_ce_rows(
         Some(_) => Some(Tensor::zeros((n, h), dtype, dev)?),
         None => None,
     };
-    let mut dw: Option<Tensor> = None;
     let chunk_rows = chunk_rows.max(1);
     let mut start = 0;
     while start < n_trained {
@@ -142,18 +140,14 @@ pub fn lm_head_ce_rows(
                     *dh = dh.index_add(&rows_c, &dhc, 0)?;
                 }
             }
-            if req.need_dw {
-                let dwc = dlogits.t()?.matmul(&hc)?.to_dtype(acc)?; // [vocab, h]
-                dw = Some(match dw {
-                    Some(prev) => (prev + dwc)?,
-                    None => dwc,
-                });
+            if let Some((out, first_beta)) = req.dw_into {
+                // dW = dlogitsᵀ · hc + beta·dW: [vocab, c]·[c, h]
+                let beta = if start == 0 { first_beta } else { 1.0 };
+                gemm_into(out, &dlogits, true, &hc, false, 1.0, beta)
+                    .map_err(candle_core::Error::msg)?;
             }
         }
         start += len;
-    }
-    if grad.is_some_and(|r| r.need_dw) && dw.is_none() {
-        dw = Some(Tensor::zeros((vocab, h), acc, dev)?);
     }
     let loss_sum = match loss_sum {
         Some(t) => t.to_scalar::<f64>()?,
@@ -163,7 +157,6 @@ pub fn lm_head_ce_rows(
         loss_sum,
         n_trained,
         dhidden,
-        dw,
     })
 }
 
