@@ -162,6 +162,11 @@ fn semantic_checks() {
     assert!(e.message.contains("`gpu`"), "{e}");
     let e = err(MIN, &["parallel.zero_stage=3"]);
     assert_eq!(e.key, "parallel.zero_stage");
+    let e = err(MIN, &["train.activation_budget_gib=-1"]);
+    assert_eq!(e.key, "train.activation_budget_gib");
+    assert!(e.message.contains("-1"), "{e}");
+    let ok = config::load_str(MIN, "cfg.toml", &["train.activation_budget_gib=2.5".into()]);
+    assert_eq!(ok.unwrap().train.activation_budget_gib, 2.5);
 }
 
 #[test]

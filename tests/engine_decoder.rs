@@ -429,6 +429,55 @@ fn checkpointing_is_bit_identical_with_lora_dropout_and_full() {
 }
 
 #[test]
+fn activation_budget_skips_recomputes_and_changes_no_gradient() {
+    for (arch, mode) in [(Arch::Llama, lora(0.3)), (Arch::Qwen2, TrainMode::Full)] {
+        let (cfg, _, mut dec) = build(arch, mode);
+        randomize_trainables(&mut dec, 5);
+        let batch = packed_batch(cfg.vocab_size as u32);
+        let layers = cfg.num_layers;
+        let (l_ref, g_ref) = run_step(&dec, &batch, true);
+        let mut recomputed = vec![];
+        // Budgets doubling from 1 KiB: every count of recomputed blocks from all to none comes
+        // up (consecutive counts differ by one block's bytes, and doubling cannot skip past it).
+        let mut budget = 1usize << 10;
+        loop {
+            dec.set_activation_budget(budget);
+            let mut grads = dec.new_grads();
+            let s = dec
+                .forward_backward(&batch, 1.0, &mut grads, 11, true)
+                .unwrap();
+            assert_eq!(s.loss_sum, l_ref);
+            for (a, b) in g_ref.slots().iter().zip(&grads.slots()) {
+                assert_eq!(flat(a.as_ref().unwrap()), flat(b.as_ref().unwrap()));
+            }
+            recomputed.push(s.recomputed_blocks);
+            if s.recomputed_blocks == 0 {
+                break;
+            }
+            budget *= 2;
+        }
+        assert_eq!(recomputed.first(), Some(&layers), "1 KiB keeps no block");
+        assert!(
+            recomputed.windows(2).all(|w| w[1] <= w[0]),
+            "{recomputed:?}"
+        );
+        for count in 0..=layers {
+            assert!(
+                recomputed.contains(&count),
+                "{count} missing from {recomputed:?}"
+            );
+        }
+        // Without checkpointing nothing is recomputed, whatever the budget.
+        dec.set_activation_budget(0);
+        let mut grads = dec.new_grads();
+        let s = dec
+            .forward_backward(&batch, 1.0, &mut grads, 11, false)
+            .unwrap();
+        assert_eq!(s.recomputed_blocks, 0);
+    }
+}
+
+#[test]
 fn lora_dropout_gradient_matches_fd_and_changes_with_seed() {
     let (cfg, _, mut dec) = build(Arch::Llama, lora(0.3));
     let vals = randomize_trainables(&mut dec, 9);

@@ -29,8 +29,8 @@ use crate::train::metrics::{device_memory_mib, keep_memory_pool, pool_high_marks
 use crate::train::optim::FlatParams;
 use crate::train::step::StepModel;
 use crate::train::trainer::{
-    compute_dtype, make_batch, select_device, train_mode_for, trained_targets, MicroBatch,
-    TextModel,
+    compute_dtype, gib_to_bytes, make_batch, select_device, train_mode_for, trained_targets,
+    MicroBatch, TextModel,
 };
 use crate::train::zero::ZeroOptimizer;
 
@@ -73,6 +73,9 @@ pub struct BenchArgs {
     pub device: String,
     #[arg(long)]
     pub no_checkpointing: bool,
+    /// With checkpointing, GiB of activations kept anyway (`train.activation_budget_gib`).
+    #[arg(long, default_value_t = 0.0)]
+    pub activation_budget_gib: f64,
     /// Output directory: batches.json, init_adapter/ (LoRA), ftrun_<method>.json; with
     /// `--llava` also pixels.safetensors, init_projector/ and ftrun_llava_<method>.json.
     #[arg(long)]
@@ -139,8 +142,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         target_modules: vec![],
     };
     let mode = train_mode_for(&a.method, &lora);
-    let decoder = Decoder::new_quantized(&mcfg, &mut source, mode, quant, dtype, &device, a.seed)?;
+    let mut decoder =
+        Decoder::new_quantized(&mcfg, &mut source, mode, quant, dtype, &device, a.seed)?;
     drop(source);
+    if !(a.activation_budget_gib >= 0.0 && a.activation_budget_gib.is_finite()) {
+        bail!(
+            "--activation-budget-gib must be >= 0, got {}",
+            a.activation_budget_gib
+        );
+    }
+    decoder.set_activation_budget(gib_to_bytes(a.activation_budget_gib));
     let session = Session {
         a: &a,
         device: device.clone(),
@@ -338,6 +349,7 @@ impl Session<'_> {
         let mut rows = vec![];
         let mut peak = after_load;
         let mut timed = 0.0;
+        let mut recomputed_blocks = 0;
         for (step, (n, b)) in batches.iter().enumerate() {
             device.synchronize()?;
             let t0 = Instant::now();
@@ -366,6 +378,7 @@ impl Session<'_> {
             }
             peak = peak.max(device_memory_mib(device));
             let loss = s.loss_sum / *n as f64;
+            recomputed_blocks = s.recomputed_blocks;
             let row = json!({"step": step + 1, "loss": loss, "grad_norm": gn, "time": dt});
             println!("{row}");
             rows.push(row);
@@ -404,6 +417,8 @@ impl Session<'_> {
             "trainable_params": opt.params().numel(),
             "model_params": model.decoder().config().num_params(),
             "checkpointing": !a.no_checkpointing,
+            "activation_budget_gib": a.activation_budget_gib,
+            "recomputed_blocks": recomputed_blocks,
             "seq_len": a.seq_len,
             "batch": a.batch,
         });

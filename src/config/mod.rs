@@ -379,6 +379,10 @@ pub struct TrainConfig {
     /// Recompute each decoder block's activations in backward.
     #[serde(default = "default_true")]
     pub activation_checkpointing: bool,
+    /// With checkpointing: GiB of block activations to keep anyway (the last blocks that fit skip
+    /// their recompute). 0 = recompute every block.
+    #[serde(default)]
+    pub activation_budget_gib: f64,
     /// What a NaN/Inf loss or gradient norm does: "skip" the step or "stop" the run.
     #[serde(default = "default_on_nan")]
     pub on_nan: String,
@@ -423,6 +427,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: default_device(),
             activation_checkpointing: true,
+            activation_budget_gib: 0.0,
             on_nan: default_on_nan(),
             max_nan_steps: default_max_nan(),
             work_dir: None,

@@ -25,7 +25,8 @@ use crate::model::ModelConfig;
 use crate::train::checkpoint::{self, RunIdentity};
 use crate::train::step::{StepData, StepModel};
 use crate::train::trainer::{
-    method_id, sha256_file, train_loop, train_mode, trained_targets, RunContext, RunSummary,
+    gib_to_bytes, method_id, sha256_file, train_loop, train_mode, trained_targets, RunContext,
+    RunSummary,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -126,7 +127,7 @@ fn build_model(ctx: &RunContext, l: &LlavaConfig) -> Result<LlavaModel> {
         (train_mode(cfg), ctx.quant)
     };
     let mut source = LazyCheckpoint::open(&cfg.model.path)?;
-    let decoder = Decoder::new_quantized(
+    let mut decoder = Decoder::new_quantized(
         &model_cfg,
         &mut source,
         mode,
@@ -136,6 +137,7 @@ fn build_model(ctx: &RunContext, l: &LlavaConfig) -> Result<LlavaModel> {
         cfg.train.seed,
     )?;
     drop(source);
+    decoder.set_activation_budget(gib_to_bytes(cfg.train.activation_budget_gib));
 
     let projector = match &l.pretrain_checkpoint {
         None => init_projector(

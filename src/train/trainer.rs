@@ -114,6 +114,11 @@ pub fn compute_dtype(name: &str, device: &Device) -> DType {
 
 /// The NF4 setting of `train.method = "qlora"` (None for other methods); `[quant]` itself is
 /// validated when the config is loaded.
+/// `train.activation_budget_gib` (validated finite and >= 0) in bytes.
+pub fn gib_to_bytes(gib: f64) -> usize {
+    (gib * (1u64 << 30) as f64) as usize
+}
+
 pub fn quant_spec(cfg: &Config) -> Option<QuantSpec> {
     (cfg.train.method == "qlora").then_some(QuantSpec {
         double_quant: cfg.quant.double_quant,
@@ -437,7 +442,7 @@ pub fn run_parallel(
     };
     // Streamed tensor by tensor (QLoRA quantizes each linear as it arrives).
     let mut source = weights::LazyCheckpoint::open(&cfg.model.path)?;
-    let model = Decoder::new_quantized(
+    let mut model = Decoder::new_quantized(
         &model_cfg,
         &mut source,
         train_mode(cfg),
@@ -447,6 +452,7 @@ pub fn run_parallel(
         cfg.train.seed,
     )?;
     drop(source);
+    model.set_activation_budget(gib_to_bytes(cfg.train.activation_budget_gib));
     let model = TextModel {
         decoder: model,
         sp: sp_comm,
@@ -655,6 +661,18 @@ where
                 ready,
             )?;
             local_loss_sum += s.loss_sum;
+            if main && step == start_step && i == 0 && cfg.train.activation_budget_gib > 0.0 {
+                say(
+                    &bar,
+                    &format!(
+                        "activation checkpointing: {} of {} blocks recomputed, the rest kept \
+                         (train.activation_budget_gib = {})",
+                        s.recomputed_blocks,
+                        model.decoder().config().num_layers,
+                        cfg.train.activation_budget_gib
+                    ),
+                );
+            }
         }
 
         // Reduce the rest (ZeRO-2: into this rank's shard) and wait for it, clip by the global
