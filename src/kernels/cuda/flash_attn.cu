@@ -68,6 +68,19 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// p[0] += a, p[1] += b for an 8-byte aligned `p` in global memory: one vector atomic on sm_90,
+// two scalar ones before. The backward's dQ accumulation is bound by its atomics: the float2 form
+// took a quarter off the backward on an H100 (a float4 form, lane pairs swapping halves first,
+// measured 2.5% slower than this one).
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
 // Two floats -> packed bf16x2 (lo in the low half: the lower column of a fragment pair).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -459,10 +472,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                     float* dst = dq_accum + ((size_t)(seq_start + row) * heads + head) * D +
                                  half * (D / 2) + 2 * t;
 #pragma unroll
-                    for (int dt = 0; dt < DTILES / 2; ++dt) {
-                        atomicAdd(dst + dt * 8, dq[dt][2 * r]);
-                        atomicAdd(dst + dt * 8 + 1, dq[dt][2 * r + 1]);
-                    }
+                    for (int dt = 0; dt < DTILES / 2; ++dt)
+                        atomic_add2(dst + dt * 8, dq[dt][2 * r], dq[dt][2 * r + 1]);
                 }
             }
             __syncthreads();  // every warp is done with Q, dO, dSᵀ, lse, delta of this block
