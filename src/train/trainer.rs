@@ -112,13 +112,13 @@ pub fn compute_dtype(name: &str, device: &Device) -> DType {
     }
 }
 
-/// The NF4 setting of `train.method = "qlora"` (None for other methods); `[quant]` itself is
-/// validated when the config is loaded.
 /// `train.activation_budget_gib` (validated finite and >= 0) in bytes.
 pub fn gib_to_bytes(gib: f64) -> usize {
     (gib * (1u64 << 30) as f64) as usize
 }
 
+/// The NF4 setting of `train.method = "qlora"` (None for other methods); `[quant]` itself is
+/// validated when the config is loaded.
 pub fn quant_spec(cfg: &Config) -> Option<QuantSpec> {
     (cfg.train.method == "qlora").then_some(QuantSpec {
         double_quant: cfg.quant.double_quant,
