@@ -14,7 +14,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::{LoraConfig, OptimConfig};
+use crate::config::{gib_to_bytes, LoraConfig, OptimConfig};
 use crate::data::image::ClipPreprocess;
 use crate::data::llava::LlavaItem;
 use crate::data::pack::PackedSeq;
@@ -29,8 +29,8 @@ use crate::train::metrics::{device_memory_mib, keep_memory_pool, pool_high_marks
 use crate::train::optim::FlatParams;
 use crate::train::step::StepModel;
 use crate::train::trainer::{
-    compute_dtype, gib_to_bytes, make_batch, select_device, train_mode_for, trained_targets,
-    MicroBatch, TextModel,
+    compute_dtype, make_batch, select_device, train_mode_for, trained_targets, MicroBatch,
+    TextModel,
 };
 use crate::train::zero::ZeroOptimizer;
 
@@ -145,13 +145,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut decoder =
         Decoder::new_quantized(&mcfg, &mut source, mode, quant, dtype, &device, a.seed)?;
     drop(source);
-    if !(a.activation_budget_gib >= 0.0 && a.activation_budget_gib.is_finite()) {
-        bail!(
-            "--activation-budget-gib must be >= 0, got {}",
-            a.activation_budget_gib
-        );
-    }
-    decoder.set_activation_budget(gib_to_bytes(a.activation_budget_gib));
+    decoder.set_activation_budget(
+        gib_to_bytes(a.activation_budget_gib).context("--activation-budget-gib")?,
+    );
     let session = Session {
         a: &a,
         device: device.clone(),

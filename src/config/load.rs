@@ -314,12 +314,9 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
     one_of("model.dtype", &c.model.dtype, DTYPES)?;
     one_of("train.method", &c.train.method, METHODS)?;
     one_of("train.on_nan", &c.train.on_nan, ON_NAN)?;
-    let budget = c.train.activation_budget_gib;
-    check(
-        budget >= 0.0 && budget.is_finite(),
-        "train.activation_budget_gib",
-        format!("must be a number of GiB >= 0, got {budget}"),
-    )?;
+    if let Err(e) = super::gib_to_bytes(c.train.activation_budget_gib) {
+        return Err(("train.activation_budget_gib".into(), e.to_string()));
+    }
     check(
         c.train.batch_size >= 1,
         "train.batch_size",

@@ -435,6 +435,15 @@ impl Default for TrainConfig {
     }
 }
 
+/// An activation budget in GiB (`train.activation_budget_gib`, `--activation-budget-gib`) in
+/// bytes; an error unless finite and >= 0.
+pub fn gib_to_bytes(gib: f64) -> anyhow::Result<usize> {
+    if !(gib >= 0.0 && gib.is_finite()) {
+        anyhow::bail!("must be a number of GiB >= 0, got {gib}");
+    }
+    Ok((gib * (1u64 << 30) as f64) as usize)
+}
+
 /// `[parallel]`: data parallel with ZeRO and sequence parallel (Ulysses).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -275,6 +275,19 @@ mod imp {
     }
 }
 
+/// A check's AdamW inputs of `n` values drawn from `seed..seed + 5`: parameters, gradient, both
+/// moments (the second non-negative) and a 0/1 decay mask.
+fn adamw_inputs(device: &Device, n: usize, seed: u64) -> anyhow::Result<[Tensor; 5]> {
+    let param = random_tensor(&[n], 0.1, seed, DType::F32, device)?;
+    let grad = random_tensor(&[n], 1e-3, seed + 1, DType::F32, device)?;
+    let m = random_tensor(&[n], 1e-4, seed + 2, DType::F32, device)?;
+    let v = random_tensor(&[n], 1e-6, seed + 3, DType::F32, device)?.abs()?;
+    let mask = random_tensor(&[n], 1.0, seed + 4, DType::F32, device)?
+        .ge(0.0)?
+        .to_dtype(DType::F32)?;
+    Ok([param, grad, m, v, mask])
+}
+
 /// AdamW bit-exact against the CPU (with and without a decay mask), and the sum of squares
 /// against an f64 CPU sum, on a LoRA-sized (7B, r 64, all linears: ~160M) or smaller buffer.
 pub fn self_checks() -> Vec<KernelCheck> {
@@ -287,19 +300,8 @@ pub fn self_checks() -> Vec<KernelCheck> {
         };
         checks.push(KernelCheck::new(name, move |device: &Device| {
             let n = sized(device, 40_000_000, 10_000);
-            let param = random_tensor(&[n], 0.1, 1, DType::F32, device)?;
-            let grad = random_tensor(&[n], 1e-3, 2, DType::F32, device)?;
-            let m = random_tensor(&[n], 1e-4, 3, DType::F32, device)?;
-            let v = (random_tensor(&[n], 1e-6, 4, DType::F32, device)?.abs())?;
-            let mask = if masked {
-                Some(
-                    random_tensor(&[n], 1.0, 5, DType::F32, device)?
-                        .ge(0.0)?
-                        .to_dtype(DType::F32)?,
-                )
-            } else {
-                None
-            };
+            let [param, grad, m, v, mask] = adamw_inputs(device, n, 1)?;
+            let mask = masked.then_some(mask);
             let h = AdamWStep {
                 lr: 2e-4,
                 beta1: 0.9,
@@ -337,13 +339,7 @@ pub fn self_checks() -> Vec<KernelCheck> {
         };
         checks.push(KernelCheck::new(name, move |device: &Device| {
             let n = sized(device, 40_000_003, 10_003);
-            let param = random_tensor(&[n], 0.1, 11, DType::F32, device)?;
-            let grad = random_tensor(&[n], 1e-3, 12, DType::F32, device)?;
-            let m = random_tensor(&[n], 1e-4, 13, DType::F32, device)?;
-            let v = (random_tensor(&[n], 1e-6, 14, DType::F32, device)?.abs())?;
-            let mask = random_tensor(&[n], 1.0, 15, DType::F32, device)?
-                .ge(0.0)?
-                .to_dtype(DType::F32)?;
+            let [param, grad, m, v, mask] = adamw_inputs(device, n, 11)?;
             let h = AdamWStep {
                 lr: 1e-4,
                 beta1: 0.9,

@@ -7,7 +7,7 @@
 //!   adapters on the tower when `[llava.vision_lora]` is set; the projector starts from the
 //!   pretrain stage's.
 
-use crate::config::{Config, LlavaConfig};
+use crate::config::{gib_to_bytes, Config, LlavaConfig};
 use crate::data::image::ClipPreprocess;
 use crate::data::llava::{build_llava_dataset, LlavaDataset, LlavaItem};
 use crate::data::loader::OrderedLoader;
@@ -25,8 +25,7 @@ use crate::model::ModelConfig;
 use crate::train::checkpoint::{self, RunIdentity};
 use crate::train::step::{StepData, StepModel};
 use crate::train::trainer::{
-    gib_to_bytes, method_id, sha256_file, train_loop, train_mode, trained_targets, RunContext,
-    RunSummary,
+    method_id, sha256_file, train_loop, train_mode, trained_targets, RunContext, RunSummary,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -137,7 +136,7 @@ fn build_model(ctx: &RunContext, l: &LlavaConfig) -> Result<LlavaModel> {
         cfg.train.seed,
     )?;
     drop(source);
-    decoder.set_activation_budget(gib_to_bytes(cfg.train.activation_budget_gib));
+    decoder.set_activation_budget(gib_to_bytes(cfg.train.activation_budget_gib)?);
 
     let projector = match &l.pretrain_checkpoint {
         None => init_projector(

@@ -234,11 +234,9 @@ impl AdamW {
             self.exp_avg = m;
             self.exp_avg_sq = v;
         }
-        match copy_to {
-            Some(c) if !(fused && fused_copy.is_some()) => {
-                c.slice_set(&params.master.to_dtype(c.dtype())?, 0, 0)?
-            }
-            _ => {}
+        // Any copy the kernel did not write: a cast of the updated master.
+        if let Some(c) = copy_to.filter(|_| !(fused && fused_copy.is_some())) {
+            c.slice_set(&params.master.to_dtype(c.dtype())?, 0, 0)?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{gib_to_bytes, Config};
 use crate::data::cache::PackedDataset;
 use crate::data::sampler::{DistributedSampler, SamplerIter, SamplerState};
 use crate::data::IGNORE_INDEX;
@@ -110,11 +110,6 @@ pub fn compute_dtype(name: &str, device: &Device) -> DType {
         _ if device.is_cuda() => DType::BF16,
         _ => DType::F32,
     }
-}
-
-/// `train.activation_budget_gib` (validated finite and >= 0) in bytes.
-pub fn gib_to_bytes(gib: f64) -> usize {
-    (gib * (1u64 << 30) as f64) as usize
 }
 
 /// The NF4 setting of `train.method = "qlora"` (None for other methods); `[quant]` itself is
@@ -452,7 +447,7 @@ pub fn run_parallel(
         cfg.train.seed,
     )?;
     drop(source);
-    model.set_activation_budget(gib_to_bytes(cfg.train.activation_budget_gib));
+    model.set_activation_budget(gib_to_bytes(cfg.train.activation_budget_gib)?);
     let model = TextModel {
         decoder: model,
         sp: sp_comm,
