@@ -6,7 +6,9 @@
 //! reference) when they answer `None`: not on CUDA, not bf16, another head dim, kernels disabled.
 //! Memory is O(n): the forward keeps `out` and the natural-log row log-sum-exp `lse [heads, n]`
 //! (f32), the backward recomputes the probabilities from them, accumulates dQ in an f32 buffer
-//! `[n, heads, d]` with atomics and keeps dK/dV of a key block in registers over the GQA group.
+//! `[n, heads, d]` with atomics and keeps dK/dV of a key block in registers over the GQA group
+//! (or over a share of it, when a grid of under one wave is split: [`backward_splits`]). Both
+//! kernels start their CTAs heaviest first across all heads and samples.
 
 use super::{CheckOutcome, KernelCheck, Tolerance};
 use crate::model::layers::attention::{
@@ -93,10 +95,26 @@ pub fn backward(
     }
 }
 
+/// How many CTAs share the query heads of one GQA group in the backward, for a grid of `kv_ctas`
+/// CTAs unsplit and `slots` resident CTA slots on the GPU: 1 (a CTA walks the whole group) unless
+/// the grid would not fill the slots once, as at batch 1 x 2048 on an H100 (256 CTAs for 264
+/// slots): then the few CTAs of key block 0 would walk `group` x 32 query blocks while the
+/// average CTA walks half that. The smallest divisor of the group that fills the slots, or the
+/// whole group.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launcher's, and the tests'
+fn backward_splits(kv_ctas: usize, group: usize, slots: usize) -> usize {
+    (1..=group)
+        .filter(|s| group % s == 0)
+        .find(|s| kv_ctas * s >= slots)
+        .unwrap_or(group)
+}
+
 #[cfg(feature = "cuda")]
 mod launch {
     use super::super::cuda as kc;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUdevice_attribute, CUfunction_attribute,
+    };
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CudaDevice, DType, Result, Tensor};
     use half::bf16;
@@ -122,23 +140,50 @@ mod launch {
         }
     }
 
-    /// Launch geometry shared by forward and backward: one CTA per 64-row block of the longest
-    /// sample, per head (`heads_in_grid`), per sample.
+    /// Launch geometry shared by forward and backward: a one-dimensional grid of one CTA per
+    /// 64-row block of the longest sample, per head (`heads_in_grid`), per sample, ordered by
+    /// work (the kernels' `work_item`: the heaviest blocks of every head and sample first).
     fn grid(cu_seqlens: &[u32], heads_in_grid: usize, shared_mem_bytes: u32) -> LaunchConfig {
         let longest = cu_seqlens
             .windows(2)
             .map(|w| (w[1] - w[0]) as usize)
             .max()
             .unwrap_or(1);
+        let samples = cu_seqlens.len() - 1;
         LaunchConfig {
             grid_dim: (
-                longest.div_ceil(BLOCK) as u32,
-                heads_in_grid as u32,
-                (cu_seqlens.len() - 1) as u32,
+                (longest.div_ceil(BLOCK) * heads_in_grid * samples) as u32,
+                1,
+                1,
             ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes,
         }
+    }
+
+    /// 64-row blocks over all samples: the CTAs of one head that do work.
+    fn blocks_with_work(cu_seqlens: &[u32]) -> usize {
+        cu_seqlens
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .map(|len| len.div_ceil(BLOCK))
+            .sum()
+    }
+
+    /// Resident CTA slots of `func` on the device: CTAs per SM times SMs.
+    fn resident_slots(
+        dev: &CudaDevice,
+        func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+        shared_mem_bytes: usize,
+    ) -> Result<usize> {
+        let per_sm = func
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, shared_mem_bytes, None)
+            .map_err(|e| err(e.into()))?;
+        let sms = kc::stream(dev)
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| err(e.into()))?;
+        Ok(per_sm.max(1) as usize * sms.max(1) as usize)
     }
 
     fn i32_arg(x: usize, what: &str) -> Result<i32> {
@@ -172,7 +217,8 @@ mod launch {
         let mut lse = kc::alloc::<f32>(&dev, heads * n).map_err(err)?; // [heads, n]
         let func = kc::func(&dev, MODULE, &format!("flash_fwd_d{d}")).map_err(err)?;
         let stream = kc::stream(&dev);
-        let (n_i, heads_i, kv_i) = (
+        let (samples_i, n_i, heads_i, kv_i) = (
+            i32_arg(cu_seqlens.len() - 1, "samples")?,
             i32_arg(n, "tokens")?,
             i32_arg(heads, "heads")?,
             i32_arg(kv_heads, "kv heads")?,
@@ -185,7 +231,11 @@ mod launch {
             .arg(&mut out)
             .arg(&mut lse)
             .arg(&cu);
-        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&scale);
+        b.arg(&samples_i)
+            .arg(&n_i)
+            .arg(&heads_i)
+            .arg(&kv_i)
+            .arg(&scale);
         // SAFETY: argument list matches flash_fwd_d{64,128}; the kernel writes every element of
         // `out` and `lse` (each token belongs to one sample and each row block to one CTA).
         unsafe { b.launch(grid(cu_seqlens, heads, 0)) }.map_err(|e| err(e.into()))?;
@@ -226,7 +276,8 @@ mod launch {
         let dov = doi.view::<bf16>().map_err(err)?;
         let lsev = lsei.view::<f32>().map_err(err)?;
         let cu = dev.clone_htod(cu_seqlens)?;
-        let (n_i, heads_i, kv_i) = (
+        let (samples_i, n_i, heads_i, kv_i) = (
+            i32_arg(cu_seqlens.len() - 1, "samples")?,
             i32_arg(n, "tokens")?,
             i32_arg(heads, "heads")?,
             i32_arg(kv_heads, "kv heads")?,
@@ -249,8 +300,6 @@ mod launch {
         unsafe { b.launch(cfg) }.map_err(|e| err(e.into()))?;
 
         let mut dq_accum = kc::alloc_zeros::<f32>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
-        let mut dk = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
-        let mut dv = kc::alloc::<bf16>(&dev, n * kv_heads * d).map_err(err)?;
         let func = kc::func(&dev, MODULE, &format!("flash_bwd_d{d}")).map_err(err)?;
         // K, V, Q, dO tiles [64][d+8] bf16, dSᵀ [64][72] bf16, lse and delta [64] f32.
         let smem = 4 * BLOCK * (d + 8) * 2 + BLOCK * (BLOCK + 8) * 2 + 2 * BLOCK * 4;
@@ -259,6 +308,14 @@ mod launch {
             smem as i32,
         )
         .map_err(|e| err(e.into()))?;
+        let kv_ctas = kv_heads * blocks_with_work(cu_seqlens);
+        let slots = resident_slots(&dev, &func, smem)?;
+        let splits = super::backward_splits(kv_ctas, heads / kv_heads, slots);
+        // dK and dV: [splits, n, kv_heads, d], one partial per share of each GQA group.
+        let kv_len = n * kv_heads * d;
+        let mut dk = kc::alloc::<bf16>(&dev, splits * kv_len).map_err(err)?;
+        let mut dv = kc::alloc::<bf16>(&dev, splits * kv_len).map_err(err)?;
+        let splits_i = i32_arg(splits, "splits")?;
         let mut b = stream.launch_builder(&func);
         b.arg(&qv)
             .arg(&kv)
@@ -267,10 +324,31 @@ mod launch {
             .arg(&lsev)
             .arg(&delta);
         b.arg(&mut dq_accum).arg(&mut dk).arg(&mut dv).arg(&cu);
-        b.arg(&n_i).arg(&heads_i).arg(&kv_i).arg(&scale);
-        // SAFETY: matches flash_bwd_d{d}; every key row is owned by one CTA, which writes its dK
-        // and dV; dq_accum is zeroed and only accumulated into.
-        unsafe { b.launch(grid(cu_seqlens, kv_heads, smem as u32)) }.map_err(|e| err(e.into()))?;
+        b.arg(&samples_i)
+            .arg(&splits_i)
+            .arg(&n_i)
+            .arg(&heads_i)
+            .arg(&kv_i)
+            .arg(&scale);
+        // SAFETY: matches flash_bwd_d{d}; every key row of a split's slice is owned by one CTA,
+        // which writes its dK and dV; dq_accum is zeroed and only accumulated into.
+        unsafe { b.launch(grid(cu_seqlens, kv_heads * splits, smem as u32)) }
+            .map_err(|e| err(e.into()))?;
+        if splits > 1 {
+            let (dk_parts, dv_parts) = (dk, dv);
+            dk = kc::alloc::<bf16>(&dev, kv_len).map_err(err)?;
+            dv = kc::alloc::<bf16>(&dev, kv_len).map_err(err)?;
+            let func = kc::func(&dev, MODULE, "flash_sum_splits").map_err(err)?;
+            let mut cfg = kc::grid_1d(kv_len / 8, THREADS);
+            cfg.grid_dim.1 = 2; // dK and dV
+            let count = kv_len as i64;
+            let mut b = stream.launch_builder(&func);
+            b.arg(&dk_parts).arg(&dv_parts).arg(&mut dk).arg(&mut dv);
+            b.arg(&splits_i).arg(&count);
+            // SAFETY: matches flash_sum_splits; kv_len is a multiple of 8 (d is 64 or 128), the
+            // parts hold splits x kv_len elements and the outputs kv_len.
+            unsafe { b.launch(cfg) }.map_err(|e| err(e.into()))?;
+        }
 
         let dq = kc::wrap(dq_accum, &dev, (n, heads, d)).to_dtype(DType::BF16)?;
         Ok((
@@ -365,18 +443,28 @@ const TOL: Tolerance = Tolerance {
     rtol: 2e-2,
 };
 
+/// The packing a check runs on the GPU (InternLM2-1.8B heads: 16, 8 KV heads).
+#[derive(Clone, Copy)]
+enum Rows {
+    /// 2048 tokens in 3 samples: varlen, a partial wave.
+    Packed,
+    /// One sample of 2048 (batch 1 of the benchmark: the backward's grid is about one wave).
+    One,
+    /// 4 samples of 2048 (batch 4: a grid of several waves).
+    Four,
+}
+
 fn check(
     device: &Device,
     d: usize,
     with_backward: bool,
-    batch4: bool,
+    rows: Rows,
 ) -> anyhow::Result<CheckOutcome> {
-    // Realistic packing on the GPU (2048 tokens in 3 samples, InternLM2-1.8B heads), or 4 rows
-    // of 2048 (batch 4: a grid of several waves); a small instance on the CPU, where the "fused"
-    // path is the candle-ops code itself.
-    let (cu, heads, kv_heads): (&[u32], usize, usize) = match (device.is_cuda(), batch4) {
-        (true, false) => (&[0, 1000, 1637, 2048], 16, 8),
-        (true, true) => (&[0, 2048, 4096, 6144, 8192], 16, 8),
+    // A small instance on the CPU, where the "fused" path is the candle-ops code itself.
+    let (cu, heads, kv_heads): (&[u32], usize, usize) = match (device.is_cuda(), rows) {
+        (true, Rows::Packed) => (&[0, 1000, 1637, 2048], 16, 8),
+        (true, Rows::One) => (&[0, 2048], 16, 8),
+        (true, Rows::Four) => (&[0, 2048, 4096, 6144, 8192], 16, 8),
         (false, _) => (&[0, 37, 100, 130], 4, 2),
     };
     let case = Case::new(device, cu, heads, kv_heads, d)?;
@@ -427,19 +515,31 @@ fn check(
 /// Forward alone and forward + backward, head dims 128 and 64.
 pub fn self_checks() -> Vec<KernelCheck> {
     vec![
-        KernelCheck::new("flash_attn_fwd_d128", |dev| check(dev, 128, false, false)),
-        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| {
-            check(dev, 128, true, false)
+        KernelCheck::new("flash_attn_fwd_d128", |dev| {
+            check(dev, 128, false, Rows::Packed)
         }),
-        KernelCheck::new("flash_attn_fwd_d64", |dev| check(dev, 64, false, false)),
-        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| check(dev, 64, true, false)),
-        // The forward alone at batch 4: the 3-sample shape above is set by its heaviest CTAs in a
-        // partial wave (latency), this one by throughput over several waves.
+        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| {
+            check(dev, 128, true, Rows::Packed)
+        }),
+        KernelCheck::new("flash_attn_fwd_d64", |dev| {
+            check(dev, 64, false, Rows::Packed)
+        }),
+        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| {
+            check(dev, 64, true, Rows::Packed)
+        }),
+        // The benchmark's rows: batch 1 (about one wave: set by how evenly the CTAs share the
+        // work) and batch 4 (throughput over several waves).
+        KernelCheck::new("flash_attn_fwd_d128_batch1", |dev| {
+            check(dev, 128, false, Rows::One)
+        }),
+        KernelCheck::new("flash_attn_fwd_bwd_d128_batch1", |dev| {
+            check(dev, 128, true, Rows::One)
+        }),
         KernelCheck::new("flash_attn_fwd_d128_batch4", |dev| {
-            check(dev, 128, false, true)
+            check(dev, 128, false, Rows::Four)
         }),
         KernelCheck::new("flash_attn_fwd_bwd_d128_batch4", |dev| {
-            check(dev, 128, true, true)
+            check(dev, 128, true, Rows::Four)
         }),
     ]
 }
@@ -450,6 +550,20 @@ mod tests {
 
     fn bf16(shape: &[usize], seed: u64) -> Tensor {
         super::super::random_tensor(shape, 1.0, seed, DType::BF16, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn the_backward_splits_gqa_groups_only_for_a_grid_under_one_wave() {
+        // Batch 1 x 2048 on an H100 (32 key blocks x 8 KV heads, 2 x 132 slots): split in two.
+        assert_eq!(backward_splits(256, 2, 264), 2);
+        // Batch 2 and up fill the slots: whole groups.
+        assert_eq!(backward_splits(512, 2, 264), 1);
+        // The smallest divisor of the group that fills the slots...
+        assert_eq!(backward_splits(100, 8, 264), 4);
+        assert_eq!(backward_splits(100, 6, 264), 3);
+        // ...or the whole group when none does; no GQA, no split.
+        assert_eq!(backward_splits(10, 4, 264), 4);
+        assert_eq!(backward_splits(10, 1, 264), 1);
     }
 
     #[test]

@@ -125,14 +125,32 @@ __device__ __forceinline__ void load_tile(bf16* s, int ld, const bf16* g, int se
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. Grid (query blocks of the longest sample, heads, batch); the heaviest (last) query
-// blocks start first. Shared: K tile and V tile (the Q tile is staged in the V buffer, then held
+// Work order. The grid is one-dimensional and ranks CTAs by their work: rank r covers, for every
+// (head, sample), the sample's r-th heaviest 64-row block. The hardware starts CTAs roughly in
+// index order, so the heaviest blocks of all heads start in the first wave and light ones fill
+// the gaps at the end (longest-first scheduling). A grid of (blocks, heads, samples) instead
+// starts head 0's light blocks before head 15's heavy ones: a causal 2048-token sample then
+// leaves SMs idle for the last ~40% of the kernel.
+struct WorkItem {
+    int rank;   // 0 = the heaviest block of its (head, sample)
+    int head;   // in 0..heads_in_grid
+    int sample;
+};
+__device__ __forceinline__ WorkItem work_item(int heads_in_grid, int samples) {
+    const int per_rank = heads_in_grid * samples;
+    const int rest = blockIdx.x % per_rank;
+    return {static_cast<int>(blockIdx.x / per_rank), rest % heads_in_grid, rest / heads_in_grid};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Query block r of a sample attends to key blocks 0..=r, so the last block is the
+// heaviest (rank 0). Shared: K tile and V tile (the Q tile is staged in the V buffer, then held
 // in registers). V_j loads while S = Q K_jᵀ and the softmax run; K_{j+1} loads while O += P V_j.
 template <int D>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, bf16* __restrict__ out,
                           float* __restrict__ lse, const uint32_t* __restrict__ cu_seqlens,
-                          int n_tokens, int heads, int kv_heads, float scale) {
+                          int samples, int n_tokens, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8;     // padded row: ldmatrix rows land in distinct banks
     constexpr int KSTEPS = D / 16;
     constexpr int DTILES = D / 8;
@@ -141,11 +159,13 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
-    const int batch = blockIdx.z, head = blockIdx.y;
-    const int seq_start = cu_seqlens[batch];
-    const int seq_len = cu_seqlens[batch + 1] - seq_start;
-    const int m_block = gridDim.x - 1 - blockIdx.x;
-    if (m_block * BLOCK >= seq_len) return;
+    const WorkItem w = work_item(heads, samples);
+    const int head = w.head;
+    const int seq_start = cu_seqlens[w.sample];
+    const int seq_len = cu_seqlens[w.sample + 1] - seq_start;
+    const int sample_blocks = (seq_len + BLOCK - 1) / BLOCK;
+    if (w.rank >= sample_blocks) return;
+    const int m_block = sample_blocks - 1 - w.rank;
     const int kv_head = head / (heads / kv_heads);
     const int n_blocks = m_block + 1;  // causal: key blocks 0..=m_block
     const float scale_log2 = scale * LOG2E;
@@ -287,12 +307,14 @@ __device__ void flash_bwd_delta(const bf16* __restrict__ out, const bf16* __rest
     }
 }
 
-// Backward main pass. Grid (key blocks of the longest sample, kv_heads, batch). A CTA holds one
-// 64-key block of K and V and walks, for every query head of its GQA group, over the query blocks
-// at or after the diagonal; warp w owns keys 16w..16w+15 and accumulates their dK and dV in
-// registers. Key block 0 sees every query block, so it is the heaviest and gets blockIdx.x 0
-// (scheduled first: at batch 4 the grid is several waves). Per query block (all in transposed
-// form, rows = keys):
+// Backward main pass. A CTA holds one 64-key block of K and V and walks, for the query heads of
+// its share of a GQA group, over the query blocks at or after the diagonal; warp w owns keys
+// 16w..16w+15 and accumulates their dK and dV in registers. Key block r sees every query block
+// from r on, so block 0 is the heaviest (rank 0, see `work_item`). The grid's "heads" are
+// kv_heads x splits: with splits > 1 (a grid of about one wave, where the CTAs that walk a whole
+// group would set the kernel's time) each CTA takes group / splits query heads and writes its
+// partial dK and dV to its own slice `split` of dk / dv ([splits, n, kv_heads, D]), which
+// `flash_sum_splits` then adds up. Per query block (all in transposed form, rows = keys):
 //   Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ·scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)·scale,
 //   dK += dSᵀ Q, then dSᵀ goes through shared memory so that warp w computes dQ rows 16w.. as
 //   dS K and adds them into the f32 dq_accum with atomics.
@@ -303,7 +325,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const float* __restrict__ lse, const float* __restrict__ delta,
                           float* __restrict__ dq_accum, bf16* __restrict__ dk,
                           bf16* __restrict__ dv, const uint32_t* __restrict__ cu_seqlens,
-                          int n_tokens, int heads, int kv_heads, float scale) {
+                          int samples, int splits, int n_tokens, int heads, int kv_heads,
+                          float scale) {
     constexpr int LD = D + 8;
     constexpr int LDS = BLOCK + 8;
     constexpr int KSTEPS = D / 16;
@@ -319,12 +342,16 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
-    const int batch = blockIdx.z, kv_head = blockIdx.y;
-    const int seq_start = cu_seqlens[batch];
-    const int seq_len = cu_seqlens[batch + 1] - seq_start;
-    const int n_block = blockIdx.x;
+    const WorkItem w = work_item(kv_heads * splits, samples);
+    const int kv_head = w.head / splits, split = w.head % splits;
+    const int seq_start = cu_seqlens[w.sample];
+    const int seq_len = cu_seqlens[w.sample + 1] - seq_start;
+    const int n_block = w.rank;
     if (n_block * BLOCK >= seq_len) return;
     const int group = heads / kv_heads;
+    const int members = group / splits;  // query heads of this CTA's share of the group
+    dk += (size_t)split * n_tokens * kv_heads * D;
+    dv += (size_t)split * n_tokens * kv_heads * D;
     const int m_blocks = (seq_len + BLOCK - 1) / BLOCK;
     const float scale_log2 = scale * LOG2E;
 
@@ -341,7 +368,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     const bf16* sKw = sK + warp * 16 * LD;  // this warp's keys
     const bf16* sVw = sV + warp * 16 * LD;
 
-    for (int member = 0; member < group; ++member) {
+    for (int member = split * members; member < (split + 1) * members; ++member) {
         const int head = kv_head * group + member;
         for (int m_block = n_block; m_block < m_blocks; ++m_block) {
             load_tile<D>(sQ, LD, q, seq_start, seq_len, m_block * BLOCK, heads, head);
@@ -495,6 +522,36 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     }
 }
 
+// out[i] = sum over s < splits of parts[s * count + i], f32 sums rounded once to bf16; 8
+// elements per thread and step of a grid-stride loop (count is a multiple of 8: head dims are).
+// blockIdx.y picks dK or dV.
+__device__ void sum_splits(const bf16* __restrict__ dk_parts, const bf16* __restrict__ dv_parts,
+                           bf16* __restrict__ dk, bf16* __restrict__ dv, int splits,
+                           long long count) {
+    const bf16* parts = blockIdx.y == 0 ? dk_parts : dv_parts;
+    bf16* out = blockIdx.y == 0 ? dk : dv;
+    const long long stride = (long long)gridDim.x * blockDim.x * 8;
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < count;
+         i += stride) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int s = 0; s < splits; ++s) {
+            uint4 raw = *reinterpret_cast<const uint4*>(parts + (size_t)s * count + i);
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float2 f = __bfloat1622float2(h[e]);
+                acc[2 * e] += f.x;
+                acc[2 * e + 1] += f.y;
+            }
+        }
+        uint4 packed;
+        uint32_t* p = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[e] = pack_bf16(acc[2 * e], acc[2 * e + 1]);
+        *reinterpret_cast<uint4*>(out + i) = packed;
+    }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -503,9 +560,9 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #define FLASH_ENTRY_POINTS(D)                                                                   \
     extern "C" __global__ void __launch_bounds__(NUM_THREADS)                                   \
         flash_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,      \
-                       const uint32_t* cu_seqlens, int n_tokens, int heads, int kv_heads,       \
-                       float scale) {                                                           \
-        flash_fwd<D>(q, k, v, out, lse, cu_seqlens, n_tokens, heads, kv_heads, scale);          \
+                       const uint32_t* cu_seqlens, int samples, int n_tokens, int heads,        \
+                       int kv_heads, float scale) {                                             \
+        flash_fwd<D>(q, k, v, out, lse, cu_seqlens, samples, n_tokens, heads, kv_heads, scale); \
     }                                                                                           \
     extern "C" __global__ void flash_bwd_delta_d##D(const bf16* out, const bf16* dout,          \
                                                     float* delta, int n_tokens, int heads) {    \
@@ -514,11 +571,16 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     extern "C" __global__ void __launch_bounds__(NUM_THREADS)                                   \
         flash_bwd_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,           \
                        const float* lse, const float* delta, float* dq_accum, bf16* dk,         \
-                       bf16* dv, const uint32_t* cu_seqlens, int n_tokens, int heads,           \
-                       int kv_heads, float scale) {                                             \
-        flash_bwd<D>(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens, n_tokens, heads,  \
-                     kv_heads, scale);                                                          \
+                       bf16* dv, const uint32_t* cu_seqlens, int samples, int splits,           \
+                       int n_tokens, int heads, int kv_heads, float scale) {                    \
+        flash_bwd<D>(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens, samples, splits,  \
+                     n_tokens, heads, kv_heads, scale);                                         \
     }
 
 FLASH_ENTRY_POINTS(64)
 FLASH_ENTRY_POINTS(128)
+
+extern "C" __global__ void flash_sum_splits(const bf16* dk_parts, const bf16* dv_parts, bf16* dk,
+                                            bf16* dv, int splits, long long count) {
+    sum_splits(dk_parts, dv_parts, dk, dv, splits, count);
+}
