@@ -12,7 +12,7 @@ use ftrun::model::layers::linear::{linear_backward, linear_forward};
 use ftrun::model::layers::lm_head::{lm_head_ce, shifted_targets, CeGradRequest};
 use ftrun::model::layers::lora::{dropout_mask, lora_a_init, lora_backward, lora_forward};
 use ftrun::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-use ftrun::model::layers::rope::{rope_backward, rope_forward, rope_table};
+use ftrun::model::layers::rope::{rope_backward, rope_forward, rope_table, RopeCache};
 use ftrun::model::layers::swiglu::{swiglu_backward, swiglu_forward};
 
 const CPU: Device = Device::Cpu;
@@ -242,6 +242,32 @@ fn rope_reference(x: &Tensor, positions: &[u32], theta: f64) -> Tensor {
         }
     }
     Tensor::from_vec(out, (n, heads, d), &CPU).unwrap()
+}
+
+#[test]
+fn the_rope_cache_gathers_exactly_the_tables_rope_table_builds() {
+    for dtype in [DType::F32, DType::BF16] {
+        let cache = RopeCache::new(16, 500_000.0, dtype, &CPU);
+        // Packed samples, then a batch that needs a longer table (the cache grows), then one
+        // within it again, and no positions at all.
+        for positions in [
+            vec![0u32, 1, 2, 0, 1, 2, 3],
+            vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 40, 41, 0],
+            vec![3, 2, 1],
+            vec![],
+        ] {
+            let (cos, sin) = cache.tables(&positions).unwrap();
+            let (want_cos, want_sin) = rope_table(&positions, 16, 500_000.0, dtype, &CPU).unwrap();
+            for (got, want) in [(cos, want_cos), (sin, want_sin)] {
+                assert_eq!(got.dims(), want.dims());
+                let values = |t: Tensor| {
+                    let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                    t.to_vec1::<f64>().unwrap()
+                };
+                assert_eq!(values(got), values(want), "{dtype:?} {positions:?}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -495,7 +521,7 @@ fn chunked_ce_matches_unchunked_reference_and_fd() {
         let out = run(chunk, &dw);
         assert_eq!(out.n_trained, 5);
         assert!(
-            (out.loss_sum - lr.to_scalar::<f64>().unwrap()).abs() < 1e-12,
+            (out.loss_sum.read().unwrap() - lr.to_scalar::<f64>().unwrap()).abs() < 1e-12,
             "chunk {chunk}: loss"
         );
         assert_close(
@@ -513,7 +539,13 @@ fn chunked_ce_matches_unchunked_reference_and_fd() {
     assert_close(&dw, &(dw_ref * 0.5).unwrap(), 1e-12, "dw accumulated twice");
     let dw = dw_buf();
     let out = run(2, &dw);
-    let loss = |h: &Tensor, w: &Tensor| 0.25 * lm_head_ce(h, w, &labels, 2, None).unwrap().loss_sum;
+    let loss = |h: &Tensor, w: &Tensor| {
+        0.25 * lm_head_ce(h, w, &labels, 2, None)
+            .unwrap()
+            .loss_sum
+            .read()
+            .unwrap()
+    };
     check_fd(
         &|t| loss(t, &w),
         &hid,

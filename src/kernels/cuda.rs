@@ -18,14 +18,36 @@ use std::sync::{Arc, Mutex, OnceLock};
 const FATBINS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/kernel_fatbins.rs"));
 
 type ModuleCache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
+type FunctionCache = Mutex<HashMap<(DeviceId, String), CudaFunction>>;
 
 fn modules() -> &'static ModuleCache {
     static CACHE: OnceLock<ModuleCache> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// Functions already looked up, by device and `module/name`: a launch then costs no
+/// `cuModuleGetFunction` (thousands of launches per training step).
+fn functions() -> &'static FunctionCache {
+    static CACHE: OnceLock<FunctionCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 /// The kernel `name` of module `module` (a `.cu` file stem), loaded on `dev` once.
 pub fn func(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> {
+    let key = (dev.id(), format!("{module}/{name}"));
+    let poisoned = || anyhow::anyhow!("kernel function cache poisoned");
+    if let Some(f) = functions().lock().map_err(|_| poisoned())?.get(&key) {
+        return Ok(f.clone());
+    }
+    let f = load_func(dev, module, name)?;
+    functions()
+        .lock()
+        .map_err(|_| poisoned())?
+        .insert(key, f.clone());
+    Ok(f)
+}
+
+fn load_func(dev: &CudaDevice, module: &str, name: &str) -> Result<CudaFunction> {
     let (key, bytes) = FATBINS
         .iter()
         .find(|(m, _)| *m == module)

@@ -102,15 +102,32 @@ fn matmul_ops(a: &Tensor, trans_a: bool, b: &Tensor, trans_b: bool) -> Result<Te
 /// `op(a) · op(b)` as a new `[m, n]` tensor of a's dtype. On a GPU one cuBLAS `GemmEx` into an
 /// uninitialized buffer (`beta = 0` never reads it); candle's matmul otherwise.
 pub fn gemm(a: &Tensor, trans_a: bool, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+    gemm_scaled(a, trans_a, b, trans_b, 1.0)
+}
+
+/// `alpha · op(a) · op(b)` into a fresh tensor: on a GPU the scale rides on the GEMM (no extra
+/// pass over the product).
+pub fn gemm_scaled(
+    a: &Tensor,
+    trans_a: bool,
+    b: &Tensor,
+    trans_b: bool,
+    alpha: f64,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::on_cuda(a) && matches!(a.dtype(), DType::BF16 | DType::F32) {
         let (m, _) = op_dims(a, trans_a)?;
         let (_, n) = op_dims(b, trans_b)?;
         let out = imp::uninit(a, m * n)?.reshape((m, n))?;
-        gemm_into(GemmOut::whole(&out), a, trans_a, b, trans_b, 1.0, 0.0)?;
+        gemm_into(GemmOut::whole(&out), a, trans_a, b, trans_b, alpha, 0.0)?;
         return Ok(out);
     }
-    matmul_ops(a, trans_a, b, trans_b)
+    let prod = matmul_ops(a, trans_a, b, trans_b)?;
+    Ok(if alpha == 1.0 {
+        prod
+    } else {
+        prod.affine(alpha, 0.0)?
+    })
 }
 
 #[cfg(feature = "cuda")]

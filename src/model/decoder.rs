@@ -23,7 +23,7 @@ use crate::model::layers::lora::{
     dropout_mask, lora_a_init, lora_backward_into, lora_forward_into, LoraGradsInto, LoraSaved,
 };
 use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-use crate::model::layers::rope::{rope_backward, rope_forward, rope_table};
+use crate::model::layers::rope::{rope_backward, rope_forward, RopeCache};
 use crate::model::layers::swiglu::{swiglu_backward, swiglu_forward};
 use crate::model::layers::{acc_dtype, mix_seed};
 use crate::model::weights::WeightSource;
@@ -304,6 +304,8 @@ pub struct Decoder {
     /// one weight at a time: no allocation per use, and no weight-sized holes left in the memory
     /// pool between the activations kept for the backward (its fragmentation is device memory).
     dequant_scratch: std::sync::Mutex<Option<Tensor>>,
+    /// RoPE angles by position, gathered per batch.
+    rope: RopeCache,
 }
 
 /// A weight ready for a matmul (see `Decoder::matmul_weight`): derefs to the tensor and keeps the
@@ -814,6 +816,7 @@ impl Decoder {
             ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size),
             activation_budget: 0,
             dequant_scratch: std::sync::Mutex::new(None),
+            rope: RopeCache::new(cfg.head_dim, cfg.rope_theta, compute_dtype, device),
         })
     }
 
@@ -1099,13 +1102,7 @@ impl Decoder {
         }
         check_cu_seqlens(cu_seqlens, n * sp.map_or(1, |c| c.world()))?;
         let ids = Tensor::from_slice(ids, n, &self.device)?;
-        let (cos, sin) = rope_table(
-            positions,
-            self.cfg.head_dim,
-            self.cfg.rope_theta,
-            self.dtype,
-            &self.device,
-        )?;
+        let (cos, sin) = self.rope.tables(positions)?;
         Ok(BatchCtx {
             ids,
             cos,
@@ -1743,7 +1740,7 @@ impl Decoder {
             self.report_ready(&mut ready, blk.attn_norm, grads)?;
         }
         let stats = StepStats {
-            loss_sum: ce.loss_sum,
+            loss_sum: ce.loss_sum.read()?, // after the backward is queued
             n_trained: ce.n_trained,
             recomputed_blocks: keep_from.unwrap_or(0),
         };
@@ -1769,7 +1766,7 @@ impl Decoder {
             None,
         )?;
         Ok(StepStats {
-            loss_sum: ce.loss_sum,
+            loss_sum: ce.loss_sum.read()?,
             n_trained: ce.n_trained,
             recomputed_blocks: 0,
         })
@@ -1865,13 +1862,7 @@ impl Decoder {
             .iter()
             .flat_map(|&(_, m, offset)| offset as u32..(offset + m) as u32)
             .collect();
-        let (cos, sin) = rope_table(
-            &positions,
-            self.cfg.head_dim,
-            self.cfg.rope_theta,
-            self.dtype,
-            &self.device,
-        )?;
+        let (cos, sin) = self.rope.tables(&positions)?;
         for (li, blk) in self.blocks.iter().enumerate() {
             let (h1, _) = rmsnorm_forward(&x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
             let (q, k, v, _) = self.qkv_forward(&blk.qkv, &h1, None)?;

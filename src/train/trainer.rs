@@ -57,13 +57,30 @@ pub struct RunSummary {
     pub steps: usize,
 }
 
+/// GPU `idx`, without cudarc's per-allocation event tracking. cudarc creates two CUDA events for
+/// every buffer it allocates (and destroys them when the buffer is freed) so that it can order
+/// a buffer's uses across streams; it only ever records or waits on them once a second stream
+/// exists. ftrun runs a step's work on the device's one stream, and the one second stream it
+/// makes (NCCL's, `dist::nccl`) is ordered by explicit events, so the events are dead weight:
+/// four driver calls per tensor, thousands per training step at batch 1.
+pub fn new_cuda(idx: usize) -> Result<Device> {
+    let device = Device::new_cuda(idx)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: see above: one compute stream per device, and the NCCL stream is ordered
+        // against it with explicit events (it turns tracking off itself as well).
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(device)
+}
+
 /// The device `train.device` names ("auto" = the first GPU when built with CUDA, else CPU).
 pub fn select_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if cfg!(feature = "cuda") {
-                Device::new_cuda(0).or_else(|_| Ok(Device::Cpu))
+                new_cuda(0).or_else(|_| Ok(Device::Cpu))
             } else {
                 Ok(Device::Cpu)
             }
@@ -77,7 +94,7 @@ pub fn select_device(name: &str) -> Result<Device> {
             if !cfg!(feature = "cuda") {
                 bail!("train.device = `{d}` but this ftrun was built without CUDA (cargo feature `cuda`)");
             }
-            Ok(Device::new_cuda(idx)?)
+            new_cuda(idx)
         }
     }
 }
@@ -95,7 +112,7 @@ pub fn worker_device(name: &str, local_rank: usize) -> Result<Device> {
         use candle_core::cuda_backend::cudarc::driver::CudaContext;
         let visible = CudaContext::device_count().map_err(|e| anyhow::anyhow!("{e:?}"))? as usize;
         let idx = if visible > local_rank { local_rank } else { 0 };
-        Ok(Device::new_cuda(idx)?)
+        new_cuda(idx)
     }
     #[cfg(not(feature = "cuda"))]
     select_device(name)

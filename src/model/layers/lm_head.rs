@@ -55,11 +55,26 @@ pub struct CeGradRequest<'a> {
 
 /// Result of [`lm_head_ce`].
 pub struct CeOutput {
-    /// Σ of the token losses (f64).
-    pub loss_sum: f64,
+    /// Σ of the token losses, on the device.
+    pub loss_sum: DeviceSum,
     pub n_trained: usize,
     /// `[n, h]` in the hidden's dtype (zero for untrained rows); when gradients were requested.
     pub dhidden: Option<Tensor>,
+}
+
+/// A sum kept on the device until it is read: reading waits for the device to finish the work
+/// queued so far, so a training step reads its loss after queueing its backward, not between
+/// the two (the host then queues the backward while the device still runs the forward).
+pub struct DeviceSum(Option<Tensor>);
+
+impl DeviceSum {
+    /// The value (0 for an empty sum); synchronizes with the device.
+    pub fn read(&self) -> Result<f64> {
+        match &self.0 {
+            Some(t) => Ok(t.to_scalar::<f64>()?),
+            None => Ok(0.0),
+        }
+    }
 }
 
 /// Chunked LM head + cross-entropy over `hidden [n, h]` (after the final norm) with head `w [vocab, h]`.
@@ -149,12 +164,8 @@ pub fn lm_head_ce_rows(
         }
         start += len;
     }
-    let loss_sum = match loss_sum {
-        Some(t) => t.to_scalar::<f64>()?,
-        None => 0.0,
-    };
     Ok(CeOutput {
-        loss_sum,
+        loss_sum: DeviceSum(loss_sum),
         n_trained,
         dhidden,
     })

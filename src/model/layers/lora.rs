@@ -3,7 +3,7 @@
 //! The base linear is computed separately (see [`super::linear`]); the adapter only adds its delta.
 
 use super::{acc_dtype, mix_seed};
-use crate::kernels::gemm::{gemm, gemm_into, GemmOut};
+use crate::kernels::gemm::{gemm, gemm_into, gemm_scaled, GemmOut};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -194,7 +194,7 @@ pub fn lora_backward_into(
     out: LoraGradsInto,
 ) -> anyhow::Result<()> {
     gemm_into(out.db, dy, true, &saved.ax, false, scale, 1.0)?; // [out, n] · [n, r]
-    let dax = (gemm(dy, false, b, false)? * scale)?; // [n, out] · [out, r] = [n, r]
+    let dax = gemm_scaled(dy, false, b, false, scale)?; // scale · [n, out] · [out, r] = [n, r]
     let xd = match &saved.mask {
         Some(m) => m.apply(x)?,
         None => x.clone(),
