@@ -4,6 +4,10 @@
 //! run is slower than an unprofiled one: use it to find where a step goes, never for tokens/s.
 //! Scopes must not nest (a nested scope's time would be counted twice).
 //!
+//! `FTRUN_PROFILE=host` times the same scopes without synchronizing: the host's own time per
+//! phase (launches, allocations, library calls), which is what bounds a step whose kernels are
+//! shorter than the work of issuing them.
+//!
 //! On a GPU each phase also gets the growth of the memory pool's reservation during its calls
 //! (MiB the pool had to take from the driver because no free block fitted): where the pool's
 //! fragmentation comes from.
@@ -13,9 +17,30 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FTRUN_PROFILE").is_ok_and(|v| v == "1"))
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Off,
+    /// Device synchronized around each scope.
+    Synced,
+    /// Host time only.
+    Host,
+}
+
+fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("FTRUN_PROFILE").as_deref() {
+        Ok("1") => Mode::Synced,
+        Ok("host") => Mode::Host,
+        _ => Mode::Off,
+    })
+}
+
+/// What the report's times are, for its heading.
+pub fn description() -> &'static str {
+    match mode() {
+        Mode::Host => "FTRUN_PROFILE=host: host time per phase, the device not synchronized",
+        _ => "FTRUN_PROFILE=1: synchronized per phase, so slower than a plain run",
+    }
 }
 
 /// One phase's totals.
@@ -45,16 +70,27 @@ pub fn scope<T, E: From<candle_core::Error>>(
     name: &'static str,
     f: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
-    if !enabled() {
-        return f();
+    let synced = match mode() {
+        Mode::Off => return f(),
+        Mode::Synced => true,
+        Mode::Host => false,
+    };
+    if synced {
+        device.synchronize()?;
     }
-    device.synchronize()?;
-    let reserved_before = reserved_mib(device);
+    // The pool query is a driver call: kept out of the host-time profile.
+    let reserved_before = if synced { reserved_mib(device) } else { 0.0 };
     let t0 = Instant::now();
     let out = f();
-    device.synchronize()?;
+    if synced {
+        device.synchronize()?;
+    }
     let dt = t0.elapsed().as_secs_f64();
-    let growth = (reserved_mib(device) - reserved_before).max(0.0);
+    let growth = if synced {
+        (reserved_mib(device) - reserved_before).max(0.0)
+    } else {
+        0.0
+    };
     if let Ok(mut t) = table().lock() {
         let e = t.entry(name).or_default();
         e.secs += dt;

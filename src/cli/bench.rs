@@ -347,6 +347,10 @@ impl Session<'_> {
         let mut timed = 0.0;
         let mut recomputed_blocks = 0;
         for (step, (n, b)) in batches.iter().enumerate() {
+            if step == a.warmup {
+                // The profile covers the timed steps only (warm-up holds one-time loads).
+                drop(crate::profile::take_report());
+            }
             device.synchronize()?;
             let t0 = Instant::now();
             crate::profile::scope(device, "set_trainable", || {
@@ -385,7 +389,7 @@ impl Session<'_> {
         }
         let profile = crate::profile::take_report();
         if !profile.is_empty() {
-            eprintln!("profile (FTRUN_PROFILE=1; synchronized per phase, so slower than a plain run):\n{profile}");
+            eprintln!("profile ({}):\n{profile}", crate::profile::description());
         }
         let tokens = (a.seq_len * a.batch) as f64;
         let measured = a.steps.saturating_sub(a.warmup).max(1) as f64;

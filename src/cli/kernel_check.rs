@@ -4,7 +4,8 @@
 
 use crate::kernels::{all_checks, CheckOutcome};
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
+use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct KernelCheckArgs {
@@ -17,13 +18,131 @@ pub struct KernelCheckArgs {
     /// Small shapes (for compute-sanitizer, which runs kernels ~100x slower).
     #[arg(long)]
     pub small: bool,
+    /// Instead of the checks: the host's time per call of the operations a training step
+    /// issues thousands of (allocations, launches, cuBLAS calls), the device never waited on
+    /// inside a timed batch.
+    #[arg(long)]
+    pub host_costs: bool,
+}
+
+/// Host µs per call of `f`, over batches of `per_batch` calls with a device synchronization
+/// between batches (outside the timing), so that the launch queue never fills.
+fn host_us(device: &Device, per_batch: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // first-use loading
+    device.synchronize()?;
+    let mut secs = 0.0;
+    for _ in 0..8 {
+        let t0 = Instant::now();
+        for _ in 0..per_batch {
+            f()?;
+        }
+        secs += t0.elapsed().as_secs_f64();
+        device.synchronize()?;
+    }
+    Ok(secs * 1e6 / (8 * per_batch) as f64)
+}
+
+fn host_costs(device: &Device) -> Result<()> {
+    use crate::kernels::gemm::{gemm, gemm_into, GemmOut};
+    let bf = |shape: &[usize], seed| {
+        crate::kernels::random_tensor(shape, 1.0, seed, DType::BF16, device)
+    };
+    let small = bf(&[1024], 1)?;
+    let x = bf(&[2048, 2048], 2)?;
+    let a = bf(&[64, 2048], 3)?;
+    let ax = bf(&[2048, 64], 4)?;
+    let y = bf(&[2048, 2048], 5)?;
+    let t = bf(&[64, 64], 6)?;
+    let mut rows: Vec<(&str, f64)> = vec![];
+    let n = 200;
+    rows.push((
+        "alloc 2 KiB + free",
+        host_us(device, n, &mut || {
+            drop(Tensor::zeros(1024, DType::BF16, device)?);
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "alloc 32 MiB + free (zeros)",
+        host_us(device, n, &mut || {
+            drop(Tensor::zeros(16 << 20, DType::BF16, device)?);
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "candle affine, 1024 elements",
+        host_us(device, n, &mut || {
+            drop(small.affine(2.0, 1.0)?);
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "own kernel: accumulate_into 1024",
+        host_us(device, n, &mut || {
+            crate::kernels::grad::accumulate_into(&small, 0, &small)?;
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "gemm 64x64x64 (fresh output)",
+        host_us(device, n, &mut || {
+            drop(gemm(&t, false, &t, true)?);
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "gemm_into 64x64x64 beta 1",
+        host_us(device, n, &mut || {
+            gemm_into(GemmOut::whole(&t), &t, false, &t, true, 1.0, 1.0)?;
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "gemm x·Aᵀ [2048,2048]x[64,2048]ᵀ",
+        host_us(device, n, &mut || {
+            drop(gemm(&x, false, &a, true)?);
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "gemm_into y += ax·Aᵀ... [2048,64]x[64,2048]",
+        host_us(device, n, &mut || {
+            gemm_into(GemmOut::whole(&y), &ax, false, &a, false, 1.0, 1.0)?;
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "gemm x·xᵀ 2048³ (GPU-bound)",
+        host_us(device, 20, &mut || {
+            drop(gemm(&x, false, &x, true)?);
+            Ok(())
+        })?,
+    ));
+    #[cfg(feature = "cuda")]
+    {
+        let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
+        rows.push((
+            "CUDA event create + destroy",
+            host_us(device, n, &mut || {
+                drop(ctx.new_event(None)?);
+                Ok(())
+            })?,
+        ));
+    }
+    for (what, us) in rows {
+        println!("{what:<44} {us:>8.1} µs host per call");
+    }
+    Ok(())
 }
 
 pub fn run(a: KernelCheckArgs) -> Result<()> {
     if !cfg!(feature = "cuda") {
         bail!("kernel-check needs a CUDA build (cargo build --features cuda) and a GPU");
     }
-    let device = Device::new_cuda(a.gpu)?;
+    let device = crate::train::trainer::new_cuda(a.gpu)?;
+    if a.host_costs {
+        return host_costs(&device);
+    }
     crate::kernels::set_small_checks(a.small);
     let checks: Vec<_> = all_checks()
         .into_iter()
