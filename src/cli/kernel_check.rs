@@ -53,82 +53,76 @@ fn host_costs(device: &Device) -> Result<()> {
     let ax = bf(&[2048, 64], 4)?;
     let y = bf(&[2048, 2048], 5)?;
     let t = bf(&[64, 64], 6)?;
-    let mut rows: Vec<(&str, f64)> = vec![];
-    let n = 200;
-    rows.push((
-        "alloc 2 KiB + free",
-        host_us(device, n, &mut || {
-            drop(Tensor::zeros(1024, DType::BF16, device)?);
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "alloc 32 MiB + free (zeros)",
-        host_us(device, n, &mut || {
-            drop(Tensor::zeros(16 << 20, DType::BF16, device)?);
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "candle affine, 1024 elements",
-        host_us(device, n, &mut || {
-            drop(small.affine(2.0, 1.0)?);
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "own kernel: accumulate_into 1024",
-        host_us(device, n, &mut || {
-            crate::kernels::grad::accumulate_into(&small, 0, &small)?;
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "gemm 64x64x64 (fresh output)",
-        host_us(device, n, &mut || {
-            drop(gemm(&t, false, &t, true)?);
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "gemm_into 64x64x64 beta 1",
-        host_us(device, n, &mut || {
-            gemm_into(GemmOut::whole(&t), &t, false, &t, true, 1.0, 1.0)?;
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "gemm x·Aᵀ [2048,2048]x[64,2048]ᵀ",
-        host_us(device, n, &mut || {
-            drop(gemm(&x, false, &a, true)?);
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "gemm_into y += ax·Aᵀ... [2048,64]x[64,2048]",
-        host_us(device, n, &mut || {
-            gemm_into(GemmOut::whole(&y), &ax, false, &a, false, 1.0, 1.0)?;
-            Ok(())
-        })?,
-    ));
-    rows.push((
-        "gemm x·xᵀ 2048³ (GPU-bound)",
-        host_us(device, 20, &mut || {
-            drop(gemm(&x, false, &x, true)?);
-            Ok(())
-        })?,
-    ));
-    #[cfg(feature = "cuda")]
-    {
-        let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
-        rows.push((
-            "CUDA event create + destroy",
-            host_us(device, n, &mut || {
-                drop(ctx.new_event(None)?);
+    type Op<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
+    let mut ops: Vec<(&str, Op)> = vec![
+        (
+            "alloc 2 KiB + free",
+            Box::new(|| {
+                drop(Tensor::zeros(1024, DType::BF16, device)?);
                 Ok(())
-            })?,
-        ));
+            }),
+        ),
+        (
+            "alloc 32 MiB + free (zeros)",
+            Box::new(|| {
+                drop(Tensor::zeros(16 << 20, DType::BF16, device)?);
+                Ok(())
+            }),
+        ),
+        (
+            "candle affine, 1024 elements",
+            Box::new(|| {
+                drop(small.affine(2.0, 1.0)?);
+                Ok(())
+            }),
+        ),
+        (
+            "own kernel: accumulate_into 1024",
+            Box::new(|| crate::kernels::grad::accumulate_into(&small, 0, &small)),
+        ),
+        (
+            "gemm 64x64x64 (fresh output)",
+            Box::new(|| {
+                drop(gemm(&t, false, &t, true)?);
+                Ok(())
+            }),
+        ),
+        (
+            "gemm_into 64x64x64 beta 1",
+            Box::new(|| gemm_into(GemmOut::whole(&t), &t, false, &t, true, 1.0, 1.0)),
+        ),
+        (
+            "gemm [2048,2048]x[64,2048]ᵀ",
+            Box::new(|| {
+                drop(gemm(&x, false, &a, true)?);
+                Ok(())
+            }),
+        ),
+        (
+            "gemm_into y += [2048,64]x[64,2048]",
+            Box::new(|| gemm_into(GemmOut::whole(&y), &ax, false, &a, false, 1.0, 1.0)),
+        ),
+    ];
+    #[cfg(feature = "cuda")]
+    let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
+    #[cfg(feature = "cuda")]
+    ops.push((
+        "CUDA event create + destroy",
+        Box::new(move || {
+            drop(ctx.new_event(None)?);
+            Ok(())
+        }),
+    ));
+    let mut rows = vec![];
+    for (what, op) in &mut ops {
+        rows.push((*what, host_us(device, 200, op.as_mut())?));
     }
+    // A large product the device needs longer for than the host does to issue it.
+    let big = host_us(device, 20, &mut || {
+        drop(gemm(&x, false, &x, true)?);
+        Ok(())
+    })?;
+    rows.push(("gemm 2048³ (device-bound: the queue's pace)", big));
     for (what, us) in rows {
         println!("{what:<44} {us:>8.1} µs host per call");
     }

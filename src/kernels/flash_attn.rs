@@ -512,36 +512,26 @@ fn check(
     })
 }
 
-/// Forward alone and forward + backward, head dims 128 and 64.
+/// Forward alone and forward + backward: head dims 128 and 64 on the packed rows, and the
+/// benchmark's rows at d 128: batch 1 (about one wave: set by how evenly the CTAs share the work)
+/// and batch 4 (throughput over several waves).
 pub fn self_checks() -> Vec<KernelCheck> {
-    vec![
-        KernelCheck::new("flash_attn_fwd_d128", |dev| {
-            check(dev, 128, false, Rows::Packed)
-        }),
-        KernelCheck::new("flash_attn_fwd_bwd_d128", |dev| {
-            check(dev, 128, true, Rows::Packed)
-        }),
-        KernelCheck::new("flash_attn_fwd_d64", |dev| {
-            check(dev, 64, false, Rows::Packed)
-        }),
-        KernelCheck::new("flash_attn_fwd_bwd_d64", |dev| {
-            check(dev, 64, true, Rows::Packed)
-        }),
-        // The benchmark's rows: batch 1 (about one wave: set by how evenly the CTAs share the
-        // work) and batch 4 (throughput over several waves).
-        KernelCheck::new("flash_attn_fwd_d128_batch1", |dev| {
-            check(dev, 128, false, Rows::One)
-        }),
-        KernelCheck::new("flash_attn_fwd_bwd_d128_batch1", |dev| {
-            check(dev, 128, true, Rows::One)
-        }),
-        KernelCheck::new("flash_attn_fwd_d128_batch4", |dev| {
-            check(dev, 128, false, Rows::Four)
-        }),
-        KernelCheck::new("flash_attn_fwd_bwd_d128_batch4", |dev| {
-            check(dev, 128, true, Rows::Four)
-        }),
-    ]
+    let cases: [(&'static str, usize, bool, Rows); 8] = [
+        ("flash_attn_fwd_d128", 128, false, Rows::Packed),
+        ("flash_attn_fwd_bwd_d128", 128, true, Rows::Packed),
+        ("flash_attn_fwd_d64", 64, false, Rows::Packed),
+        ("flash_attn_fwd_bwd_d64", 64, true, Rows::Packed),
+        ("flash_attn_fwd_d128_batch1", 128, false, Rows::One),
+        ("flash_attn_fwd_bwd_d128_batch1", 128, true, Rows::One),
+        ("flash_attn_fwd_d128_batch4", 128, false, Rows::Four),
+        ("flash_attn_fwd_bwd_d128_batch4", 128, true, Rows::Four),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, d, with_backward, rows)| {
+            KernelCheck::new(name, move |dev| check(dev, d, with_backward, rows))
+        })
+        .collect()
 }
 
 #[cfg(test)]
