@@ -48,6 +48,8 @@ fn host_costs(device: &Device) -> Result<()> {
         crate::kernels::random_tensor(shape, 1.0, seed, DType::BF16, device)
     };
     let small = bf(&[1024], 1)?;
+    // An f32 buffer, as the gradient buffer is: a bf16 one would take candle's fallback path.
+    let acc = Tensor::zeros(1024, DType::F32, device)?;
     let x = bf(&[2048, 2048], 2)?;
     let a = bf(&[64, 2048], 3)?;
     let ax = bf(&[2048, 64], 4)?;
@@ -77,8 +79,8 @@ fn host_costs(device: &Device) -> Result<()> {
             }),
         ),
         (
-            "own kernel: accumulate_into 1024",
-            Box::new(|| crate::kernels::grad::accumulate_into(&small, 0, &small)),
+            "own kernel: accumulate_into f32 += bf16, 1024",
+            Box::new(|| crate::kernels::grad::accumulate_into(&acc, 0, &small)),
         ),
         (
             "gemm 64x64x64 (fresh output)",
