@@ -79,18 +79,15 @@ pub fn scope<T, E: From<candle_core::Error>>(
         device.synchronize()?;
     }
     // The pool query is a driver call: kept out of the host-time profile.
-    let reserved_before = if synced { reserved_mib(device) } else { 0.0 };
+    let reserved = || if synced { reserved_mib(device) } else { 0.0 };
+    let reserved_before = reserved();
     let t0 = Instant::now();
     let out = f();
     if synced {
         device.synchronize()?;
     }
     let dt = t0.elapsed().as_secs_f64();
-    let growth = if synced {
-        (reserved_mib(device) - reserved_before).max(0.0)
-    } else {
-        0.0
-    };
+    let growth = (reserved() - reserved_before).max(0.0);
     if let Ok(mut t) = table().lock() {
         let e = t.entry(name).or_default();
         e.secs += dt;

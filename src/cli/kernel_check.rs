@@ -55,28 +55,23 @@ fn host_costs(device: &Device) -> Result<()> {
     let ax = bf(&[2048, 64], 4)?;
     let y = bf(&[2048, 2048], 5)?;
     let t = bf(&[64, 64], 6)?;
+    // Each operation's result is dropped at once (an output freed as a step's temporaries are).
+    fn discard<T, E: Into<anyhow::Error>>(r: std::result::Result<T, E>) -> Result<()> {
+        r.map(drop).map_err(Into::into)
+    }
     type Op<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
     let mut ops: Vec<(&str, Op)> = vec![
         (
             "alloc 2 KiB + free",
-            Box::new(|| {
-                drop(Tensor::zeros(1024, DType::BF16, device)?);
-                Ok(())
-            }),
+            Box::new(|| discard(Tensor::zeros(1024, DType::BF16, device))),
         ),
         (
             "alloc 32 MiB + free (zeros)",
-            Box::new(|| {
-                drop(Tensor::zeros(16 << 20, DType::BF16, device)?);
-                Ok(())
-            }),
+            Box::new(|| discard(Tensor::zeros(16 << 20, DType::BF16, device))),
         ),
         (
             "candle affine, 1024 elements",
-            Box::new(|| {
-                drop(small.affine(2.0, 1.0)?);
-                Ok(())
-            }),
+            Box::new(|| discard(small.affine(2.0, 1.0))),
         ),
         (
             "own kernel: accumulate_into f32 += bf16, 1024",
@@ -84,10 +79,7 @@ fn host_costs(device: &Device) -> Result<()> {
         ),
         (
             "gemm 64x64x64 (fresh output)",
-            Box::new(|| {
-                drop(gemm(&t, false, &t, true)?);
-                Ok(())
-            }),
+            Box::new(|| discard(gemm(&t, false, &t, true))),
         ),
         (
             "gemm_into 64x64x64 beta 1",
@@ -95,10 +87,7 @@ fn host_costs(device: &Device) -> Result<()> {
         ),
         (
             "gemm [2048,2048]x[64,2048]ᵀ",
-            Box::new(|| {
-                drop(gemm(&x, false, &a, true)?);
-                Ok(())
-            }),
+            Box::new(|| discard(gemm(&x, false, &a, true))),
         ),
         (
             "gemm_into y += [2048,64]x[64,2048]",
@@ -110,20 +99,14 @@ fn host_costs(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     ops.push((
         "CUDA event create + destroy",
-        Box::new(move || {
-            drop(ctx.new_event(None)?);
-            Ok(())
-        }),
+        Box::new(move || discard(ctx.new_event(None))),
     ));
     let mut rows = vec![];
     for (what, op) in &mut ops {
         rows.push((*what, host_us(device, 200, op.as_mut())?));
     }
     // A large product the device needs longer for than the host does to issue it.
-    let big = host_us(device, 20, &mut || {
-        drop(gemm(&x, false, &x, true)?);
-        Ok(())
-    })?;
+    let big = host_us(device, 20, &mut || discard(gemm(&x, false, &x, true)))?;
     rows.push(("gemm 2048³ (device-bound: the queue's pace)", big));
     for (what, us) in rows {
         println!("{what:<44} {us:>8.1} µs host per call");
