@@ -290,7 +290,9 @@ fn build(arch: Arch, mode: TrainMode) -> (ModelConfig, HashMap<String, Tensor>, 
     (cfg, w, dec)
 }
 
-/// Gives every trainable a random value (so LoRA B is non-zero and A-gradients are non-trivial).
+/// Gives every trainable a random value (so LoRA B is non-zero and A-gradients are non-trivial),
+/// set as the trainer sets them: one flat buffer, so each projection group's adapters run as one
+/// GEMM group over their stacked A's.
 fn randomize_trainables(dec: &mut Decoder, seed: u64) -> Vec<Tensor> {
     let vals: Vec<Tensor> = dec
         .trainable()
@@ -298,7 +300,9 @@ fn randomize_trainables(dec: &mut Decoder, seed: u64) -> Vec<Tensor> {
         .enumerate()
         .map(|(i, t)| randn(&t.shape, 0.3, seed + i as u64))
         .collect();
-    dec.set_trainable(&vals).unwrap();
+    let flat: Vec<Tensor> = vals.iter().map(|v| v.flatten_all().unwrap()).collect();
+    dec.set_trainable_flat(&Tensor::cat(&flat, 0).unwrap())
+        .unwrap();
     vals
 }
 
@@ -409,6 +413,42 @@ fn run_step(dec: &Decoder, batch: &Batch, checkpointing: bool) -> (f64, Grads) {
     (s.loss_sum, grads)
 }
 
+/// The adapters of q/k/v and gate/up run as one GEMM group each when the trainables are set as
+/// one flat buffer, and one at a time when set as separate tensors: the same loss and gradients
+/// (every linear adapted, and a subset that leaves k and gate without adapters).
+#[test]
+fn grouped_adapters_equal_one_adapter_at_a_time() {
+    let targets: Vec<String> = ["q_proj", "v_proj", "up_proj", "down_proj"]
+        .map(String::from)
+        .to_vec();
+    for targets in [vec![], targets] {
+        let cfg = config(Arch::Llama);
+        let mut w = tiny_weights(&cfg, 1000);
+        let spec = LoraSpec {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets,
+        };
+        let mut dec =
+            Decoder::new(&cfg, &mut w, TrainMode::Lora(spec), DType::F64, &CPU, 5).unwrap();
+        let vals = randomize_trainables(&mut dec, 9);
+        let batch = packed_batch(cfg.vocab_size as u32);
+        let (l_grouped, g_grouped) = run_step(&dec, &batch, false);
+        dec.set_trainable(&vals).unwrap();
+        let (l_single, g_single) = run_step(&dec, &batch, false);
+        assert!((l_grouped - l_single).abs() < 1e-12 * l_single.abs());
+        for ((a, b), info) in g_grouped
+            .slots()
+            .iter()
+            .zip(&g_single.slots())
+            .zip(dec.trainable())
+        {
+            assert_close(a.as_ref().unwrap(), b.as_ref().unwrap(), 1e-12, &info.name);
+        }
+    }
+}
+
 #[test]
 fn checkpointing_is_bit_identical_with_lora_dropout_and_full() {
     for (arch, mode) in [
@@ -451,10 +491,27 @@ fn activation_budget_skips_recomputes_and_changes_no_gradient() {
                 assert_eq!(flat(a.as_ref().unwrap()), flat(b.as_ref().unwrap()));
             }
             recomputed.push(s.recomputed_blocks);
+            // While a block is recomputed, the kept ones are slimmed (once none is, the budget
+            // may already hold them all whole).
+            if s.recomputed_blocks > 0 {
+                assert_eq!(s.slimmed_blocks, layers - s.recomputed_blocks);
+            }
             if s.recomputed_blocks == 0 {
                 break;
             }
             budget *= 2;
+        }
+        // A budget that holds every block whole keeps them so (no recompute of any kind), with
+        // the same loss and gradients.
+        dec.set_activation_budget(usize::MAX / 2);
+        let mut grads = dec.new_grads();
+        let s = dec
+            .forward_backward(&batch, 1.0, &mut grads, 11, true)
+            .unwrap();
+        assert_eq!((s.recomputed_blocks, s.slimmed_blocks), (0, 0));
+        assert_eq!(s.loss_sum, l_ref);
+        for (a, b) in g_ref.slots().iter().zip(&grads.slots()) {
+            assert_eq!(flat(a.as_ref().unwrap()), flat(b.as_ref().unwrap()));
         }
         assert_eq!(recomputed.first(), Some(&layers), "1 KiB keeps no block");
         assert!(
@@ -473,7 +530,7 @@ fn activation_budget_skips_recomputes_and_changes_no_gradient() {
         let s = dec
             .forward_backward(&batch, 1.0, &mut grads, 11, false)
             .unwrap();
-        assert_eq!(s.recomputed_blocks, 0);
+        assert_eq!((s.recomputed_blocks, s.slimmed_blocks), (0, layers));
     }
 }
 

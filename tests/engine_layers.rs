@@ -10,7 +10,10 @@ use ftrun::model::layers::attention::{attention_backward, attention_forward};
 use ftrun::model::layers::embedding::{embedding_backward, embedding_forward};
 use ftrun::model::layers::linear::{linear_backward, linear_forward};
 use ftrun::model::layers::lm_head::{lm_head_ce, shifted_targets, CeGradRequest};
-use ftrun::model::layers::lora::{dropout_mask, lora_a_init, lora_backward, lora_forward};
+use ftrun::model::layers::lora::{
+    dropout_mask, lora_a_init, lora_backward, lora_forward, lora_group_backward,
+    lora_group_forward, LoraGroupGrads,
+};
 use ftrun::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use ftrun::model::layers::rope::{rope_backward, rope_forward, rope_table, RopeCache};
 use ftrun::model::layers::swiglu::{swiglu_backward, swiglu_forward};
@@ -125,6 +128,81 @@ fn lora_backward_matches_autograd_and_fd_with_dropout() {
     check_fd(&|t| f(t, &a, &b), &x, &g.dx, None, 1e-7, "dx fd");
     check_fd(&|t| f(&x, t, &b), &a, &g.da, None, 1e-7, "dA fd");
     check_fd(&|t| f(&x, &a, t), &b, &g.db, None, 1e-7, "dB fd");
+}
+
+/// Three adapters that read one input (q/k/v: different output widths) with their A's stacked:
+/// one GEMM group gives each adapter's delta, gradients and summed input gradient exactly as the
+/// three run one at a time.
+#[test]
+fn stacked_lora_group_equals_its_adapters_one_by_one() {
+    let (n, fin, rank, scale) = (7, 6, 2, 0.75);
+    let outs = [5, 3, 4];
+    let x = randn(&[n, fin], 1.0, 20);
+    let a_s: Vec<Tensor> = (0..3).map(|i| randn(&[rank, fin], 1.0, 21 + i)).collect();
+    let b_s: Vec<Tensor> = outs
+        .iter()
+        .zip(0..)
+        .map(|(&o, i)| randn(&[o, rank], 1.0, 31 + i))
+        .collect();
+    let dys: Vec<Tensor> = outs
+        .iter()
+        .zip(0..)
+        .map(|(&o, i)| randn(&[n, o], 1.0, 41 + i))
+        .collect();
+    let stacked = Tensor::cat(&a_s, 0).unwrap(); // [3r, in]
+    let bs: Vec<&Tensor> = b_s.iter().collect();
+    let (ys, saved) = lora_group_forward(&x, &stacked, &bs, scale, None).unwrap();
+    // Gradient buffer: dA of the stack, then each dB, at offsets as in the flat gradient.
+    let da_len = 3 * rank * fin;
+    let db_offsets: Vec<usize> = outs
+        .iter()
+        .scan(da_len, |o, &out| {
+            let here = *o;
+            *o += out * rank;
+            Some(here)
+        })
+        .collect();
+    let total = db_offsets[2] + outs[2] * rank;
+    let buf = Tensor::zeros(total, DType::F64, &CPU).unwrap();
+    let out = LoraGroupGrads {
+        da: GemmOut {
+            buf: &buf,
+            offset: 0,
+        },
+        dbs: db_offsets
+            .iter()
+            .map(|&offset| GemmOut { buf: &buf, offset })
+            .collect(),
+    };
+    let dy_refs: Vec<&Tensor> = dys.iter().collect();
+    let dx = lora_group_backward(&x, &stacked, &bs, scale, &saved, &dy_refs, out).unwrap();
+    let mut dx_sum = x.zeros_like().unwrap();
+    for i in 0..3 {
+        let (y, s) = lora_forward(&x, &a_s[i], &b_s[i], scale, None).unwrap();
+        assert_close(&ys[i], &y, 1e-12, "grouped delta");
+        let g = lora_backward(&x, &a_s[i], &b_s[i], scale, &s, &dys[i]).unwrap();
+        let da = buf.narrow(0, i * rank * fin, rank * fin).unwrap();
+        assert_close(
+            &da.reshape((rank, fin)).unwrap(),
+            &g.da,
+            1e-12,
+            "grouped dA",
+        );
+        let db = buf.narrow(0, db_offsets[i], outs[i] * rank).unwrap();
+        assert_close(
+            &db.reshape((outs[i], rank)).unwrap(),
+            &g.db,
+            1e-12,
+            "grouped dB",
+        );
+        dx_sum = (dx_sum + g.dx).unwrap();
+    }
+    assert_close(&dx, &dx_sum, 1e-12, "grouped dx");
+    // A stack whose rows are not the B's rank is refused with the shapes named.
+    let err = lora_group_forward(&x, &a_s[0], &bs, scale, None)
+        .err()
+        .expect("2 rows for three rank-2 adapters");
+    assert!(err.to_string().contains("stacked A has 2 rows"), "{err}");
 }
 
 #[test]

@@ -331,7 +331,7 @@ impl Session<'_> {
         let mut opt =
             ZeroOptimizer::new(&optim, params, 0, 1, 0)?.with_replica_dtype(self.dtype)?;
         // As the trainer: the model's own copies of the trainables go before the pool is trimmed.
-        model.set_trainable(&opt.model_views(self.dtype)?)?;
+        model.set_trainable(&opt.model_flat(self.dtype)?)?;
         crate::train::metrics::release_load_memory(device)?;
         device.synchronize()?;
         let load_s = self.t_load.elapsed().as_secs_f64();
@@ -345,7 +345,7 @@ impl Session<'_> {
         let mut rows = vec![];
         let mut peak = after_load;
         let mut timed = 0.0;
-        let mut recomputed_blocks = 0;
+        let (mut recomputed_blocks, mut slimmed_blocks) = (0, 0);
         for (step, (n, b)) in batches.iter().enumerate() {
             if step == a.warmup {
                 // The profile covers the timed steps only (warm-up holds one-time loads).
@@ -354,7 +354,7 @@ impl Session<'_> {
             device.synchronize()?;
             let t0 = Instant::now();
             crate::profile::scope(device, "set_trainable", || {
-                model.set_trainable(&opt.model_views(self.dtype)?)
+                model.set_trainable(&opt.model_flat(self.dtype)?)
             })?;
             let mut grads = model.new_grads();
             let s = model.forward_backward(
@@ -378,7 +378,7 @@ impl Session<'_> {
             }
             peak = peak.max(device_memory_mib(device));
             let loss = s.loss_sum / *n as f64;
-            recomputed_blocks = s.recomputed_blocks;
+            (recomputed_blocks, slimmed_blocks) = (s.recomputed_blocks, s.slimmed_blocks);
             let row = json!({"step": step + 1, "loss": loss, "grad_norm": gn, "time": dt});
             println!("{row}");
             rows.push(row);
@@ -419,6 +419,7 @@ impl Session<'_> {
             "checkpointing": !a.no_checkpointing,
             "activation_budget_gib": a.activation_budget_gib,
             "recomputed_blocks": recomputed_blocks,
+            "slimmed_blocks": slimmed_blocks,
             "seq_len": a.seq_len,
             "batch": a.batch,
         });

@@ -118,7 +118,7 @@ pub fn gemm_scaled(
     if super::on_cuda(a) && matches!(a.dtype(), DType::BF16 | DType::F32) {
         let (m, _) = op_dims(a, trans_a)?;
         let (_, n) = op_dims(b, trans_b)?;
-        let out = imp::uninit(a, m * n)?.reshape((m, n))?;
+        let out = gemm_output(a, m, n)?;
         gemm_into(GemmOut::whole(&out), a, trans_a, b, trans_b, alpha, 0.0)?;
         return Ok(out);
     }
@@ -128,6 +128,16 @@ pub fn gemm_scaled(
     } else {
         prod.affine(alpha, 0.0)?
     })
+}
+
+/// A `[rows, cols]` tensor of `like`'s dtype and device for GEMMs to write with `beta = 0`, which
+/// never read it: uninitialized on a GPU (no fill pass), zeros elsewhere.
+pub fn gemm_output(like: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::on_cuda(like) && matches!(like.dtype(), DType::BF16 | DType::F32) {
+        return Ok(imp::uninit(like, rows * cols)?.reshape((rows, cols))?);
+    }
+    Ok(Tensor::zeros((rows, cols), like.dtype(), like.device())?)
 }
 
 #[cfg(feature = "cuda")]

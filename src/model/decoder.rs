@@ -9,18 +9,17 @@
 use crate::dist::collectives::Collectives;
 use crate::dist::ulysses::{self, SeqPiece};
 use crate::infer::CausalLm;
-use crate::kernels::gemm::{gemm_into, GemmOut};
+use crate::kernels::gemm::{gemm, gemm_into, GemmOut};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::layers::attention::{
     attend, attention_backward, attention_forward, check_cu_seqlens,
 };
 use crate::model::layers::embedding::{embedding_backward, embedding_forward};
-use crate::model::layers::linear::{linear_backward, linear_forward};
 use crate::model::layers::lm_head::{
     lm_head_ce, lm_head_ce_rows, row_targets, shifted_targets, CeGradRequest,
 };
 use crate::model::layers::lora::{
-    dropout_mask, lora_a_init, lora_backward_into, lora_forward_into, LoraGradsInto, LoraSaved,
+    dropout_mask, lora_a_init, lora_group_backward, lora_group_forward, LoraGroupGrads, LoraSaved,
 };
 use crate::model::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::model::layers::rope::{rope_backward, rope_forward, RopeCache};
@@ -32,9 +31,11 @@ use crate::quant::Nf4Weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Bytes of f32 logits one LM head + cross-entropy chunk may hold: the rows per chunk follow
-/// from the vocabulary (InternLM2's 92544 -> 181 rows, Llama-2's 32000 -> 524), so the head never
-/// adds more than a few such temporaries to the step's peak memory.
+/// Bytes of logits one LM head + cross-entropy chunk may hold (their gradient is written over them
+/// on a GPU): the rows per chunk follow from the vocabulary and the compute dtype (bf16: InternLM2's
+/// 92544 -> 362 rows, Llama-2's 32000 -> 1024), so the head never adds more than a few such
+/// temporaries to the step's peak memory. Fewer, larger chunks re-read the head's weight fewer
+/// times: each chunk's two GEMMs read all of it (379 MB at 1.8B).
 pub const CE_CHUNK_BYTES: usize = 64 << 20;
 
 /// `fresh + other` for a residual connection, written into `fresh` in place on a GPU (`fresh`
@@ -46,14 +47,23 @@ fn residual_add(fresh: Tensor, other: &Tensor) -> Result<Tensor> {
     Ok((other + fresh)?)
 }
 
+/// The one output of a one-projection group.
+fn only(ys: Vec<Tensor>) -> Result<Tensor> {
+    let [y]: [Tensor; 1] = ys.try_into().map_err(|ys: Vec<Tensor>| {
+        anyhow::anyhow!("{} outputs from a one-projection group", ys.len())
+    })?;
+    Ok(y)
+}
+
 /// How many times [`ce_chunk_rows_for`]'s rows a chunk takes when the LM head is trained (full
-/// fine-tuning): measured on an H100 at 1.8B, the default 181-row chunks spent ~8 ms per step of
+/// fine-tuning): measured on an H100 at 1.8B, chunks of 181 rows spent ~8 ms per step of
 /// 2048 tokens re-reading and re-writing the head's f32 gradient.
 const TRAINED_HEAD_CHUNK_FACTOR: usize = 4;
 
-/// Rows per LM-head chunk for `vocab` under [`CE_CHUNK_BYTES`] (at least 64, at most 1024).
-pub fn ce_chunk_rows_for(vocab: usize) -> usize {
-    (CE_CHUNK_BYTES / (vocab.max(1) * 4)).clamp(64, 1024)
+/// Rows per LM-head chunk for `vocab` logits of `dtype` under [`CE_CHUNK_BYTES`] (at least 64, at
+/// most 1024).
+pub fn ce_chunk_rows_for(vocab: usize, dtype: DType) -> usize {
+    (CE_CHUNK_BYTES / (vocab.max(1) * dtype.size_in_bytes())).clamp(64, 1024)
 }
 
 /// What is trained.
@@ -236,6 +246,9 @@ pub struct StepStats {
     pub n_trained: usize,
     /// Blocks whose forward ran again in the backward (activation checkpointing).
     pub recomputed_blocks: usize,
+    /// Kept blocks whose two norms and SwiGLU product the backward recomputes (see
+    /// `BlockActs::slim`): all kept blocks unless the activation budget holds every block whole.
+    pub slimmed_blocks: usize,
 }
 
 /// A linear projection: base weight (+ bias) and an optional LoRA adapter, as parameter indices.
@@ -248,22 +261,52 @@ struct Proj {
     ordinal: u64,
 }
 
-enum Qkv {
-    /// Llama / Qwen2: `q_proj`, `k_proj`, `v_proj`.
-    Separate { q: Proj, k: Proj, v: Proj },
-    /// InternLM2 `wqkv`: output rows grouped as `[kv_heads, group + 2, head_dim]`
-    /// (`group` query heads, then the key, then the value of each KV head).
-    Fused(Proj),
+/// Projections that read the same input (q/k/v, gate/up, or one alone), so that their adapters
+/// share GEMMs (see [`lora_group_forward`]).
+struct ProjGroup {
+    projs: Vec<Proj>,
+    /// The group's LoRA A's are adjacent trainables (see `Builder::group`): `(first slot, rows
+    /// G·r, in)` of their `[G·r, in]` stack in the flat trainables and the gradient buffer.
+    a_stack: Option<(usize, usize, usize)>,
+}
+
+/// How the attention's q, k and v come out of its input projection group.
+#[derive(Clone, Copy)]
+enum QkvLayout {
+    /// Llama / Qwen2: `q_proj`, `k_proj`, `v_proj`, the group's three projections.
+    Separate,
+    /// InternLM2 `wqkv`, the group's one projection: output rows grouped as
+    /// `[kv_heads, group + 2, head_dim]` (`group` query heads, then the key, then the value of
+    /// each KV head).
+    Fused,
 }
 
 struct Block {
     attn_norm: usize,
-    qkv: Qkv,
-    o: Proj,
+    qkv: ProjGroup,
+    qkv_layout: QkvLayout,
+    o: ProjGroup,
     ffn_norm: usize,
-    gate: Proj,
-    up: Proj,
-    down: Proj,
+    /// gate, then up.
+    gate_up: ProjGroup,
+    down: ProjGroup,
+}
+
+/// What the forward of one adapter GEMM group keeps: which of the projection group's members it
+/// covers (all adapters at once, or one when dropout gives each its own input).
+struct AdapterSaved {
+    members: Vec<usize>,
+    saved: LoraSaved,
+}
+
+/// One linear of a [`ProjGroup`] for `Builder::group`: `{prefix}.weight [out, in]`, with a LoRA
+/// adapter when `leaf` is targeted; `ordinal` is its position among the block's linears.
+struct ProjSpec<'s> {
+    prefix: String,
+    leaf: &'s str,
+    ordinal: u64,
+    out_f: usize,
+    bias: bool,
 }
 
 /// Per-conversation key/value cache for incremental decoding.
@@ -306,6 +349,11 @@ pub struct Decoder {
     dequant_scratch: std::sync::Mutex<Option<Tensor>>,
     /// RoPE angles by position, gathered per batch.
     rope: RopeCache,
+    /// The flat `[N]` trainables in the compute dtype that `params` holds views of (set with
+    /// them): the stacked LoRA A's of a projection group are one view of it.
+    trainable_flat: Option<Tensor>,
+    /// Per trainable slot: its offset in the flat trainables (and the gradient buffer).
+    slot_offsets: Vec<usize>,
 }
 
 /// A weight ready for a matmul (see `Decoder::matmul_weight`): derefs to the tensor and keeps the
@@ -424,57 +472,82 @@ impl Builder<'_> {
         Ok(idx)
     }
 
-    /// `{prefix}.weight [out, in]` (+ `{prefix}.bias`), with a LoRA adapter when `leaf` is targeted.
-    fn proj(
-        &mut self,
-        prefix: &str,
-        leaf: &str,
-        ordinal: u64,
-        out_f: usize,
-        in_f: usize,
-        bias: bool,
-    ) -> Result<Proj> {
-        let weight = self.take_linear(&format!("{prefix}.weight"), &[out_f, in_f])?;
-        let bias = if bias {
-            Some(self.take(&format!("{prefix}.bias"), &[out_f])?)
-        } else {
-            None
+    /// Projections that read the same input `[n, in_f]`: every base weight (+ bias) first, then
+    /// the A of each targeted one, then their B's, so that the group's A's are adjacent trainables
+    /// (one `[G·r, in]` view of the flat buffer and of its gradient).
+    fn group(&mut self, in_f: usize, specs: &[ProjSpec]) -> Result<ProjGroup> {
+        let mut projs = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let prefix = &spec.prefix;
+            let weight = self.take_linear(&format!("{prefix}.weight"), &[spec.out_f, in_f])?;
+            let bias = if spec.bias {
+                Some(self.take(&format!("{prefix}.bias"), &[spec.out_f])?)
+            } else {
+                None
+            };
+            projs.push(Proj {
+                weight,
+                bias,
+                lora: None,
+                ordinal: spec.ordinal,
+            });
+        }
+        let Some(r) = self.lora.as_ref().map(|l| l.r) else {
+            return Ok(ProjGroup {
+                projs,
+                a_stack: None,
+            });
         };
-        let rank = self
-            .lora
-            .as_ref()
-            .filter(|spec| spec.targets.is_empty() || spec.targets.iter().any(|t| t == leaf))
-            .map(|spec| spec.r);
-        let lora = match rank {
-            Some(r) => {
-                let a_seed = mix_seed(self.seed, self.params.len() as u64);
-                // The init stays on the host (f32) until the whole model is loaded: device
-                // copies made here would sit between the base weights (see `upload_flat`).
-                let a = lora_a_init(r, in_f, a_seed, &Device::Cpu)?; // [r, in] f32
-                let b = Tensor::zeros((out_f, r), DType::F32, &Device::Cpu)?; // [out, r]
-                let ai = self.push(format!("{prefix}.lora_A.weight"), a.clone(), true);
-                let bi = self.push(format!("{prefix}.lora_B.weight"), b.clone(), true);
-                self.lora_init.extend([a, b]);
-                self.lora_param_idx.extend([ai, bi]);
-                Some((ai, bi))
-            }
-            None => None,
-        };
-        Ok(Proj {
-            weight,
-            bias,
-            lora,
-            ordinal,
-        })
+        let targeted: Vec<usize> = (0..specs.len())
+            .filter(|&i| {
+                let targets = &self.lora.as_ref().expect("LoRA mode").targets;
+                targets.is_empty() || targets.iter().any(|t| t == specs[i].leaf)
+            })
+            .collect();
+        let mut a_params = Vec::with_capacity(targeted.len());
+        for &i in &targeted {
+            let a_seed = mix_seed(self.seed, self.params.len() as u64);
+            // The init stays on the host (f32) until the whole model is loaded: device copies
+            // made here would sit between the base weights (see `upload_flat`).
+            let a = lora_a_init(r, in_f, a_seed, &Device::Cpu)?; // [r, in] f32
+            let ai = self.push(
+                format!("{}.lora_A.weight", specs[i].prefix),
+                a.clone(),
+                true,
+            );
+            self.lora_init.push(a);
+            self.lora_param_idx.push(ai);
+            a_params.push(ai);
+        }
+        for (&i, &ai) in targeted.iter().zip(&a_params) {
+            let b = Tensor::zeros((specs[i].out_f, r), DType::F32, &Device::Cpu)?; // [out, r]
+            let bi = self.push(
+                format!("{}.lora_B.weight", specs[i].prefix),
+                b.clone(),
+                true,
+            );
+            self.lora_init.push(b);
+            self.lora_param_idx.push(bi);
+            projs[i].lora = Some((ai, bi));
+        }
+        let a_stack = a_params
+            .first()
+            .and_then(|&ai| self.slot_of[ai])
+            .map(|slot| (slot, r * targeted.len(), in_f));
+        Ok(ProjGroup { projs, a_stack })
     }
 }
 
-/// `values` (host tensors) on `device` in `dtype`, uploaded as one flat buffer and returned as
+/// `values` (host tensors) on `device` in `dtype`, uploaded as one flat buffer and returned with
 /// views of it in their shapes: one device allocation instead of one per tensor, so that freeing
-/// them together gives the memory pool back one contiguous block.
-fn upload_flat(values: &[Tensor], device: &Device, dtype: DType) -> Result<Vec<Tensor>> {
+/// them together gives the memory pool back one contiguous block. No buffer for no values.
+fn upload_flat(
+    values: &[Tensor],
+    device: &Device,
+    dtype: DType,
+) -> Result<(Option<Tensor>, Vec<Tensor>)> {
     if values.is_empty() {
-        return Ok(vec![]);
+        return Ok((None, vec![]));
     }
     let flat: Vec<Tensor> = values
         .iter()
@@ -482,7 +555,7 @@ fn upload_flat(values: &[Tensor], device: &Device, dtype: DType) -> Result<Vec<T
         .collect::<candle_core::Result<_>>()?;
     let all = Tensor::cat(&flat, 0)?.to_dtype(dtype)?.to_device(device)?; // [N]
     let mut offset = 0;
-    values
+    let views = values
         .iter()
         .map(|t| {
             let n = t.elem_count();
@@ -490,7 +563,8 @@ fn upload_flat(values: &[Tensor], device: &Device, dtype: DType) -> Result<Vec<T
             offset += n;
             Ok(view)
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((Some(all), views))
 }
 
 /// Activations of the attention half of a block that its backward needs.
@@ -498,7 +572,7 @@ struct AttnActs {
     /// The normed input; `None` once [`BlockActs::slim`] dropped it (recomputed from `x`).
     h1: Option<Tensor>,
     rstd1: Tensor,
-    qkv_saved: Vec<Option<LoraSaved>>,
+    qkv_saved: Vec<AdapterSaved>,
     /// Post-RoPE `[n, heads, d]` / `[n, kv_heads, d]` as attention saw them (under sequence
     /// parallelism: the whole sequence's `[n, heads/sp, d]` after the Ulysses exchange).
     q: Tensor,
@@ -513,7 +587,7 @@ struct AttnActs {
 struct TailActs {
     /// Attention output flattened to `[n, heads·d]`.
     attn_flat: Tensor,
-    o_saved: Option<LoraSaved>,
+    o_saved: Vec<AdapterSaved>,
     /// Residual stream after attention `[n, h]`.
     x2: Tensor,
     /// `None` once slimmed (recomputed from `x2`).
@@ -521,11 +595,10 @@ struct TailActs {
     rstd2: Tensor,
     g: Tensor,
     u: Tensor,
-    gate_saved: Option<LoraSaved>,
-    up_saved: Option<LoraSaved>,
+    gate_up_saved: Vec<AdapterSaved>,
     /// SwiGLU output `[n, inter]`; `None` once slimmed (recomputed from `g` and `u`).
     m: Option<Tensor>,
-    down_saved: Option<LoraSaved>,
+    down_saved: Vec<AdapterSaved>,
 }
 
 struct BlockActs {
@@ -543,16 +616,13 @@ impl BlockActs {
         self.tail.m = None;
     }
 
-    /// Device bytes these activations hold; a storage several of them share (the attention
-    /// output and its flattened view) counts once.
-    fn bytes(&self) -> usize {
+    /// Device bytes these activations hold (`slimmed`: as [`BlockActs::slim`] would leave them);
+    /// a storage several of them share (the attention output and its flattened view) counts once.
+    fn bytes(&self, slimmed: bool) -> usize {
         let (a, t) = (&self.attn, &self.tail);
-        let saved = a.qkv_saved.iter().flatten();
-        let saved = saved.chain(
-            [&t.o_saved, &t.gate_saved, &t.up_saved, &t.down_saved]
-                .into_iter()
-                .flatten(),
-        );
+        let saved = [&a.qkv_saved, &t.o_saved, &t.gate_up_saved, &t.down_saved]
+            .into_iter()
+            .flatten();
         let mut tensors = vec![
             &self.x,
             &a.rstd1,
@@ -567,8 +637,10 @@ impl BlockActs {
             &t.g,
             &t.u,
         ];
-        tensors.extend([&a.h1, &t.h2, &t.m].into_iter().flatten());
-        tensors.extend(saved.map(|s| &s.ax));
+        if !slimmed {
+            tensors.extend([&a.h1, &t.h2, &t.m].into_iter().flatten());
+        }
+        tensors.extend(saved.map(|s| &s.saved.axt));
         let mut seen: Vec<*const candle_core::Storage> = Vec::with_capacity(tensors.len());
         let mut bytes = 0;
         for t in tensors {
@@ -726,52 +798,83 @@ impl Decoder {
                 Arch::Llama | Arch::Qwen2 => {
                     let attn_norm = b.take(&format!("{p}.input_layernorm.weight"), &[h])?;
                     let a = format!("{p}.self_attn");
-                    let q = b.proj(&format!("{a}.q_proj"), "q_proj", 0, q_out, h, cfg.qkv_bias)?;
-                    let k = b.proj(&format!("{a}.k_proj"), "k_proj", 1, kv_out, h, cfg.qkv_bias)?;
-                    let vp =
-                        b.proj(&format!("{a}.v_proj"), "v_proj", 2, kv_out, h, cfg.qkv_bias)?;
-                    let o = b.proj(&format!("{a}.o_proj"), "o_proj", 3, h, q_out, o_bias)?;
-                    let ffn_norm = b.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
                     let m = format!("{p}.mlp");
-                    let ob = cfg.out_bias;
-                    let gate = b.proj(&format!("{m}.gate_proj"), "gate_proj", 4, inter, h, ob)?;
-                    let up = b.proj(&format!("{m}.up_proj"), "up_proj", 5, inter, h, ob)?;
-                    let down = b.proj(&format!("{m}.down_proj"), "down_proj", 6, h, inter, ob)?;
+                    let (qb, ob) = (cfg.qkv_bias, cfg.out_bias);
+                    let spec = |prefix: String, leaf, ordinal, out_f, bias| ProjSpec {
+                        prefix,
+                        leaf,
+                        ordinal,
+                        out_f,
+                        bias,
+                    };
+                    let qkv = b.group(
+                        h,
+                        &[
+                            spec(format!("{a}.q_proj"), "q_proj", 0, q_out, qb),
+                            spec(format!("{a}.k_proj"), "k_proj", 1, kv_out, qb),
+                            spec(format!("{a}.v_proj"), "v_proj", 2, kv_out, qb),
+                        ],
+                    )?;
+                    let o = b.group(
+                        q_out,
+                        &[spec(format!("{a}.o_proj"), "o_proj", 3, h, o_bias)],
+                    )?;
+                    let ffn_norm = b.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+                    let gate_up = b.group(
+                        h,
+                        &[
+                            spec(format!("{m}.gate_proj"), "gate_proj", 4, inter, ob),
+                            spec(format!("{m}.up_proj"), "up_proj", 5, inter, ob),
+                        ],
+                    )?;
+                    let down = b.group(
+                        inter,
+                        &[spec(format!("{m}.down_proj"), "down_proj", 6, h, ob)],
+                    )?;
                     Block {
                         attn_norm,
-                        qkv: Qkv::Separate { q, k, v: vp },
+                        qkv,
+                        qkv_layout: QkvLayout::Separate,
                         o,
                         ffn_norm,
-                        gate,
-                        up,
+                        gate_up,
                         down,
                     }
                 }
                 Arch::InternLM2 => {
                     let attn_norm = b.take(&format!("{p}.attention_norm.weight"), &[h])?;
                     let a = format!("{p}.attention");
-                    let wqkv = b.proj(
-                        &format!("{a}.wqkv"),
-                        "wqkv",
-                        0,
-                        q_out + 2 * kv_out,
-                        h,
-                        cfg.qkv_bias,
-                    )?;
-                    let o = b.proj(&format!("{a}.wo"), "wo", 1, h, q_out, o_bias)?;
-                    let ffn_norm = b.take(&format!("{p}.ffn_norm.weight"), &[h])?;
                     let f = format!("{p}.feed_forward");
                     let ob = cfg.out_bias;
-                    let gate = b.proj(&format!("{f}.w1"), "w1", 2, inter, h, ob)?;
-                    let up = b.proj(&format!("{f}.w3"), "w3", 3, inter, h, ob)?;
-                    let down = b.proj(&format!("{f}.w2"), "w2", 4, h, inter, ob)?;
+                    let spec = |prefix: String, leaf, ordinal, out_f, bias| ProjSpec {
+                        prefix,
+                        leaf,
+                        ordinal,
+                        out_f,
+                        bias,
+                    };
+                    let wqkv_out = q_out + 2 * kv_out;
+                    let qkv = b.group(
+                        h,
+                        &[spec(format!("{a}.wqkv"), "wqkv", 0, wqkv_out, cfg.qkv_bias)],
+                    )?;
+                    let o = b.group(q_out, &[spec(format!("{a}.wo"), "wo", 1, h, o_bias)])?;
+                    let ffn_norm = b.take(&format!("{p}.ffn_norm.weight"), &[h])?;
+                    let gate_up = b.group(
+                        h,
+                        &[
+                            spec(format!("{f}.w1"), "w1", 2, inter, ob),
+                            spec(format!("{f}.w3"), "w3", 3, inter, ob),
+                        ],
+                    )?;
+                    let down = b.group(inter, &[spec(format!("{f}.w2"), "w2", 4, h, ob)])?;
                     Block {
                         attn_norm,
-                        qkv: Qkv::Fused(wqkv),
+                        qkv,
+                        qkv_layout: QkvLayout::Fused,
                         o,
                         ffn_norm,
-                        gate,
-                        up,
+                        gate_up,
                         down,
                     }
                 }
@@ -792,10 +895,22 @@ impl Decoder {
         // The LoRA weights in the compute dtype, made now from the host init in one upload: one
         // contiguous device block after the base weights, not holes between them once the
         // optimizer's master views replace these copies.
-        let lora_values = upload_flat(&b.lora_init, device, compute_dtype)?;
+        let (lora_flat, lora_values) = upload_flat(&b.lora_init, device, compute_dtype)?;
         for (&idx, value) in b.lora_param_idx.iter().zip(lora_values) {
             params[idx] = value;
         }
+        // The adapters are all the trainables, in their order: the flat upload is the flat
+        // trainables the grouped adapter GEMMs take their stacked A's from.
+        let trainable_flat = lora_flat.filter(|_| b.lora_param_idx == b.slot_param);
+        let slot_offsets = b
+            .trainable
+            .iter()
+            .scan(0, |offset, t| {
+                let here = *offset;
+                *offset += t.shape.iter().product::<usize>();
+                Some(here)
+            })
+            .collect();
         Ok(Decoder {
             cfg: cfg.clone(),
             dtype: compute_dtype,
@@ -813,10 +928,12 @@ impl Decoder {
             blocks,
             final_norm,
             head,
-            ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size),
+            ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size, compute_dtype),
             activation_budget: 0,
             dequant_scratch: std::sync::Mutex::new(None),
             rope: RopeCache::new(cfg.head_dim, cfg.rope_theta, compute_dtype, device),
+            trainable_flat,
+            slot_offsets,
         })
     }
 
@@ -846,18 +963,31 @@ impl Decoder {
         self.activation_budget = bytes;
     }
 
-    /// The first block whose activations the forward keeps: 0 without checkpointing, else the
-    /// number of blocks that do not fit the budget at `block_bytes` each.
-    fn first_kept_block(&self, checkpointing: bool, block_bytes: usize) -> usize {
+    /// Which blocks keep their activations, from block 0's whole and slimmed sizes: `(first kept
+    /// block, slim the kept ones)`. Without checkpointing every block is kept, slimmed. With it,
+    /// every block is kept whole when the budget holds them all so (no recompute at all), else
+    /// the last blocks that fit it slimmed are kept, slimmed.
+    fn kept_blocks(
+        &self,
+        checkpointing: bool,
+        whole_bytes: usize,
+        slim_bytes: usize,
+    ) -> (usize, bool) {
         let layers = self.blocks.len();
         if !checkpointing {
-            return 0;
+            return (0, true);
+        }
+        if whole_bytes
+            .checked_mul(layers)
+            .is_some_and(|all| all <= self.activation_budget)
+        {
+            return (0, false);
         }
         let fit = self
             .activation_budget
-            .checked_div(block_bytes)
+            .checked_div(slim_bytes)
             .unwrap_or(layers);
-        layers - fit.min(layers)
+        (layers - fit.min(layers), true)
     }
 
     pub fn trainable(&self) -> &[TrainableInfo] {
@@ -868,7 +998,7 @@ impl Decoder {
     /// loaded weights (as cast to the compute dtype) in full fine-tuning.
     pub fn initial_trainable_values(&self) -> Result<Vec<Tensor>> {
         if !self.lora_init.is_empty() {
-            return upload_flat(&self.lora_init, &self.device, DType::F32);
+            return Ok(upload_flat(&self.lora_init, &self.device, DType::F32)?.1);
         }
         self.slot_param
             .iter()
@@ -908,6 +1038,31 @@ impl Decoder {
             let p = self.slot_param[slot];
             self.params[p] = value.to_device(&self.device)?.to_dtype(self.dtype)?;
         }
+        // Separate tensors: no stacked view of the adapters (see `set_trainable_flat`).
+        self.trainable_flat = None;
+        Ok(())
+    }
+
+    /// [`Decoder::set_trainable`] from the flat `[N]` trainables (the optimizer's layout, any
+    /// dtype): the parameters become views of it in the compute dtype (one cast of the whole
+    /// buffer when it has another dtype), and so do the projection groups' stacked LoRA A's.
+    pub fn set_trainable_flat(&mut self, flat: &Tensor) -> Result<()> {
+        let n: usize = self
+            .trainable
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        if flat.dims() != [n] {
+            bail!(
+                "set_trainable: a flat buffer of shape {:?} for {n} trainable values",
+                flat.dims()
+            );
+        }
+        let flat = flat.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let views =
+            crate::model::flat_views(&flat, self.trainable.iter().map(|t| t.shape.as_slice()))?;
+        self.set_trainable(&views)?;
+        self.trainable_flat = Some(flat);
         Ok(())
     }
 
@@ -1112,106 +1267,206 @@ impl Decoder {
         })
     }
 
-    // ---- projections --------------------------------------------------------------------------
+    // ---- projections ----------------------------------------------------------------------------
 
-    /// `y = x Wᵀ (+ b) (+ LoRA)`; dropout (seeded) only when `dropout_seed` is given (training).
-    fn proj_forward(
+    /// The group's outputs `y_i = x W_iᵀ (+ b_i) (+ LoRA_i)` for its input `x [n, in]`; dropout
+    /// (seeded) only when `dropout_seed` is given (training). The adapters' deltas come first, as
+    /// fresh outputs, and each base GEMM adds onto its own (`beta = 1`).
+    fn group_forward(
         &self,
-        p: &Proj,
+        g: &ProjGroup,
         x: &Tensor,
         dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let w = self.matmul_weight(p.weight)?;
-        let y = scope(&self.device, "linear_fwd", || {
-            linear_forward(x, &w, p.bias.map(|b| &self.params[b]))
-        })?;
-        drop(w);
-        let Some((a, b)) = p.lora else {
-            return Ok((y, None));
-        };
-        let mask = match dropout_seed {
-            Some(seed) => {
-                let (n, in_f) = x.dims2()?;
-                dropout_mask(
-                    n,
-                    in_f,
-                    self.lora_dropout,
-                    mix_seed(seed, p.ordinal),
-                    self.dtype,
-                    &self.device,
-                )?
-            }
-            None => None,
-        };
+    ) -> Result<(Vec<Tensor>, Vec<AdapterSaved>)> {
+        let mut deltas: Vec<Option<Tensor>> = vec![None; g.projs.len()];
         let saved = scope(&self.device, "lora_fwd", || {
-            let (wa, wb) = (&self.params[a], &self.params[b]);
-            lora_forward_into(&y, x, wa, wb, self.lora_scale, mask)
+            self.adapters_forward(g, x, dropout_seed, &mut deltas)
         })?;
-        Ok((y, Some(saved)))
+        let ys = g
+            .projs
+            .iter()
+            .zip(deltas)
+            .map(|(p, delta)| {
+                let w = self.matmul_weight(p.weight)?;
+                let y = scope(&self.device, "linear_fwd", || match delta {
+                    Some(y) => {
+                        gemm_into(GemmOut::whole(&y), x, false, &w, true, 1.0, 1.0)?; // y += x·Wᵀ
+                        anyhow::Ok(y)
+                    }
+                    None => gemm(x, false, &w, true), // [n, in]·[in, out]
+                })?;
+                match p.bias {
+                    Some(b) => Ok(y.broadcast_add(&self.params[b])?),
+                    None => Ok(y),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((ys, saved))
     }
 
-    /// Returns `dx` and accumulates the gradients of the projection's trainables. With `dx_acc`
-    /// the input gradient is added into it in place and it is returned (projections that read the
-    /// same input: their input gradients are summed by the GEMMs' `beta = 1`, with no `[n, in]`
-    /// temporary or add pass).
-    fn proj_backward(
-        &self,
-        p: &Proj,
-        x: &Tensor,
-        saved: Option<&LoraSaved>,
-        dy: &Tensor,
-        grads: &mut Grads,
-        dx_acc: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let w = self.matmul_weight(p.weight)?;
-        let dw_into = self.grad_out(grads, p.weight)?;
-        let lg = scope(&self.device, "linear_bwd", || {
-            let lg = linear_backward(
-                x,
-                &w,
-                dy,
-                dx_acc.is_none(),
-                false,
-                p.bias.is_some_and(|b| self.trains(b)),
-            )?;
-            if let Some(acc) = dx_acc {
-                // acc += dy·W
-                gemm_into(GemmOut::whole(acc), dy, false, &w, false, 1.0, 1.0)?;
-            }
-            if let Some((out, beta)) = dw_into {
-                // dW = dyᵀ·x + beta·dW: [out, n]·[n, in]
-                gemm_into(out, dy, true, x, false, 1.0, beta)?;
-            }
-            anyhow::Ok(lg)
-        })?;
-        drop(w); // a dequantized NF4 weight dies here, before the adapter's backward
-        if let (Some(db), Some(b)) = (&lg.db, p.bias) {
-            self.accumulate(grads, b, db)?;
-        }
-        let dx = match dx_acc {
-            Some(acc) => acc.clone(),
-            None => lg.dx.context("linear backward returned no dx")?,
+    /// The group's stacked LoRA A's `[G·r, in]`: a view of the flat trainables (None when the
+    /// trainables were set as separate tensors, or the group has no adapter).
+    fn stacked_a(&self, g: &ProjGroup) -> Result<Option<Tensor>> {
+        let (Some((slot, rows, in_f)), Some(flat)) = (g.a_stack, &self.trainable_flat) else {
+            return Ok(None);
         };
-        if let (Some((a, b)), Some(saved)) = (p.lora, saved) {
+        let stack = flat.narrow(0, self.slot_offsets[slot], rows * in_f)?;
+        Ok(Some(stack.reshape((rows, in_f))?))
+    }
+
+    /// The A of adapter GEMM group `members` of `g`: the stack for several, the one A for one.
+    fn members_a(&self, g: &ProjGroup, members: &[usize]) -> Result<Tensor> {
+        match members {
+            [i] => Ok(self.params[self.lora_of(&g.projs[*i])?.0].clone()),
+            _ => self
+                .stacked_a(g)?
+                .context("grouped adapters without their stacked A's"),
+        }
+    }
+
+    fn lora_of(&self, p: &Proj) -> Result<(usize, usize)> {
+        p.lora
+            .with_context(|| format!("`{}` has no LoRA adapter", self.names[p.weight]))
+    }
+
+    /// The adapters of `g` on input `x`, their deltas put in `deltas`: one GEMM group for all of
+    /// them, unless dropout gives each its own input (or there is no stacked view of their A's).
+    fn adapters_forward(
+        &self,
+        g: &ProjGroup,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+        deltas: &mut [Option<Tensor>],
+    ) -> Result<Vec<AdapterSaved>> {
+        let adapted: Vec<usize> = (0..g.projs.len())
+            .filter(|&i| g.projs[i].lora.is_some())
+            .collect();
+        if adapted.is_empty() {
+            return Ok(vec![]);
+        }
+        let dropout = dropout_seed.filter(|_| self.lora_dropout > 0.0);
+        let parts: Vec<Vec<usize>> = if dropout.is_none() && self.stacked_a(g)?.is_some() {
+            vec![adapted]
+        } else {
+            adapted.into_iter().map(|i| vec![i]).collect()
+        };
+        let (n, in_f) = x.dims2()?;
+        parts
+            .into_iter()
+            .map(|members| {
+                let a = self.members_a(g, &members)?;
+                let bs = members
+                    .iter()
+                    .map(|&i| Ok(&self.params[self.lora_of(&g.projs[i])?.1]))
+                    .collect::<Result<Vec<_>>>()?;
+                let mask = match (dropout, members.as_slice()) {
+                    (Some(seed), [i]) => dropout_mask(
+                        n,
+                        in_f,
+                        self.lora_dropout,
+                        mix_seed(seed, g.projs[*i].ordinal),
+                        self.dtype,
+                        &self.device,
+                    )?,
+                    _ => None,
+                };
+                let (ys, saved) = lora_group_forward(x, &a, &bs, self.lora_scale, mask)?;
+                for (&i, y) in members.iter().zip(ys) {
+                    deltas[i] = Some(y);
+                }
+                Ok(AdapterSaved { members, saved })
+            })
+            .collect()
+    }
+
+    /// Returns the gradient of the group's input `x` for upstream `dys` (one per projection, each
+    /// dropped once used) and accumulates the gradients of the group's trainables. The adapters'
+    /// part of `dx` comes first, fresh; each base projection's GEMM adds onto it (`beta = 1`).
+    fn group_backward(
+        &self,
+        g: &ProjGroup,
+        x: &Tensor,
+        saved: &[AdapterSaved],
+        dys: Vec<Tensor>,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let mut dx: Option<Tensor> = None;
+        for part in saved {
+            let dxp = scope(&self.device, "lora_bwd", || {
+                self.adapters_backward(g, x, part, &dys, grads)
+            })?;
+            dx = Some(match dx {
+                Some(acc) => residual_add(dxp, &acc)?,
+                None => dxp,
+            });
+        }
+        for (p, dy) in g.projs.iter().zip(dys) {
+            let w = self.matmul_weight(p.weight)?;
+            let dw_into = self.grad_out(grads, p.weight)?;
+            let db = scope(&self.device, "linear_bwd", || {
+                dx = Some(match dx.take() {
+                    Some(acc) => {
+                        gemm_into(GemmOut::whole(&acc), &dy, false, &w, false, 1.0, 1.0)?; // += dy·W
+                        acc
+                    }
+                    None => gemm(&dy, false, &w, false)?, // [n, out]·[out, in]
+                });
+                if let Some((out, beta)) = dw_into {
+                    // dW = dyᵀ·x + beta·dW: [out, n]·[n, in]
+                    gemm_into(out, &dy, true, x, false, 1.0, beta)?;
+                }
+                let trains_bias = p.bias.is_some_and(|b| self.trains(b));
+                anyhow::Ok(if trains_bias { Some(dy.sum(0)?) } else { None }) // [out]
+            })?;
+            drop(w); // a dequantized NF4 weight dies here, before the next one is made
+            if let (Some(db), Some(b)) = (db, p.bias) {
+                self.accumulate(grads, b, &db)?;
+            }
+        }
+        dx.context("a projection group without projections")
+    }
+
+    /// Backward of one adapter GEMM group (see [`Decoder::adapters_forward`]): accumulates its
+    /// A and B gradients and returns its part of the input gradient `[n, in]`, fresh.
+    fn adapters_backward(
+        &self,
+        g: &ProjGroup,
+        x: &Tensor,
+        part: &AdapterSaved,
+        dys: &[Tensor],
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let mut a_offset = None;
+        let mut db_offsets = Vec::with_capacity(part.members.len());
+        let mut bs = Vec::with_capacity(part.members.len());
+        for &i in &part.members {
+            let (a, b) = self.lora_of(&g.projs[i])?;
             let (Some(slot_a), Some(slot_b)) = (self.slot_of[a], self.slot_of[b]) else {
                 bail!(
                     "LoRA weights of `{}` are not trainable",
-                    self.names[p.weight]
+                    self.names[g.projs[i].weight]
                 );
             };
-            let (da, db) = (grads.mark(slot_a), grads.mark(slot_b));
-            let buf = grads.buffer()?;
-            let out = LoraGradsInto {
-                dx: &dx,
-                da: GemmOut { buf, offset: da },
-                db: GemmOut { buf, offset: db },
-            };
-            scope(&self.device, "lora_bwd", || {
-                let (wa, wb) = (&self.params[a], &self.params[b]);
-                lora_backward_into(x, wa, wb, self.lora_scale, saved, dy, out)
-            })?;
+            // The members' A slots are adjacent: dA of the stack starts at the first one.
+            let offset = grads.mark(slot_a);
+            a_offset.get_or_insert(offset);
+            db_offsets.push(grads.mark(slot_b));
+            bs.push(&self.params[b]);
         }
-        Ok(dx)
+        let a = self.members_a(g, &part.members)?;
+        let buf = grads.buffer()?;
+        let out = LoraGroupGrads {
+            da: GemmOut {
+                buf,
+                offset: a_offset.context("an adapter group without members")?,
+            },
+            dbs: db_offsets
+                .into_iter()
+                .map(|offset| GemmOut { buf, offset })
+                .collect(),
+        };
+        let dys: Vec<&Tensor> = part.members.iter().map(|&i| &dys[i]).collect();
+        lora_group_backward(x, &a, &bs, self.lora_scale, &part.saved, &dys, out)
     }
 
     // ---- block pieces -------------------------------------------------------------------------
@@ -1219,27 +1474,22 @@ impl Decoder {
     /// q, k, v before RoPE: `[n, heads, d]`, `[n, kv_heads, d]`, `[n, kv_heads, d]`.
     fn qkv_forward(
         &self,
-        qkv: &Qkv,
+        blk: &Block,
         h1: &Tensor,
         seed: Option<u64>,
-    ) -> Result<(Tensor, Tensor, Tensor, Vec<Option<LoraSaved>>)> {
+    ) -> Result<(Tensor, Tensor, Tensor, Vec<AdapterSaved>)> {
         let n = h1.dim(0)?;
         let (hq, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        match qkv {
-            Qkv::Separate { q, k, v } => {
-                let (qy, qs) = self.proj_forward(q, h1, seed)?;
-                let (ky, ks) = self.proj_forward(k, h1, seed)?;
-                let (vy, vs) = self.proj_forward(v, h1, seed)?;
-                Ok((
-                    qy.reshape((n, hq, d))?,
-                    ky.reshape((n, hkv, d))?,
-                    vy.reshape((n, hkv, d))?,
-                    vec![qs, ks, vs],
-                ))
-            }
-            Qkv::Fused(w) => {
+        let (ys, saved) = self.group_forward(&blk.qkv, h1, seed)?;
+        match (blk.qkv_layout, ys.as_slice()) {
+            (QkvLayout::Separate, [qy, ky, vy]) => Ok((
+                qy.reshape((n, hq, d))?,
+                ky.reshape((n, hkv, d))?,
+                vy.reshape((n, hkv, d))?,
+                saved,
+            )),
+            (QkvLayout::Fused, [y]) => {
                 let group = hq / hkv;
-                let (y, s) = self.proj_forward(w, h1, seed)?;
                 let y = y.reshape((n, hkv, group + 2, d))?; // InternLM2 grouped layout
                 let q = y.narrow(2, 0, group)?.contiguous()?.reshape((n, hq, d))?;
                 let k = y.narrow(2, group, 1)?.contiguous()?.reshape((n, hkv, d))?;
@@ -1247,40 +1497,30 @@ impl Decoder {
                     .narrow(2, group + 1, 1)?
                     .contiguous()?
                     .reshape((n, hkv, d))?;
-                Ok((q, k, v, vec![s]))
+                Ok((q, k, v, saved))
             }
+            _ => bail!("q/k/v group of {} projections", ys.len()),
         }
     }
 
     /// Gradient of the block's normed input `h1` from the q/k/v gradients (pre-RoPE).
     fn qkv_backward(
         &self,
-        qkv: &Qkv,
+        blk: &Block,
         h1: &Tensor,
-        saved: &[Option<LoraSaved>],
-        (dq, dk, dv): (&Tensor, &Tensor, &Tensor),
+        saved: &[AdapterSaved],
+        (dq, dk, dv): (Tensor, Tensor, Tensor),
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let n = h1.dim(0)?;
         let (hq, hkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        match qkv {
-            Qkv::Separate { q, k, v } => {
-                // dh1 = dq·Wq + dk·Wk + dv·Wv (+ LoRA), summed in place in the first one's output.
-                let dx = self.proj_backward(
-                    q,
-                    h1,
-                    saved[0].as_ref(),
-                    &dq.reshape((n, hq * d))?,
-                    grads,
-                    None,
-                )?;
-                let dk = dk.reshape((n, hkv * d))?;
-                self.proj_backward(k, h1, saved[1].as_ref(), &dk, grads, Some(&dx))?;
-                let dv = dv.reshape((n, hkv * d))?;
-                self.proj_backward(v, h1, saved[2].as_ref(), &dv, grads, Some(&dx))?;
-                Ok(dx)
-            }
-            Qkv::Fused(w) => {
+        let dys = match blk.qkv_layout {
+            QkvLayout::Separate => vec![
+                dq.reshape((n, hq * d))?,
+                dk.reshape((n, hkv * d))?,
+                dv.reshape((n, hkv * d))?,
+            ],
+            QkvLayout::Fused => {
                 let group = hq / hkv;
                 let dy = Tensor::cat(
                     &[
@@ -1291,9 +1531,10 @@ impl Decoder {
                     2,
                 )? // [n, kv, group + 2, d]
                 .reshape((n, (hq + 2 * hkv) * d))?;
-                self.proj_backward(w, h1, saved[0].as_ref(), &dy, grads, None)
+                vec![dy]
             }
-        }
+        };
+        self.group_backward(&blk.qkv, h1, saved, dys, grads)
     }
 
     /// o-projection, residual, post-attention norm, SwiGLU MLP, residual. `attn [n, heads, d]`.
@@ -1306,16 +1547,18 @@ impl Decoder {
     ) -> Result<(Tensor, TailActs)> {
         let n = x.dim(0)?;
         let attn_flat = attn.reshape((n, self.cfg.num_heads * self.cfg.head_dim))?;
-        let (o, o_saved) = self.proj_forward(&blk.o, &attn_flat, seed)?;
-        let x2 = residual_add(o, x)?; // [n, h]
+        let (o, o_saved) = self.group_forward(&blk.o, &attn_flat, seed)?;
+        let x2 = residual_add(only(o)?, x)?; // [n, h]
         let (h2, rstd2) = scope(&self.device, "rmsnorm_fwd", || {
             rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)
         })?;
-        let (g, gate_saved) = self.proj_forward(&blk.gate, &h2, seed)?; // [n, inter]
-        let (u, up_saved) = self.proj_forward(&blk.up, &h2, seed)?;
+        let (gu, gate_up_saved) = self.group_forward(&blk.gate_up, &h2, seed)?;
+        let [g, u]: [Tensor; 2] = gu
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the gate/up group is not two projections"))?; // [n, inter]
         let m = scope(&self.device, "swiglu_fwd", || swiglu_forward(&g, &u))?;
-        let (down, down_saved) = self.proj_forward(&blk.down, &m, seed)?; // [n, h]
-        let out = residual_add(down, &x2)?;
+        let (down, down_saved) = self.group_forward(&blk.down, &m, seed)?;
+        let out = residual_add(only(down)?, &x2)?; // [n, h]
         Ok((
             out,
             TailActs {
@@ -1326,8 +1569,7 @@ impl Decoder {
                 rstd2,
                 g,
                 u,
-                gate_saved,
-                up_saved,
+                gate_up_saved,
                 m: Some(m),
                 down_saved,
             },
@@ -1346,7 +1588,7 @@ impl Decoder {
         let (h1, rstd1) = scope(dev, "rmsnorm_fwd", || {
             rmsnorm_forward(x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)
         })?;
-        let (q, k, v, qkv_saved) = self.qkv_forward(&blk.qkv, &h1, seed)?;
+        let (q, k, v, qkv_saved) = self.qkv_forward(blk, &h1, seed)?;
         // `move`: the pre-RoPE q and k die here instead of living on, shadowed, to the end.
         let (q, k) = scope(dev, "rope_fwd", move || {
             Ok::<_, candle_core::Error>((
@@ -1400,7 +1642,7 @@ impl Decoder {
             Some(m) => m,
             None => scope(&self.device, "swiglu_fwd", || swiglu_forward(&t.g, &t.u))?,
         };
-        let dm = self.proj_backward(&blk.down, &m, t.down_saved.as_ref(), &dout, grads, None)?;
+        let dm = self.group_backward(&blk.down, &m, &t.down_saved, vec![dout.clone()], grads)?;
         drop((m, t.down_saved));
         let (dg, du) = scope(&self.device, "swiglu_bwd", || {
             swiglu_backward(&t.g, &t.u, &dm)
@@ -1416,11 +1658,8 @@ impl Decoder {
                 .0
             }
         };
-        let dh2 = self.proj_backward(&blk.gate, &h2, t.gate_saved.as_ref(), &dg, grads, None)?;
-        drop((dg, t.gate_saved));
-        // dh2 += du·W_up (+ LoRA) in place
-        self.proj_backward(&blk.up, &h2, t.up_saved.as_ref(), &du, grads, Some(&dh2))?;
-        drop((du, t.up_saved, h2));
+        let dh2 = self.group_backward(&blk.gate_up, &h2, &t.gate_up_saved, vec![dg, du], grads)?;
+        drop((t.gate_up_saved, h2));
         let (dx2_norm, dw2) = scope(&self.device, "rmsnorm_bwd", || {
             rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))
         })?;
@@ -1432,7 +1671,7 @@ impl Decoder {
         drop(dout);
         // attention half: x2 = x + o(attn(rope(q), rope(k), v)), q/k/v = proj(norm(x))
         let dattn_flat =
-            self.proj_backward(&blk.o, &t.attn_flat, t.o_saved.as_ref(), &dx2, grads, None)?;
+            self.group_backward(&blk.o, &t.attn_flat, &t.o_saved, vec![dx2.clone()], grads)?;
         drop((t.attn_flat, t.o_saved));
         let (n, heads, d) = (dx2.dim(0)?, self.cfg.num_heads, self.cfg.head_dim);
         let [dattn] = ctx.scatter_heads([dattn_flat.reshape((n, heads, d))?])?;
@@ -1458,8 +1697,8 @@ impl Decoder {
                 .0
             }
         };
-        let dh1 = self.qkv_backward(&blk.qkv, &h1, &a.qkv_saved, (&dq, &dk, &dv), grads)?;
-        drop((dq, dk, dv, h1, a.qkv_saved));
+        let dh1 = self.qkv_backward(blk, &h1, &a.qkv_saved, (dq, dk, dv), grads)?;
+        drop((h1, a.qkv_saved));
         let (dx_norm, dw1) = scope(&self.device, "rmsnorm_bwd", || {
             rmsnorm_backward(&x, attn_w, &a.rstd1, &dh1, self.trains(blk.attn_norm))
         })?;
@@ -1667,15 +1906,18 @@ impl Decoder {
         // into one arena `[blocks, n, h]`: a kept tensor allocated between a block's temporaries
         // would pin a hole in the memory pool at every layer (device memory that is reserved but
         // never usable again).
-        let mut keep_from = None;
+        let mut keep = None;
         let mut arena = None;
         let mut kept = Vec::with_capacity(self.blocks.len());
         for (li, blk) in self.blocks.iter().enumerate() {
             let (y, mut acts) =
                 self.block_forward(blk, &x, ctx, Some(Self::block_seed(step_seed, li)))?;
-            acts.slim();
-            let from = *keep_from
-                .get_or_insert_with(|| self.first_kept_block(checkpointing, acts.bytes()));
+            let (from, slim) = *keep.get_or_insert_with(|| {
+                self.kept_blocks(checkpointing, acts.bytes(false), acts.bytes(true))
+            });
+            if slim {
+                acts.slim();
+            }
             if li >= from {
                 kept.push(Kept::Acts(Box::new(acts)));
             } else {
@@ -1742,7 +1984,11 @@ impl Decoder {
         let stats = StepStats {
             loss_sum: ce.loss_sum.read()?, // after the backward is queued
             n_trained: ce.n_trained,
-            recomputed_blocks: keep_from.unwrap_or(0),
+            recomputed_blocks: keep.map_or(0, |k| k.0),
+            slimmed_blocks: match keep {
+                Some((from, true)) => self.blocks.len() - from,
+                _ => 0,
+            },
         };
         Ok((stats, dx))
     }
@@ -1769,6 +2015,7 @@ impl Decoder {
             loss_sum: ce.loss_sum.read()?,
             n_trained: ce.n_trained,
             recomputed_blocks: 0,
+            slimmed_blocks: 0,
         })
     }
 
@@ -1865,7 +2112,7 @@ impl Decoder {
         let (cos, sin) = self.rope.tables(&positions)?;
         for (li, blk) in self.blocks.iter().enumerate() {
             let (h1, _) = rmsnorm_forward(&x, &self.params[blk.attn_norm], self.cfg.rms_norm_eps)?;
-            let (q, k, v, _) = self.qkv_forward(&blk.qkv, &h1, None)?;
+            let (q, k, v, _) = self.qkv_forward(blk, &h1, None)?;
             let q = rope_forward(&q, &cos, &sin)?;
             let k = rope_forward(&k, &cos, &sin)?;
             let mut outs = Vec::with_capacity(spans.len());

@@ -435,6 +435,21 @@ impl LlavaModel {
         Ok(())
     }
 
+    /// [`LlavaModel::set_trainable`] from the flat `[N]` trainables (the optimizer's layout): the
+    /// decoder's part, first, goes to [`Decoder::set_trainable_flat`].
+    pub fn set_trainable_flat(&mut self, flat: &Tensor) -> Result<()> {
+        let shapes = self.trainable.iter().map(|t| t.shape.as_slice());
+        let views = crate::model::flat_views(flat, shapes)?;
+        self.set_trainable(&views)?;
+        let n_dec: usize = self
+            .decoder
+            .trainable()
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        self.decoder.set_trainable_flat(&flat.narrow(0, 0, n_dec)?)
+    }
+
     pub fn new_grads(&self) -> LlavaGrads {
         let shapes: Vec<Vec<usize>> = self
             .projector

@@ -204,8 +204,8 @@ impl StepModel for LlavaModel {
     fn release_initial_values(&mut self) {
         LlavaModel::release_initial_values(self)
     }
-    fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
-        LlavaModel::set_trainable(self, values)
+    fn set_trainable(&mut self, flat: &Tensor) -> Result<()> {
+        LlavaModel::set_trainable_flat(self, flat)
     }
     fn new_grads(&self) -> LlavaGrads {
         LlavaModel::new_grads(self)

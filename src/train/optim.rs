@@ -83,14 +83,11 @@ impl FlatParams {
                 self.numel()
             );
         }
-        self.slots
-            .iter()
-            .map(|s| {
-                Ok(flat
-                    .narrow(0, s.offset, s.numel)?
-                    .reshape(s.shape.as_slice())?)
-            })
-            .collect()
+        // The slots lie one after another from 0 (see `from_values`).
+        Ok(crate::model::flat_views(
+            flat,
+            self.slots.iter().map(|s| s.shape.as_slice()),
+        )?)
     }
 
     /// `[N]` f32: 1 where the slot takes weight decay, else 0.

@@ -19,8 +19,9 @@ pub trait StepModel {
     fn initial_trainable_values(&self) -> Result<Vec<Tensor>>;
     /// Frees the initial values once the optimizer holds them.
     fn release_initial_values(&mut self);
-    /// Replaces the trainables (any dtype) after an optimizer step.
-    fn set_trainable(&mut self, values: &[Tensor]) -> Result<()>;
+    /// Replaces the trainables after an optimizer step: `flat` is all of them, `[N]` in the
+    /// optimizer's layout (any dtype; the compute dtype is read without a copy).
+    fn set_trainable(&mut self, flat: &Tensor) -> Result<()>;
     fn new_grads(&self) -> Self::Grads;
     /// The accumulated gradient as one f32 `[N]` tensor in trainable order.
     fn flat_grads(grads: Self::Grads) -> Result<Tensor>;

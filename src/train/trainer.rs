@@ -293,8 +293,8 @@ impl StepModel for TextModel<'_> {
     fn release_initial_values(&mut self) {
         self.decoder.release_initial_values()
     }
-    fn set_trainable(&mut self, values: &[Tensor]) -> Result<()> {
-        self.decoder.set_trainable(values)
+    fn set_trainable(&mut self, flat: &Tensor) -> Result<()> {
+        self.decoder.set_trainable_flat(flat)
     }
     fn new_grads(&self) -> Grads {
         self.decoder.new_grads()
@@ -515,7 +515,7 @@ where
     .with_replica_dtype(dtype)?;
     // The model reads the optimizer's values from now on: its own copies of the trainables
     // are freed before the pool's free memory goes back to the driver.
-    model.set_trainable(&opt.model_views(dtype)?)?;
+    model.set_trainable(&opt.model_flat(dtype)?)?;
     metrics::release_load_memory(device)?;
     // Every rank: the sharded optimizer state (scripts/bench_dist reads this line).
     eprintln!(
@@ -617,7 +617,7 @@ where
         .then(|| EvalHook::new(cfg, work_dir, tokenizer))
         .transpose()?;
     if let (0, Some(eval)) = (start_step, eval.as_mut()) {
-        model.set_trainable(&opt.model_views(dtype)?)?;
+        model.set_trainable(&opt.model_flat(dtype)?)?;
         eval.run(model.decoder(), 0)?;
     }
     let mut scalars = main.then(|| ScalarLog::open(work_dir)).transpose()?;
@@ -651,7 +651,7 @@ where
         let (n_targets, tokens) = (counts[0] as usize, counts[1] as usize);
 
         // Forward + backward: grads of the mean loss over every trained token of the step.
-        model.set_trainable(&opt.model_views(dtype)?)?;
+        model.set_trainable(&opt.model_flat(dtype)?)?;
         let mut grads = model.new_grads();
         let mut local_loss_sum = 0.0;
         // ZeRO-2: on several ranks the last micro-batch's backward reduces each bucket of the
@@ -770,7 +770,7 @@ where
             || (done == total_steps && cfg.checkpoint.save_final);
         let eval_now = (cfg.eval.every_steps > 0 && done % cfg.eval.every_steps == 0) || save_now;
         if let (true, false, Some(eval)) = (eval_now, cfg.eval.inputs.is_empty(), eval.as_mut()) {
-            model.set_trainable(&opt.model_views(dtype)?)?;
+            model.set_trainable(&opt.model_flat(dtype)?)?;
             bar.suspend(|| eval.run(model.decoder(), done))?;
         }
         if save_now {

@@ -154,12 +154,15 @@ impl ZeroOptimizer {
     /// it has that dtype (the optimizer step keeps it current, so nothing is cast), else views of
     /// one cast of the values.
     pub fn model_views(&self, dtype: DType) -> Result<Vec<Tensor>> {
-        match &self.replica {
-            Some(r) if r.dtype() == dtype => {
-                self.params.views_of(&r.narrow(0, 0, self.params.numel())?)
-            }
-            _ => self.params.views(dtype),
-        }
+        self.params.views_of(&self.model_flat(dtype)?)
+    }
+
+    /// [`ZeroOptimizer::model_views`] as the one flat `[N]` buffer they are views of.
+    pub fn model_flat(&self, dtype: DType) -> Result<Tensor> {
+        Ok(match &self.replica {
+            Some(r) if r.dtype() == dtype => r.narrow(0, 0, self.params.numel())?,
+            _ => self.params.master.to_dtype(dtype)?,
+        })
     }
 
     /// This rank's element range in the padded flat buffer.

@@ -126,7 +126,7 @@ pub fn lm_head_ce_rows(
         let tgt_c = Tensor::from_slice(&targets[start..start + len], len, dev)?;
         let hc = hidden.index_select(&rows_c, 0)?; // [c, h]
         let logits = hc.matmul(&w.t()?)?; // [c, vocab] in the compute dtype
-        let (token_loss, dlogits) = chunk_loss(&logits, &tgt_c, grad.map(|r| r.loss_scale))?;
+        let (token_loss, dlogits) = chunk_loss(logits, &tgt_c, grad.map(|r| r.loss_scale))?;
         // Summed on the device; read back once after the last chunk (no sync per chunk).
         let chunk_sum = token_loss.to_dtype(candle_core::DType::F64)?.sum_all()?;
         loss_sum = Some(match loss_sum {
@@ -190,15 +190,17 @@ fn row_runs(rows: &[u32]) -> Vec<(usize, u32, usize)> {
 /// Cross-entropy of one chunk: `logits [c, vocab]` (compute dtype), `targets [c]` u32.
 /// Returns the token losses `[c]` (acc dtype) and, with `grad_scale`, `dlogits [c, vocab] =
 /// grad_scale · (softmax − onehot(target))` in the logits' dtype. One fused kernel on CUDA
-/// (`kernels::lm_ce`); this candle-ops code elsewhere (the reference).
+/// (`kernels::lm_ce`), which writes the gradient over the logits it is given; this candle-ops code
+/// elsewhere (the reference).
 pub fn chunk_loss(
-    logits: &Tensor,
+    logits: Tensor,
     targets: &Tensor,
     grad_scale: Option<f64>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    if let Some(r) = crate::kernels::lm_ce::chunk(logits, targets, grad_scale)? {
-        return Ok(r);
-    }
+    let logits = match crate::kernels::lm_ce::chunk(logits, targets, grad_scale)? {
+        Ok(r) => return Ok(r),
+        Err(logits) => logits,
+    };
     let dtype = logits.dtype();
     let acc = acc_dtype(dtype);
     let vocab = logits.dim(D::Minus1)?;

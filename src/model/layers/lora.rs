@@ -1,9 +1,10 @@
 //! LoRA adapter with PEFT semantics: `delta_y = scale · B(A(dropout(x)))`, `scale = alpha / r`,
 //! `A [r, in]` kaiming-uniform(a = sqrt 5) like `nn.Linear`'s default, `B [out, r]` zero.
-//! The base linear is computed separately (see [`super::linear`]); the adapter only adds its delta.
+//! The base linear is computed separately (see [`super::linear`]); the adapter only makes its delta,
+//! for the projections that read one input at once (their `A`s stacked).
 
 use super::{acc_dtype, mix_seed};
-use crate::kernels::gemm::{gemm, gemm_into, gemm_scaled, GemmOut};
+use crate::kernels::gemm::{gemm, gemm_into, gemm_output, gemm_scaled, GemmOut};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -132,35 +133,110 @@ pub fn dropout_mask(
     )))
 }
 
-/// What [`lora_forward_into`] keeps for the backward.
+/// What [`lora_group_forward`] keeps for the backward.
 pub struct LoraSaved {
-    /// `A · dropout(x)` rows: `[n, r]` (small: r columns).
-    pub ax: Tensor,
+    /// `A · dropout(x)ᵀ`: `[G·r, n]`, each adapter's `r` rows in turn (small: G·r rows). Stored
+    /// transposed so that every adapter's part is a contiguous row block.
+    pub axt: Tensor,
     /// The dropout rule (a seed, no data), `None` without dropout.
     pub mask: Option<DropoutMask>,
 }
 
-/// Adds the adapter's delta onto the base output in place: `y [n, out] += scale · (dropout(x) Aᵀ) Bᵀ`
-/// for `x [n, in]`. On a GPU the second product is one cuBLAS call accumulating into `y` (no
-/// `[n, out]` delta, scale or add pass). `y` must be a fresh contiguous tensor nothing else shares.
-pub fn lora_forward_into(
-    y: &Tensor,
+/// Rows of each adapter in a stacked `a [G·r, in]` for `bs.len() = G` adapters `B_i [out_i, r]`.
+fn group_rank(a: &Tensor, bs: &[&Tensor]) -> Result<usize> {
+    let rows = a.dim(0)?;
+    let r = rows / bs.len().max(1);
+    if bs.is_empty() || r * bs.len() != rows || bs.iter().any(|b| b.dim(1).ok() != Some(r)) {
+        candle_core::bail!(
+            "LoRA group: stacked A has {rows} rows for B's of shapes {:?}",
+            bs.iter().map(|b| b.dims().to_vec()).collect::<Vec<_>>()
+        );
+    }
+    Ok(r)
+}
+
+/// The adapters of the `G` projections that read the same input `x [n, in]` (q/k/v, gate/up, or
+/// one alone), with their `A`s stacked as `a [G·r, in]` (adjacent trainables: one view):
+/// returns each adapter's delta `y_i [n, out_i] = scale · (dropout(x) A_iᵀ) B_iᵀ` as a fresh
+/// tensor. One GEMM reads `x` for the whole group; the base projections then add onto the
+/// deltas (their GEMMs read the output in the epilogue, overlapped with their math, where a
+/// delta added afterwards would be one more pass over each output).
+pub fn lora_group_forward(
     x: &Tensor,
     a: &Tensor,
-    b: &Tensor,
+    bs: &[&Tensor],
     scale: f64,
     mask: Option<DropoutMask>,
-) -> anyhow::Result<LoraSaved> {
+) -> anyhow::Result<(Vec<Tensor>, LoraSaved)> {
+    let r = group_rank(a, bs)?;
     let xd = match &mask {
         Some(m) => m.apply(x)?,
         None => x.clone(),
     }; // [n, in]
-    let ax = gemm(&xd, false, a, true)?; // [n, r]
-    gemm_into(GemmOut::whole(y), &ax, false, b, true, scale, 1.0)?; // y += scale · ax Bᵀ
-    Ok(LoraSaved { ax, mask })
+    let axt = gemm(a, false, &xd, true)?; // [G·r, in] · [in, n] = [G·r, n]
+    let ys = bs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| gemm_scaled(&axt.narrow(0, i * r, r)?, true, b, true, scale)) // [n, out_i]
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((ys, LoraSaved { axt, mask }))
 }
 
-/// The delta alone, `scale · (dropout(x) Aᵀ) Bᵀ` `[n, out]` (tests and references).
+/// Where [`lora_group_backward`] adds the group's weight gradients (in the gradient buffer's
+/// dtype, f32 for bf16 compute): `dA [G·r, in]` (the stacked A's adjacent slots) and each `dB_i`.
+pub struct LoraGroupGrads<'a> {
+    pub da: GemmOut<'a>,
+    pub dbs: Vec<GemmOut<'a>>,
+}
+
+/// Backward of [`lora_group_forward`] for upstream `dys[i] [n, out_i]`: `dB_i += scale · dy_iᵀ
+/// ax_i`, `dA += (scale · dy B)ᵀ dropout(x)` (one GEMM for the group), and returns the adapters'
+/// part of the input gradient, `dropout'((scale · dy B) A)` `[n, in]`, as a fresh tensor (one
+/// GEMM for the group; the base projections add theirs onto it).
+pub fn lora_group_backward(
+    x: &Tensor,
+    a: &Tensor,
+    bs: &[&Tensor],
+    scale: f64,
+    saved: &LoraSaved,
+    dys: &[&Tensor],
+    out: LoraGroupGrads,
+) -> anyhow::Result<Tensor> {
+    let r = group_rank(a, bs)?;
+    if dys.len() != bs.len() || out.dbs.len() != bs.len() {
+        anyhow::bail!(
+            "LoRA group of {} adapters got {} upstream gradients and {} dB outputs",
+            bs.len(),
+            dys.len(),
+            out.dbs.len()
+        );
+    }
+    let n = x.dim(0)?;
+    let daxt = gemm_output(x, a.dim(0)?, n)?; // [G·r, n], every row block written below
+    for (i, (b, dy)) in bs.iter().zip(dys).enumerate() {
+        let axt_i = saved.axt.narrow(0, i * r, r)?; // [r, n]
+        gemm_into(out.dbs[i], dy, true, &axt_i, true, scale, 1.0)?; // [out, n] · [n, r]
+        let daxt_i = GemmOut {
+            buf: &daxt,
+            offset: i * r * n,
+        };
+        gemm_into(daxt_i, b, true, dy, true, scale, 0.0)?; // scale · [r, out] · [out, n]
+    }
+    let xd = match &saved.mask {
+        Some(m) => m.apply(x)?,
+        None => x.clone(),
+    }; // [n, in]
+    gemm_into(out.da, &daxt, false, &xd, false, 1.0, 1.0)?; // [G·r, n] · [n, in]
+    drop(xd);
+    let dxd = gemm(&daxt, true, a, false)?; // [n, G·r] · [G·r, in] = [n, in]
+    Ok(match &saved.mask {
+        // d(x · mask)/dx = mask: the same rule applied to the adapter's part of the gradient.
+        Some(m) => m.apply(&dxd)?,
+        None => dxd,
+    })
+}
+
+/// One adapter's delta alone, `scale · (dropout(x) Aᵀ) Bᵀ` `[n, out]` (vision tower, tests).
 pub fn lora_forward(
     x: &Tensor,
     a: &Tensor,
@@ -168,48 +244,8 @@ pub fn lora_forward(
     scale: f64,
     mask: Option<DropoutMask>,
 ) -> anyhow::Result<(Tensor, LoraSaved)> {
-    let y = Tensor::zeros((x.dim(0)?, b.dim(0)?), x.dtype(), x.device())?; // [n, out]
-    let saved = lora_forward_into(&y, x, a, b, scale, mask)?;
-    Ok((y, saved))
-}
-
-/// Where [`lora_backward_into`] adds its results: the layer input's gradient `dx [n, in]` (the base
-/// linear's, updated in place) and the regions of `dA [r, in]` and `dB [out, r]` in the gradient
-/// buffer (accumulated there in its dtype, f32 for bf16 compute).
-pub struct LoraGradsInto<'a> {
-    pub dx: &'a Tensor,
-    pub da: GemmOut<'a>,
-    pub db: GemmOut<'a>,
-}
-
-/// Backward of [`lora_forward_into`] for upstream `dy [n, out]`: `dB += scale · dyᵀ ax`,
-/// `dA += (scale · dy B)ᵀ dropout(x)`, `dx += dropout'((scale · dy B) A)`.
-pub fn lora_backward_into(
-    x: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    saved: &LoraSaved,
-    dy: &Tensor,
-    out: LoraGradsInto,
-) -> anyhow::Result<()> {
-    gemm_into(out.db, dy, true, &saved.ax, false, scale, 1.0)?; // [out, n] · [n, r]
-    let dax = gemm_scaled(dy, false, b, false, scale)?; // scale · [n, out] · [out, r] = [n, r]
-    let xd = match &saved.mask {
-        Some(m) => m.apply(x)?,
-        None => x.clone(),
-    }; // [n, in]
-    gemm_into(out.da, &dax, true, &xd, false, 1.0, 1.0)?; // [r, n] · [n, in]
-    drop(xd);
-    match &saved.mask {
-        // d(x · mask)/dx = mask: the same rule applied to the adapter's part of the gradient.
-        Some(m) => {
-            let dxd = m.apply(&dax.matmul(a)?)?; // [n, in]
-            crate::kernels::grad::accumulate_into(out.dx, 0, &dxd)?;
-        }
-        None => gemm_into(GemmOut::whole(out.dx), &dax, false, a, false, 1.0, 1.0)?, // [n, r] · [r, in]
-    }
-    Ok(())
+    let (mut ys, saved) = lora_group_forward(x, a, &[b], scale, mask)?;
+    Ok((ys.remove(0), saved))
 }
 
 /// Gradients of the adapter alone (`dx` its contribution only; `da`, `db` in the accumulation
@@ -223,7 +259,7 @@ pub struct LoraGrads {
     pub db: Tensor,
 }
 
-/// [`lora_backward_into`] into fresh zero buffers (tests and references).
+/// [`lora_forward`]'s backward into fresh zero buffers (vision tower, tests).
 pub fn lora_backward(
     x: &Tensor,
     a: &Tensor,
@@ -233,14 +269,12 @@ pub fn lora_backward(
     dy: &Tensor,
 ) -> anyhow::Result<LoraGrads> {
     let acc = acc_dtype(x.dtype());
-    let dx = x.zeros_like()?;
     let da = Tensor::zeros(a.dims(), acc, a.device())?;
     let db = Tensor::zeros(b.dims(), acc, b.device())?;
-    let out = LoraGradsInto {
-        dx: &dx,
+    let out = LoraGroupGrads {
         da: GemmOut::whole(&da),
-        db: GemmOut::whole(&db),
+        dbs: vec![GemmOut::whole(&db)],
     };
-    lora_backward_into(x, a, b, scale, saved, dy, out)?;
+    let dx = lora_group_backward(x, a, &[b], scale, saved, &[dy], out)?;
     Ok(LoraGrads { dx, da, db })
 }
