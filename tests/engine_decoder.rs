@@ -269,11 +269,16 @@ fn packed_batch(vocab: u32) -> Batch {
 }
 
 fn lora(dropout: f64) -> TrainMode {
+    lora_on(dropout, &[])
+}
+
+/// LoRA r 2, alpha 4 on the linears `targets` names (all of them when empty).
+fn lora_on(dropout: f64, targets: &[&str]) -> TrainMode {
     TrainMode::Lora(LoraSpec {
         r: 2,
         alpha: 4.0,
         dropout,
-        targets: vec![],
+        targets: targets.iter().map(|t| t.to_string()).collect(),
     })
 }
 
@@ -418,20 +423,8 @@ fn run_step(dec: &Decoder, batch: &Batch, checkpointing: bool) -> (f64, Grads) {
 /// (every linear adapted, and a subset that leaves k and gate without adapters).
 #[test]
 fn grouped_adapters_equal_one_adapter_at_a_time() {
-    let targets: Vec<String> = ["q_proj", "v_proj", "up_proj", "down_proj"]
-        .map(String::from)
-        .to_vec();
-    for targets in [vec![], targets] {
-        let cfg = config(Arch::Llama);
-        let mut w = tiny_weights(&cfg, 1000);
-        let spec = LoraSpec {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            targets,
-        };
-        let mut dec =
-            Decoder::new(&cfg, &mut w, TrainMode::Lora(spec), DType::F64, &CPU, 5).unwrap();
+    for targets in [&[][..], &["q_proj", "v_proj", "up_proj", "down_proj"]] {
+        let (cfg, _, mut dec) = build(Arch::Llama, lora_on(0.0, targets));
         let vals = randomize_trainables(&mut dec, 9);
         let batch = packed_batch(cfg.vocab_size as u32);
         let (l_grouped, g_grouped) = run_step(&dec, &batch, false);
@@ -721,15 +714,7 @@ fn lora_freezes_base_weights_and_inits_like_peft() {
     let batch = packed_batch(cfg.vocab_size as u32);
     assert_eq!(dec.loss(&batch).unwrap(), base.loss(&batch).unwrap());
     // targets restrict the adapted linears
-    let cfg2 = config(Arch::Llama);
-    let mut w2 = tiny_weights(&cfg2, 1);
-    let spec = LoraSpec {
-        r: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        targets: vec!["q_proj".into(), "v_proj".into()],
-    };
-    let d2 = Decoder::new(&cfg2, &mut w2, TrainMode::Lora(spec), DType::F32, &CPU, 0).unwrap();
+    let (cfg2, _, d2) = build(Arch::Llama, lora_on(0.0, &["q_proj", "v_proj"]));
     assert_eq!(d2.trainable().len(), 2 * 2 * cfg2.num_layers);
 }
 

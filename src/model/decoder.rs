@@ -472,6 +472,14 @@ impl Builder<'_> {
         Ok(idx)
     }
 
+    /// A trainable adapter weight `{prefix}.{which}.weight`, its host init kept for the upload.
+    fn push_lora(&mut self, prefix: &str, which: &str, init: Tensor) -> usize {
+        let idx = self.push(format!("{prefix}.{which}.weight"), init.clone(), true);
+        self.lora_init.push(init);
+        self.lora_param_idx.push(idx);
+        idx
+    }
+
     /// Projections that read the same input `[n, in_f]`: every base weight (+ bias) first, then
     /// the A of each targeted one, then their B's, so that the group's A's are adjacent trainables
     /// (one `[G·r, in]` view of the flat buffer and of its gradient).
@@ -504,31 +512,17 @@ impl Builder<'_> {
                 targets.is_empty() || targets.iter().any(|t| t == specs[i].leaf)
             })
             .collect();
+        // The init stays on the host (f32) until the whole model is loaded: device copies made
+        // here would sit between the base weights (see `upload_flat`).
         let mut a_params = Vec::with_capacity(targeted.len());
         for &i in &targeted {
             let a_seed = mix_seed(self.seed, self.params.len() as u64);
-            // The init stays on the host (f32) until the whole model is loaded: device copies
-            // made here would sit between the base weights (see `upload_flat`).
             let a = lora_a_init(r, in_f, a_seed, &Device::Cpu)?; // [r, in] f32
-            let ai = self.push(
-                format!("{}.lora_A.weight", specs[i].prefix),
-                a.clone(),
-                true,
-            );
-            self.lora_init.push(a);
-            self.lora_param_idx.push(ai);
-            a_params.push(ai);
+            a_params.push(self.push_lora(&specs[i].prefix, "lora_A", a));
         }
         for (&i, &ai) in targeted.iter().zip(&a_params) {
             let b = Tensor::zeros((specs[i].out_f, r), DType::F32, &Device::Cpu)?; // [out, r]
-            let bi = self.push(
-                format!("{}.lora_B.weight", specs[i].prefix),
-                b.clone(),
-                true,
-            );
-            self.lora_init.push(b);
-            self.lora_param_idx.push(bi);
-            projs[i].lora = Some((ai, bi));
+            projs[i].lora = Some((ai, self.push_lora(&specs[i].prefix, "lora_B", b)));
         }
         let a_stack = a_params
             .first()
@@ -791,95 +785,71 @@ impl Decoder {
         } else {
             b.take(embed_name, &[v, h])?
         };
+        // Each architecture's names for a block's tensors: norms, modules, input projections
+        // (with their widths), output projection and MLP (gate, up, down).
+        let wqkv_out = q_out + 2 * kv_out;
+        let (norm1, norm2, attn, mlp, qkv_leaves, o_leaf, [gate, up, down], qkv_layout) =
+            match cfg.arch {
+                Arch::Llama | Arch::Qwen2 => (
+                    "input_layernorm",
+                    "post_attention_layernorm",
+                    "self_attn",
+                    "mlp",
+                    vec![("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)],
+                    "o_proj",
+                    ["gate_proj", "up_proj", "down_proj"],
+                    QkvLayout::Separate,
+                ),
+                Arch::InternLM2 => (
+                    "attention_norm",
+                    "ffn_norm",
+                    "attention",
+                    "feed_forward",
+                    vec![("wqkv", wqkv_out)],
+                    "wo",
+                    ["w1", "w3", "w2"],
+                    QkvLayout::Fused,
+                ),
+            };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let block = match cfg.arch {
-                Arch::Llama | Arch::Qwen2 => {
-                    let attn_norm = b.take(&format!("{p}.input_layernorm.weight"), &[h])?;
-                    let a = format!("{p}.self_attn");
-                    let m = format!("{p}.mlp");
-                    let (qb, ob) = (cfg.qkv_bias, cfg.out_bias);
-                    let spec = |prefix: String, leaf, ordinal, out_f, bias| ProjSpec {
-                        prefix,
-                        leaf,
-                        ordinal,
-                        out_f,
-                        bias,
-                    };
-                    let qkv = b.group(
-                        h,
-                        &[
-                            spec(format!("{a}.q_proj"), "q_proj", 0, q_out, qb),
-                            spec(format!("{a}.k_proj"), "k_proj", 1, kv_out, qb),
-                            spec(format!("{a}.v_proj"), "v_proj", 2, kv_out, qb),
-                        ],
-                    )?;
-                    let o = b.group(
-                        q_out,
-                        &[spec(format!("{a}.o_proj"), "o_proj", 3, h, o_bias)],
-                    )?;
-                    let ffn_norm = b.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
-                    let gate_up = b.group(
-                        h,
-                        &[
-                            spec(format!("{m}.gate_proj"), "gate_proj", 4, inter, ob),
-                            spec(format!("{m}.up_proj"), "up_proj", 5, inter, ob),
-                        ],
-                    )?;
-                    let down = b.group(
-                        inter,
-                        &[spec(format!("{m}.down_proj"), "down_proj", 6, h, ob)],
-                    )?;
-                    Block {
-                        attn_norm,
-                        qkv,
-                        qkv_layout: QkvLayout::Separate,
-                        o,
-                        ffn_norm,
-                        gate_up,
-                        down,
-                    }
-                }
-                Arch::InternLM2 => {
-                    let attn_norm = b.take(&format!("{p}.attention_norm.weight"), &[h])?;
-                    let a = format!("{p}.attention");
-                    let f = format!("{p}.feed_forward");
-                    let ob = cfg.out_bias;
-                    let spec = |prefix: String, leaf, ordinal, out_f, bias| ProjSpec {
-                        prefix,
-                        leaf,
-                        ordinal,
-                        out_f,
-                        bias,
-                    };
-                    let wqkv_out = q_out + 2 * kv_out;
-                    let qkv = b.group(
-                        h,
-                        &[spec(format!("{a}.wqkv"), "wqkv", 0, wqkv_out, cfg.qkv_bias)],
-                    )?;
-                    let o = b.group(q_out, &[spec(format!("{a}.wo"), "wo", 1, h, o_bias)])?;
-                    let ffn_norm = b.take(&format!("{p}.ffn_norm.weight"), &[h])?;
-                    let gate_up = b.group(
-                        h,
-                        &[
-                            spec(format!("{f}.w1"), "w1", 2, inter, ob),
-                            spec(format!("{f}.w3"), "w3", 3, inter, ob),
-                        ],
-                    )?;
-                    let down = b.group(inter, &[spec(format!("{f}.w2"), "w2", 4, h, ob)])?;
-                    Block {
-                        attn_norm,
-                        qkv,
-                        qkv_layout: QkvLayout::Fused,
-                        o,
-                        ffn_norm,
-                        gate_up,
-                        down,
-                    }
-                }
+            // Ordinals number the block's linears in order (they decorrelate dropout masks).
+            let spec = |module: &str, leaf, ordinal: usize, out_f, bias| ProjSpec {
+                prefix: format!("{p}.{module}.{leaf}"),
+                leaf,
+                ordinal: ordinal as u64,
+                out_f,
+                bias,
             };
-            blocks.push(block);
+            let attn_norm = b.take(&format!("{p}.{norm1}.weight"), &[h])?;
+            let qkv_specs: Vec<ProjSpec> = qkv_leaves
+                .iter()
+                .enumerate()
+                .map(|(j, &(leaf, out_f))| spec(attn, leaf, j, out_f, cfg.qkv_bias))
+                .collect();
+            let n = qkv_specs.len();
+            let qkv = b.group(h, &qkv_specs)?;
+            let o = b.group(q_out, &[spec(attn, o_leaf, n, h, o_bias)])?;
+            let ffn_norm = b.take(&format!("{p}.{norm2}.weight"), &[h])?;
+            let ob = cfg.out_bias;
+            let gate_up = b.group(
+                h,
+                &[
+                    spec(mlp, gate, n + 1, inter, ob),
+                    spec(mlp, up, n + 2, inter, ob),
+                ],
+            )?;
+            let down = b.group(inter, &[spec(mlp, down, n + 3, h, ob)])?;
+            blocks.push(Block {
+                attn_norm,
+                qkv,
+                qkv_layout,
+                o,
+                ffn_norm,
+                gate_up,
+                down,
+            });
         }
         let final_norm = b.take("model.norm.weight", &[h])?;
         let head = if cfg.tie_word_embeddings {
