@@ -678,9 +678,11 @@ where
                     &bar,
                     &format!(
                         "activation checkpointing: {} of {} blocks recomputed, the rest kept \
-                         (train.activation_budget_gib = {})",
+                         ({} without their norms and SwiGLU product; \
+                         train.activation_budget_gib = {})",
                         s.recomputed_blocks,
                         model.decoder().config().num_layers,
+                        s.slimmed_blocks,
                         cfg.train.activation_budget_gib
                     ),
                 );
