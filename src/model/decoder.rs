@@ -500,17 +500,14 @@ impl Builder<'_> {
                 ordinal: spec.ordinal,
             });
         }
-        let Some(r) = self.lora.as_ref().map(|l| l.r) else {
+        let Some((r, targets)) = self.lora.as_ref().map(|l| (l.r, l.targets.clone())) else {
             return Ok(ProjGroup {
                 projs,
                 a_stack: None,
             });
         };
         let targeted: Vec<usize> = (0..specs.len())
-            .filter(|&i| {
-                let targets = &self.lora.as_ref().expect("LoRA mode").targets;
-                targets.is_empty() || targets.iter().any(|t| t == specs[i].leaf)
-            })
+            .filter(|&i| targets.is_empty() || targets.iter().any(|t| t == specs[i].leaf))
             .collect();
         // The init stays on the host (f32) until the whole model is loaded: device copies made
         // here would sit between the base weights (see `upload_flat`).
@@ -548,16 +545,7 @@ fn upload_flat(
         .map(|t| t.flatten_all())
         .collect::<candle_core::Result<_>>()?;
     let all = Tensor::cat(&flat, 0)?.to_dtype(dtype)?.to_device(device)?; // [N]
-    let mut offset = 0;
-    let views = values
-        .iter()
-        .map(|t| {
-            let n = t.elem_count();
-            let view = all.narrow(0, offset, n)?.reshape(t.dims())?;
-            offset += n;
-            Ok(view)
-        })
-        .collect::<Result<_>>()?;
+    let views = crate::model::flat_views(&all, values.iter().map(|t| t.dims()))?;
     Ok((Some(all), views))
 }
 
