@@ -952,6 +952,14 @@ impl Decoder {
         &self.trainable
     }
 
+    /// Number of trainable values `N` (the flat buffer's length).
+    pub fn trainable_numel(&self) -> usize {
+        self.trainable
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum()
+    }
+
     /// f32 values of the trainables for the optimizer's master copy: the LoRA init, or the
     /// loaded weights (as cast to the compute dtype) in full fine-tuning.
     pub fn initial_trainable_values(&self) -> Result<Vec<Tensor>> {
@@ -1005,11 +1013,7 @@ impl Decoder {
     /// dtype): the parameters become views of it in the compute dtype (one cast of the whole
     /// buffer when it has another dtype), and so do the projection groups' stacked LoRA A's.
     pub fn set_trainable_flat(&mut self, flat: &Tensor) -> Result<()> {
-        let n: usize = self
-            .trainable
-            .iter()
-            .map(|t| t.shape.iter().product::<usize>())
-            .sum();
+        let n = self.trainable_numel();
         if flat.dims() != [n] {
             bail!(
                 "set_trainable: a flat buffer of shape {:?} for {n} trainable values",

@@ -412,8 +412,14 @@ impl LlavaModel {
         }
         let n_dec = self.decoder.trainable().len();
         let (dec, rest) = values.split_at(n_dec);
-        let (proj, vis) = rest.split_at(4);
         self.decoder.set_trainable(dec)?;
+        self.set_tower_and_projector(rest)
+    }
+
+    /// The trainables after the decoder's: the projector's four, then the tower's.
+    fn set_tower_and_projector(&mut self, rest: &[Tensor]) -> Result<()> {
+        let n_dec = self.decoder.trainable().len();
+        let (proj, vis) = rest.split_at(4);
         self.vision.set_trainable(vis)?;
         for ((t, info), name) in proj
             .iter()
@@ -438,16 +444,26 @@ impl LlavaModel {
     /// [`LlavaModel::set_trainable`] from the flat `[N]` trainables (the optimizer's layout): the
     /// decoder's part, first, goes to [`Decoder::set_trainable_flat`].
     pub fn set_trainable_flat(&mut self, flat: &Tensor) -> Result<()> {
-        let shapes = self.trainable.iter().map(|t| t.shape.as_slice());
-        let views = crate::model::flat_views(flat, shapes)?;
-        self.set_trainable(&views)?;
-        let n_dec: usize = self
-            .decoder
-            .trainable()
+        let total: usize = self
+            .trainable
             .iter()
             .map(|t| t.shape.iter().product::<usize>())
             .sum();
-        self.decoder.set_trainable_flat(&flat.narrow(0, 0, n_dec)?)
+        if flat.dims() != [total] {
+            bail!(
+                "set_trainable: a flat buffer of shape {:?} for {total} trainable values",
+                flat.dims()
+            );
+        }
+        let n_dec = self.decoder.trainable_numel();
+        self.decoder
+            .set_trainable_flat(&flat.narrow(0, 0, n_dec)?)?;
+        let rest = &self.trainable[self.decoder.trainable().len()..];
+        let views = crate::model::flat_views(
+            &flat.narrow(0, n_dec, total - n_dec)?,
+            rest.iter().map(|t| t.shape.as_slice()),
+        )?;
+        self.set_tower_and_projector(&views)
     }
 
     pub fn new_grads(&self) -> LlavaGrads {
