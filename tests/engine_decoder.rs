@@ -463,16 +463,18 @@ fn checkpointing_is_bit_identical_with_lora_dropout_and_full() {
 
 #[test]
 fn activation_budget_skips_recomputes_and_changes_no_gradient() {
+    // LoRA with dropout: a rerun gate/up half must draw the forward's dropout masks again.
     for (arch, mode) in [(Arch::Llama, lora(0.3)), (Arch::Qwen2, TrainMode::Full)] {
         let (cfg, _, mut dec) = build(arch, mode);
         randomize_trainables(&mut dec, 5);
         let batch = packed_batch(cfg.vocab_size as u32);
         let layers = cfg.num_layers;
         let (l_ref, g_ref) = run_step(&dec, &batch, true);
-        let mut recomputed = vec![];
-        // Budgets doubling from 1 KiB: every count of recomputed blocks from all to none comes
-        // up (consecutive counts differ by one block's bytes, and doubling cannot skip past it).
-        let mut budget = 1usize << 10;
+        // (recomputed, gate/up recomputed, slimmed) blocks, budgets from 0 in steps of 256
+        // bytes (a fraction of the smallest plan change here) until nothing is recomputed:
+        // every plan on the way gives the same loss and gradients.
+        let mut plans: Vec<(usize, usize, usize)> = vec![];
+        let mut budget = 0;
         loop {
             dec.set_activation_budget(budget);
             let mut grads = dec.new_grads();
@@ -483,16 +485,32 @@ fn activation_budget_skips_recomputes_and_changes_no_gradient() {
             for (a, b) in g_ref.slots().iter().zip(&grads.slots()) {
                 assert_eq!(flat(a.as_ref().unwrap()), flat(b.as_ref().unwrap()));
             }
-            recomputed.push(s.recomputed_blocks);
-            // While a block is recomputed, the kept ones are slimmed (once none is, the budget
-            // may already hold them all whole).
-            if s.recomputed_blocks > 0 {
-                assert_eq!(s.slimmed_blocks, layers - s.recomputed_blocks);
+            let plan = (
+                s.recomputed_blocks,
+                s.gate_up_recomputed_blocks,
+                s.slimmed_blocks,
+            );
+            if plans.last() != Some(&plan) {
+                plans.push(plan);
             }
-            if s.recomputed_blocks == 0 {
+            if plan.0 + plan.1 == 0 {
                 break;
             }
-            budget *= 2;
+            // While any rerun is needed, every block is planned and the kept ones are slimmed.
+            assert_eq!(plan.0 + plan.1 + plan.2, layers, "{plan:?}");
+            budget += 256;
+        }
+        assert_eq!(
+            plans.first(),
+            Some(&(layers, 0, 0)),
+            "budget 0 keeps no block"
+        );
+        for wanted in [
+            |p: &(usize, usize, usize)| p.0 > 0 && p.1 > 0, // recomputed and gate/up reruns
+            |p: &(usize, usize, usize)| p.0 > 0 && p.2 > 0, // recomputed and kept
+            |p: &(usize, usize, usize)| p.0 == 0 && p.1 > 0, // gate/up reruns only
+        ] {
+            assert!(plans.iter().any(wanted), "{plans:?}");
         }
         // A budget that holds every block whole keeps them so (no recompute of any kind), with
         // the same loss and gradients.
@@ -506,24 +524,20 @@ fn activation_budget_skips_recomputes_and_changes_no_gradient() {
         for (a, b) in g_ref.slots().iter().zip(&grads.slots()) {
             assert_eq!(flat(a.as_ref().unwrap()), flat(b.as_ref().unwrap()));
         }
-        assert_eq!(recomputed.first(), Some(&layers), "1 KiB keeps no block");
-        assert!(
-            recomputed.windows(2).all(|w| w[1] <= w[0]),
-            "{recomputed:?}"
-        );
-        for count in 0..=layers {
-            assert!(
-                recomputed.contains(&count),
-                "{count} missing from {recomputed:?}"
-            );
-        }
         // Without checkpointing nothing is recomputed, whatever the budget.
         dec.set_activation_budget(0);
         let mut grads = dec.new_grads();
         let s = dec
             .forward_backward(&batch, 1.0, &mut grads, 11, false)
             .unwrap();
-        assert_eq!((s.recomputed_blocks, s.slimmed_blocks), (0, layers));
+        assert_eq!(
+            (
+                s.recomputed_blocks,
+                s.gate_up_recomputed_blocks,
+                s.slimmed_blocks
+            ),
+            (0, 0, layers)
+        );
     }
 }
 

@@ -345,7 +345,7 @@ impl Session<'_> {
         let mut rows = vec![];
         let mut peak = after_load;
         let mut timed = 0.0;
-        let (mut recomputed_blocks, mut slimmed_blocks) = (0, 0);
+        let mut plan = (0, 0, 0); // recomputed, gate/up recomputed, slimmed blocks
         for (step, (n, b)) in batches.iter().enumerate() {
             if step == a.warmup {
                 // The profile covers the timed steps only (warm-up holds one-time loads).
@@ -378,7 +378,11 @@ impl Session<'_> {
             }
             peak = peak.max(device_memory_mib(device));
             let loss = s.loss_sum / *n as f64;
-            (recomputed_blocks, slimmed_blocks) = (s.recomputed_blocks, s.slimmed_blocks);
+            plan = (
+                s.recomputed_blocks,
+                s.gate_up_recomputed_blocks,
+                s.slimmed_blocks,
+            );
             let row = json!({"step": step + 1, "loss": loss, "grad_norm": gn, "time": dt});
             println!("{row}");
             rows.push(row);
@@ -418,8 +422,9 @@ impl Session<'_> {
             "model_params": model.decoder().config().num_params(),
             "checkpointing": !a.no_checkpointing,
             "activation_budget_gib": a.activation_budget_gib,
-            "recomputed_blocks": recomputed_blocks,
-            "slimmed_blocks": slimmed_blocks,
+            "recomputed_blocks": plan.0,
+            "gate_up_recomputed_blocks": plan.1,
+            "slimmed_blocks": plan.2,
             "seq_len": a.seq_len,
             "batch": a.batch,
         });

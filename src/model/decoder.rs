@@ -246,8 +246,11 @@ pub struct StepStats {
     pub n_trained: usize,
     /// Blocks whose forward ran again in the backward (activation checkpointing).
     pub recomputed_blocks: usize,
-    /// Kept blocks whose two norms and SwiGLU product the backward recomputes (see
-    /// `BlockActs::slim`): all kept blocks unless the activation budget holds every block whole.
+    /// Blocks that kept their attention half only: the backward ran their post-attention norm,
+    /// gate/up projections and SwiGLU again (see `plan_blocks`).
+    pub gate_up_recomputed_blocks: usize,
+    /// Blocks kept but for their two norms and SwiGLU product, which the backward recomputes
+    /// (see `BlockActs::slim`): all fully kept blocks unless the budget holds every block whole.
     pub slimmed_blocks: usize,
 }
 
@@ -572,15 +575,25 @@ struct TailActs {
     o_saved: Vec<AdapterSaved>,
     /// Residual stream after attention `[n, h]`.
     x2: Tensor,
+    rstd2: Tensor,
+    /// The gate/up half; `None` once dropped ([`BlockActs::drop_mlp`]): the backward runs it
+    /// again from `x2`.
+    mlp: Option<MlpActs>,
+    /// The block's dropout seed, for that rerun.
+    seed: Option<u64>,
+    down_saved: Vec<AdapterSaved>,
+}
+
+/// The post-attention norm and the gate/up projections of a block, and their SwiGLU product.
+struct MlpActs {
     /// `None` once slimmed (recomputed from `x2`).
     h2: Option<Tensor>,
-    rstd2: Tensor,
+    /// `[n, inter]` each.
     g: Tensor,
     u: Tensor,
     gate_up_saved: Vec<AdapterSaved>,
     /// SwiGLU output `[n, inter]`; `None` once slimmed (recomputed from `g` and `u`).
     m: Option<Tensor>,
-    down_saved: Vec<AdapterSaved>,
 }
 
 struct BlockActs {
@@ -589,22 +602,38 @@ struct BlockActs {
     tail: TailActs,
 }
 
+/// How much of a block's activations the forward keeps for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Everything.
+    Whole,
+    /// All but the two norms' outputs and the SwiGLU product (elementwise passes to redo).
+    Slim,
+    /// The attention half, slimmed: the backward runs the gate/up projections again.
+    Attention,
+}
+
 impl BlockActs {
     /// Drops what the backward recomputes cheaply (two norms and the SwiGLU product: elementwise
     /// passes, against the block's GEMMs and attention): a third less memory per kept block.
     fn slim(&mut self) {
         self.attn.h1 = None;
-        self.tail.h2 = None;
-        self.tail.m = None;
+        if let Some(mlp) = &mut self.tail.mlp {
+            mlp.h2 = None;
+            mlp.m = None;
+        }
     }
 
-    /// Device bytes these activations hold (`slimmed`: as [`BlockActs::slim`] would leave them);
-    /// a storage several of them share (the attention output and its flattened view) counts once.
-    fn bytes(&self, slimmed: bool) -> usize {
+    /// Also drops the gate/up half (its `[n, inter]` outputs): the backward runs it again.
+    fn drop_mlp(&mut self) {
+        self.slim();
+        self.tail.mlp = None;
+    }
+
+    /// Device bytes these activations would hold kept as `keep`; a storage several of them
+    /// share (the attention output and its flattened view) counts once.
+    fn bytes(&self, keep: Keep) -> usize {
         let (a, t) = (&self.attn, &self.tail);
-        let saved = [&a.qkv_saved, &t.o_saved, &t.gate_up_saved, &t.down_saved]
-            .into_iter()
-            .flatten();
         let mut tensors = vec![
             &self.x,
             &a.rstd1,
@@ -616,13 +645,19 @@ impl BlockActs {
             &t.attn_flat,
             &t.x2,
             &t.rstd2,
-            &t.g,
-            &t.u,
         ];
-        if !slimmed {
-            tensors.extend([&a.h1, &t.h2, &t.m].into_iter().flatten());
+        let mut saved = vec![&a.qkv_saved, &t.o_saved, &t.down_saved];
+        if keep == Keep::Whole {
+            tensors.extend(a.h1.iter());
         }
-        tensors.extend(saved.map(|s| &s.saved.axt));
+        if let (Some(m), false) = (&t.mlp, keep == Keep::Attention) {
+            tensors.extend([&m.g, &m.u]);
+            if keep == Keep::Whole {
+                tensors.extend(m.h2.iter().chain(m.m.iter()));
+            }
+            saved.push(&m.gate_up_saved);
+        }
+        tensors.extend(saved.into_iter().flatten().map(|s| &s.saved.axt));
         let mut seen: Vec<*const candle_core::Storage> = Vec::with_capacity(tensors.len());
         let mut bytes = 0;
         for t in tensors {
@@ -640,6 +675,98 @@ impl BlockActs {
 enum Kept {
     Input(Tensor),
     Acts(Box<BlockActs>),
+}
+
+/// Which blocks the forward keeps how much of (see [`Decoder::set_activation_budget`]): blocks
+/// `..recompute` keep only their input and run their forward again in the backward; the next
+/// `attention_only` keep the attention half ([`Keep::Attention`]) and rerun the gate/up half;
+/// the rest keep everything, slimmed when `slim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockPlan {
+    recompute: usize,
+    attention_only: usize,
+    slim: bool,
+}
+
+impl BlockPlan {
+    fn keep(&self, block: usize) -> Option<Keep> {
+        if block < self.recompute {
+            None
+        } else if block < self.recompute + self.attention_only {
+            Some(Keep::Attention)
+        } else if self.slim {
+            Some(Keep::Slim)
+        } else {
+            Some(Keep::Whole)
+        }
+    }
+}
+
+/// Bytes of one block's activations kept as each [`Keep`], and of its input alone.
+#[derive(Debug, Clone, Copy)]
+struct BlockBytes {
+    whole: usize,
+    slim: usize,
+    attention: usize,
+    input: usize,
+}
+
+/// The plan with the least recompute whose kept activations fit `budget`: every block whole
+/// when they all fit so, else the mix of slimmed, attention-only and recomputed blocks (input
+/// only) with the least rerun work, a rerun gate/up half costing `gate_up_share` of a block's
+/// forward. Without checkpointing every block is kept, slimmed.
+fn plan_blocks(
+    layers: usize,
+    checkpointing: bool,
+    budget: usize,
+    b: BlockBytes,
+    gate_up_share: f64,
+) -> BlockPlan {
+    let all_slim = BlockPlan {
+        recompute: 0,
+        attention_only: 0,
+        slim: true,
+    };
+    if !checkpointing {
+        return all_slim;
+    }
+    if b.whole.saturating_mul(layers) <= budget {
+        return BlockPlan {
+            slim: false,
+            ..all_slim
+        };
+    }
+    let mut best = BlockPlan {
+        recompute: layers,
+        ..all_slim
+    };
+    let mut best_cost = layers as f64;
+    for slim in 0..=layers {
+        for attention_only in 0..=layers - slim {
+            let recompute = layers - slim - attention_only;
+            let bytes = [
+                (slim, b.slim),
+                (attention_only, b.attention),
+                (recompute, b.input),
+            ]
+            .iter()
+            .fold(0usize, |acc, &(count, each)| {
+                acc.saturating_add(count.saturating_mul(each))
+            });
+            let cost = recompute as f64 + attention_only as f64 * gate_up_share;
+            if bytes <= budget && cost < best_cost {
+                (best, best_cost) = (
+                    BlockPlan {
+                        recompute,
+                        attention_only,
+                        slim: true,
+                    },
+                    cost,
+                );
+            }
+        }
+    }
+    best
 }
 
 /// Batch tensors shared by all blocks.
@@ -912,40 +1039,36 @@ impl Decoder {
         self.ce_chunk_rows = rows.max(1);
     }
 
-    /// With activation checkpointing, keep the activations of as many of the last blocks as fit
-    /// in `bytes` (measured on the step's first block) instead of recomputing them: their
-    /// backward then skips the block's forward again. Gradients are the same either way; this
-    /// trades device memory for the recompute (about a third of a block's work). 0 = recompute
-    /// every block.
+    /// With activation checkpointing, keep activations within `bytes` (measured on the step's
+    /// first block) instead of recomputing them: blocks then skip their forward, or the gate/up
+    /// half of it, in the backward (see [`plan_blocks`]). Gradients are the same either way;
+    /// this trades device memory for the recompute. 0 = recompute every block.
     pub fn set_activation_budget(&mut self, bytes: usize) {
         self.activation_budget = bytes;
     }
 
-    /// Which blocks keep their activations, from block 0's whole and slimmed sizes: `(first kept
-    /// block, slim the kept ones)`. Without checkpointing every block is kept, slimmed. With it,
-    /// every block is kept whole when the budget holds them all so (no recompute at all), else
-    /// the last blocks that fit it slimmed are kept, slimmed.
-    fn kept_blocks(
-        &self,
-        checkpointing: bool,
-        whole_bytes: usize,
-        slim_bytes: usize,
-    ) -> (usize, bool) {
-        let layers = self.blocks.len();
-        if !checkpointing {
-            return (0, true);
-        }
-        if whole_bytes
-            .checked_mul(layers)
-            .is_some_and(|all| all <= self.activation_budget)
-        {
-            return (0, false);
-        }
-        let fit = self
-            .activation_budget
-            .checked_div(slim_bytes)
-            .unwrap_or(layers);
-        (layers - fit.min(layers), true)
+    /// The cost of rerunning a block's gate/up half against its whole forward, from FLOPs per
+    /// token: the linears' weights, and attention over the batch's mean causal context, counted
+    /// at a quarter of the GEMMs' rate (flash attention runs at ~180 TFLOP/s on an H100, cuBLAS
+    /// at ~680).
+    fn gate_up_share(&self, cu_seqlens: &[u32]) -> f64 {
+        let c = &self.cfg;
+        let (h, inter, qd, kvd) = (
+            c.hidden_size as f64,
+            c.intermediate_size as f64,
+            (c.num_heads * c.head_dim) as f64,
+            (c.num_kv_heads * c.head_dim) as f64,
+        );
+        let (pairs, tokens) = cu_seqlens.windows(2).fold((0.0, 0.0), |(p, t), w| {
+            let len = f64::from(w[1] - w[0]);
+            (p + len * (len + 1.0) / 2.0, t + len)
+        });
+        let mean_keys = if tokens > 0.0 { pairs / tokens } else { 0.0 };
+        const ATTENTION_RATE_FACTOR: f64 = 4.0;
+        let gate_up = 2.0 * h * inter;
+        let linears = h * (qd + 2.0 * kvd) + qd * h + 3.0 * h * inter;
+        let attention = ATTENTION_RATE_FACTOR * 2.0 * mean_keys * qd;
+        gate_up / (linears + attention)
     }
 
     pub fn trainable(&self) -> &[TrainableInfo] {
@@ -1511,15 +1634,12 @@ impl Decoder {
         let attn_flat = attn.reshape((n, self.cfg.num_heads * self.cfg.head_dim))?;
         let (o, o_saved) = self.group_forward(&blk.o, &attn_flat, seed)?;
         let x2 = residual_add(only(o)?, x)?; // [n, h]
-        let (h2, rstd2) = scope(&self.device, "rmsnorm_fwd", || {
-            rmsnorm_forward(&x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)
-        })?;
-        let (gu, gate_up_saved) = self.group_forward(&blk.gate_up, &h2, seed)?;
-        let [g, u]: [Tensor; 2] = gu
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("the gate/up group is not two projections"))?; // [n, inter]
-        let m = scope(&self.device, "swiglu_fwd", || swiglu_forward(&g, &u))?;
-        let (down, down_saved) = self.group_forward(&blk.down, &m, seed)?;
+        let (rstd2, mlp) = self.gate_up_forward(blk, &x2, seed)?;
+        let m = mlp
+            .m
+            .as_ref()
+            .context("gate_up_forward keeps the SwiGLU product")?;
+        let (down, down_saved) = self.group_forward(&blk.down, m, seed)?;
         let out = residual_add(only(down)?, &x2)?; // [n, h]
         Ok((
             out,
@@ -1527,13 +1647,39 @@ impl Decoder {
                 attn_flat,
                 o_saved,
                 x2,
-                h2: Some(h2),
                 rstd2,
+                mlp: Some(mlp),
+                seed,
+                down_saved,
+            },
+        ))
+    }
+
+    /// Post-attention norm, gate/up projections and their SwiGLU product from the residual
+    /// stream `x2 [n, h]`: in the forward, and again in the backward of a block whose MLP half
+    /// was dropped (same `seed`, same values).
+    fn gate_up_forward(
+        &self,
+        blk: &Block,
+        x2: &Tensor,
+        seed: Option<u64>,
+    ) -> Result<(Tensor, MlpActs)> {
+        let (h2, rstd2) = scope(&self.device, "rmsnorm_fwd", || {
+            rmsnorm_forward(x2, &self.params[blk.ffn_norm], self.cfg.rms_norm_eps)
+        })?;
+        let (gu, gate_up_saved) = self.group_forward(&blk.gate_up, &h2, seed)?;
+        let [g, u]: [Tensor; 2] = gu
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the gate/up group is not two projections"))?; // [n, inter]
+        let m = scope(&self.device, "swiglu_fwd", || swiglu_forward(&g, &u))?;
+        Ok((
+            rstd2,
+            MlpActs {
+                h2: Some(h2),
                 g,
                 u,
                 gate_up_saved,
                 m: Some(m),
-                down_saved,
             },
         ))
     }
@@ -1600,18 +1746,24 @@ impl Decoder {
         } = acts;
         // MLP half: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
         let eps = self.cfg.rms_norm_eps;
-        let m = match t.m {
+        let mlp = match t.mlp {
+            Some(mlp) => mlp,
+            None => self.gate_up_forward(blk, &t.x2, t.seed)?.1,
+        };
+        let m = match mlp.m {
             Some(m) => m,
-            None => scope(&self.device, "swiglu_fwd", || swiglu_forward(&t.g, &t.u))?,
+            None => scope(&self.device, "swiglu_fwd", || {
+                swiglu_forward(&mlp.g, &mlp.u)
+            })?,
         };
         let dm = self.group_backward(&blk.down, &m, &t.down_saved, vec![dout.clone()], grads)?;
         drop((m, t.down_saved));
         let (dg, du) = scope(&self.device, "swiglu_bwd", || {
-            swiglu_backward(&t.g, &t.u, &dm)
+            swiglu_backward(&mlp.g, &mlp.u, &dm)
         })?;
-        drop((dm, t.g, t.u));
+        drop((dm, mlp.g, mlp.u));
         let ffn_w = &self.params[blk.ffn_norm];
-        let h2 = match t.h2 {
+        let h2 = match mlp.h2 {
             Some(h2) => h2,
             None => {
                 scope(&self.device, "rmsnorm_fwd", || {
@@ -1620,8 +1772,9 @@ impl Decoder {
                 .0
             }
         };
-        let dh2 = self.group_backward(&blk.gate_up, &h2, &t.gate_up_saved, vec![dg, du], grads)?;
-        drop((t.gate_up_saved, h2));
+        let dh2 =
+            self.group_backward(&blk.gate_up, &h2, &mlp.gate_up_saved, vec![dg, du], grads)?;
+        drop((mlp.gate_up_saved, h2));
         let (dx2_norm, dw2) = scope(&self.device, "rmsnorm_bwd", || {
             rmsnorm_backward(&t.x2, ffn_w, &t.rstd2, &dh2, self.trains(blk.ffn_norm))
         })?;
@@ -1863,33 +2016,49 @@ impl Decoder {
         grads.buffer()?;
         let mut x = x0; // [n, h]
         let (n, h) = x.dims2()?;
-        // Blocks before `keep_from` keep only their input (recomputed in the backward), the rest
-        // all their activations; decided on block 0's measured activation bytes. The inputs go
-        // into one arena `[blocks, n, h]`: a kept tensor allocated between a block's temporaries
-        // would pin a hole in the memory pool at every layer (device memory that is reserved but
-        // never usable again).
-        let mut keep = None;
+        // What each block keeps is planned on block 0's measured activation bytes
+        // (`plan_blocks`). The inputs of the recomputed blocks go into one arena `[blocks, n, h]`:
+        // a kept tensor allocated between a block's temporaries would pin a hole in the memory
+        // pool at every layer (device memory that is reserved but never usable again).
+        let mut plan = None;
         let mut arena = None;
         let mut kept = Vec::with_capacity(self.blocks.len());
         for (li, blk) in self.blocks.iter().enumerate() {
             let (y, mut acts) =
                 self.block_forward(blk, &x, ctx, Some(Self::block_seed(step_seed, li)))?;
-            let (from, slim) = *keep.get_or_insert_with(|| {
-                self.kept_blocks(checkpointing, acts.bytes(false), acts.bytes(true))
-            });
-            if slim {
-                acts.slim();
-            }
-            if li >= from {
-                kept.push(Kept::Acts(Box::new(acts)));
-            } else {
-                drop(acts);
-                let arena = match &mut arena {
-                    Some(arena) => arena,
-                    None => arena.insert(Tensor::zeros((from, n, h), x.dtype(), x.device())?),
+            let plan = *plan.get_or_insert_with(|| {
+                let bytes = BlockBytes {
+                    whole: acts.bytes(Keep::Whole),
+                    slim: acts.bytes(Keep::Slim),
+                    attention: acts.bytes(Keep::Attention),
+                    input: n * h * x.dtype().size_in_bytes(),
                 };
-                arena.slice_set(&x.unsqueeze(0)?.contiguous()?, 0, li)?;
-                kept.push(Kept::Input(arena.get(li)?)); // [n, h] view
+                let share = self.gate_up_share(ctx.cu_seqlens);
+                let layers = self.blocks.len();
+                plan_blocks(layers, checkpointing, self.activation_budget, bytes, share)
+            });
+            match plan.keep(li) {
+                Some(keep) => {
+                    match keep {
+                        Keep::Whole => {}
+                        Keep::Slim => acts.slim(),
+                        Keep::Attention => acts.drop_mlp(),
+                    }
+                    kept.push(Kept::Acts(Box::new(acts)));
+                }
+                None => {
+                    drop(acts);
+                    let arena = match &mut arena {
+                        Some(arena) => arena,
+                        None => arena.insert(Tensor::zeros(
+                            (plan.recompute, n, h),
+                            x.dtype(),
+                            x.device(),
+                        )?),
+                    };
+                    arena.slice_set(&x.unsqueeze(0)?.contiguous()?, 0, li)?;
+                    kept.push(Kept::Input(arena.get(li)?)); // [n, h] view
+                }
             }
             x = y;
             crate::train::metrics::pool_checkpoint(&self.device, "forward block", li)?;
@@ -1946,11 +2115,16 @@ impl Decoder {
         let stats = StepStats {
             loss_sum: ce.loss_sum.read()?, // after the backward is queued
             n_trained: ce.n_trained,
-            recomputed_blocks: keep.map_or(0, |k| k.0),
-            slimmed_blocks: match keep {
-                Some((from, true)) => self.blocks.len() - from,
-                _ => 0,
-            },
+            recomputed_blocks: plan.map_or(0, |p| p.recompute),
+            gate_up_recomputed_blocks: plan.map_or(0, |p| p.attention_only),
+            slimmed_blocks: plan.map_or(0, |p| {
+                let kept = self.blocks.len() - p.recompute - p.attention_only;
+                if p.slim {
+                    kept
+                } else {
+                    0
+                }
+            }),
         };
         Ok((stats, dx))
     }
@@ -1977,6 +2151,7 @@ impl Decoder {
             loss_sum: ce.loss_sum.read()?,
             n_trained: ce.n_trained,
             recomputed_blocks: 0,
+            gate_up_recomputed_blocks: 0,
             slimmed_blocks: 0,
         })
     }
@@ -2110,5 +2285,64 @@ impl Decoder {
             .matmul(&self.params[self.head].t()?)?
             .to_dtype(DType::F32)?; // [items, vocab]
         Ok(logits.to_vec2::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BYTES: BlockBytes = BlockBytes {
+        whole: 10,
+        slim: 8,
+        attention: 4,
+        input: 1,
+    };
+
+    fn plan(recompute: usize, attention_only: usize) -> BlockPlan {
+        BlockPlan {
+            recompute,
+            attention_only,
+            slim: true,
+        }
+    }
+
+    #[test]
+    fn plans_keep_everything_whole_recompute_all_or_keep_all_slimmed() {
+        let whole = BlockPlan {
+            slim: false,
+            ..plan(0, 0)
+        };
+        assert_eq!(plan_blocks(4, true, 40, BYTES, 0.3), whole);
+        assert_eq!(plan_blocks(4, true, 0, BYTES, 0.3), plan(4, 0));
+        // The inputs alone exceed the budget: still every block recomputed.
+        assert_eq!(plan_blocks(4, true, 3, BYTES, 0.3), plan(4, 0));
+        assert_eq!(plan_blocks(4, false, 0, BYTES, 0.3), plan(0, 0));
+    }
+
+    #[test]
+    fn plans_take_the_least_rerun_work_that_fits() {
+        // Cheap gate/up reruns: all four blocks keep their attention half (16 bytes, cost 1.2)
+        // rather than one slimmed and three recomputed (11 bytes, cost 3).
+        assert_eq!(plan_blocks(4, true, 16, BYTES, 0.3), plan(0, 4));
+        // Dear ones: one slimmed, one attention-only, two recomputed (14 bytes, cost 2.9) beats
+        // four attention-only (16 bytes, cost 3.6) and three with one recomputed (13, 3.7).
+        assert_eq!(plan_blocks(4, true, 16, BYTES, 0.9), plan(2, 1));
+        // More budget never costs more rerun work.
+        let cost = |p: BlockPlan| p.recompute as f64 + 0.5 * p.attention_only as f64;
+        let costs: Vec<f64> = (0..=40)
+            .map(|budget| cost(plan_blocks(4, true, budget, BYTES, 0.5)))
+            .collect();
+        assert!(costs.windows(2).all(|w| w[1] <= w[0]), "{costs:?}");
+        assert_eq!(costs.last(), Some(&0.0));
+    }
+
+    #[test]
+    fn a_plan_orders_recomputed_then_attention_only_then_kept_blocks() {
+        let p = plan(2, 1);
+        let keeps: Vec<Option<Keep>> = (0..4).map(|b| p.keep(b)).collect();
+        assert_eq!(keeps, [None, None, Some(Keep::Attention), Some(Keep::Slim)]);
+        let whole = BlockPlan { slim: false, ..p };
+        assert_eq!(whole.keep(3), Some(Keep::Whole));
     }
 }

@@ -677,11 +677,12 @@ where
                 say(
                     &bar,
                     &format!(
-                        "activation checkpointing: {} of {} blocks recomputed, the rest kept \
-                         ({} without their norms and SwiGLU product; \
-                         train.activation_budget_gib = {})",
+                        "activation checkpointing: {} of {} blocks recomputed, {} with their \
+                         gate/up half recomputed, the rest kept ({} without their norms and \
+                         SwiGLU product; train.activation_budget_gib = {})",
                         s.recomputed_blocks,
                         model.decoder().config().num_layers,
+                        s.gate_up_recomputed_blocks,
                         s.slimmed_blocks,
                         cfg.train.activation_budget_gib
                     ),
