@@ -109,6 +109,43 @@ fn backward_splits(kv_ctas: usize, group: usize, slots: usize) -> usize {
         .unwrap_or(group)
 }
 
+/// Key rows per tile in the kernels, and query rows per tile in the backward.
+const BLOCK: usize = 64;
+/// Query rows per CTA of the forward's wide tiles (32 per warp; `flash_fwd_rows128`).
+const WIDE_ROWS: usize = 128;
+/// Time of a wide forward tile over 64 keys against a 64-row one, from kernel-check on an H100
+/// at d 128 (batch 4 x 2048, 16 heads, both grids many waves deep: 283.6 µs over 17,408 wide
+/// tile-steps, 375.1 µs over 33,792 narrow ones, per resident slot alike): twice the work for
+/// 1.45x the time, as each K/V fragment from shared memory feeds twice the MMAs.
+const WIDE_TILE_TIME: f64 = 1.45;
+
+/// Query rows per forward CTA (64 or [`WIDE_ROWS`]) for heads x samples `cu_seqlens` and each
+/// kernel's resident CTA slots: the one whose grid should finish first, by the larger of its
+/// work per slot and its heaviest CTA (the last query block of the longest sample), counted in
+/// 64-key tile-steps. Wide tiles do more per step but halve the CTAs: at batch 1 x 2048 with 16
+/// heads their 256 CTAs fill one wave, and the heaviest ones set the time (113.5 µs against
+/// 93.6 for 64-row tiles on an H100).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launcher's, and the tests'
+fn forward_rows(cu_seqlens: &[u32], heads: usize, slots_narrow: usize, slots_wide: usize) -> usize {
+    let time = |rows: usize, slots: usize, tile_time: f64| {
+        let (mut steps, mut heaviest) = (0usize, 0usize);
+        for len in cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize) {
+            // Query block m sees the key blocks up to its last row.
+            for m in 0..len.div_ceil(rows) {
+                steps += ((m + 1) * rows).min(len).div_ceil(BLOCK);
+            }
+            heaviest = heaviest.max(len.div_ceil(BLOCK));
+        }
+        let per_slot = (steps * heads) as f64 / slots.max(1) as f64;
+        per_slot.max(heaviest as f64) * tile_time
+    };
+    if time(WIDE_ROWS, slots_wide, WIDE_TILE_TIME) < time(BLOCK, slots_narrow, 1.0) {
+        WIDE_ROWS
+    } else {
+        BLOCK
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod launch {
     use super::super::cuda as kc;
@@ -119,10 +156,10 @@ mod launch {
     use candle_core::{CudaDevice, DType, Result, Tensor};
     use half::bf16;
 
+    use super::{forward_rows, BLOCK, WIDE_ROWS};
+
     const MODULE: &str = "flash_attn";
     const THREADS: u32 = 128;
-    /// Query and key rows per tile in the kernels.
-    const BLOCK: usize = 64;
 
     fn err(e: anyhow::Error) -> candle_core::Error {
         candle_core::Error::msg(format!("flash attention: {e:#}"))
@@ -141,9 +178,15 @@ mod launch {
     }
 
     /// Launch geometry shared by forward and backward: a one-dimensional grid of one CTA per
-    /// 64-row block of the longest sample, per head (`heads_in_grid`), per sample, ordered by
-    /// work (the kernels' `work_item`: the heaviest blocks of every head and sample first).
-    fn grid(cu_seqlens: &[u32], heads_in_grid: usize, shared_mem_bytes: u32) -> LaunchConfig {
+    /// `rows`-row block of the longest sample (query rows in the forward, [`BLOCK`] key rows in
+    /// the backward), per head (`heads_in_grid`), per sample, ordered by work (the
+    /// kernels' `work_item`: the heaviest blocks of every head and sample first).
+    fn grid(
+        cu_seqlens: &[u32],
+        rows: usize,
+        heads_in_grid: usize,
+        shared_mem_bytes: u32,
+    ) -> LaunchConfig {
         let longest = cu_seqlens
             .windows(2)
             .map(|w| (w[1] - w[0]) as usize)
@@ -152,7 +195,7 @@ mod launch {
         let samples = cu_seqlens.len() - 1;
         LaunchConfig {
             grid_dim: (
-                (longest.div_ceil(BLOCK) * heads_in_grid * samples) as u32,
+                (longest.div_ceil(rows) * heads_in_grid * samples) as u32,
                 1,
                 1,
             ),
@@ -161,7 +204,7 @@ mod launch {
         }
     }
 
-    /// 64-row blocks over all samples: the CTAs of one head that do work.
+    /// 64-row blocks over all samples: the backward's CTAs of one KV head that do work.
     fn blocks_with_work(cu_seqlens: &[u32]) -> usize {
         cu_seqlens
             .windows(2)
@@ -215,7 +258,26 @@ mod launch {
         let cu = dev.clone_htod(cu_seqlens)?;
         let mut out = kc::alloc::<bf16>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
         let mut lse = kc::alloc::<f32>(&dev, heads * n).map_err(err)?; // [heads, n]
-        let func = kc::func(&dev, MODULE, &format!("flash_fwd_d{d}")).map_err(err)?;
+                                                                       // Wide tiles: Q [128][d+8], K and V [64][d+8] bf16 (69,632 bytes at d 128, past the
+                                                                       // 48 KB default: dynamic); 64-row ones hold K and V statically.
+        let wide = kc::func(&dev, MODULE, &format!("flash_fwd_rows128_d{d}")).map_err(err)?;
+        let narrow = kc::func(&dev, MODULE, &format!("flash_fwd_rows64_d{d}")).map_err(err)?;
+        let wide_smem = (WIDE_ROWS + 2 * BLOCK) * (d + 8) * 2;
+        wide.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            wide_smem as i32,
+        )
+        .map_err(|e| err(e.into()))?;
+        let slots = (
+            resident_slots(&dev, &narrow, 0)?,
+            resident_slots(&dev, &wide, wide_smem)?,
+        );
+        let rows = forward_rows(cu_seqlens, heads, slots.0, slots.1);
+        let (func, smem) = if rows == WIDE_ROWS {
+            (wide, wide_smem)
+        } else {
+            (narrow, 0)
+        };
         let stream = kc::stream(&dev);
         let (samples_i, n_i, heads_i, kv_i) = (
             i32_arg(cu_seqlens.len() - 1, "samples")?,
@@ -236,9 +298,11 @@ mod launch {
             .arg(&heads_i)
             .arg(&kv_i)
             .arg(&scale);
-        // SAFETY: argument list matches flash_fwd_d{64,128}; the kernel writes every element of
-        // `out` and `lse` (each token belongs to one sample and each row block to one CTA).
-        unsafe { b.launch(grid(cu_seqlens, heads, 0)) }.map_err(|e| err(e.into()))?;
+        // SAFETY: argument list matches flash_fwd_rows{64,128}_d{64,128}; the kernel writes
+        // every element of `out` and `lse` (each token belongs to one sample and each row block
+        // to one CTA).
+        unsafe { b.launch(grid(cu_seqlens, rows, heads, smem as u32)) }
+            .map_err(|e| err(e.into()))?;
         Ok((
             kc::wrap(out, &dev, (n, heads, d)),
             kc::wrap(lse, &dev, (heads, n)),
@@ -332,7 +396,7 @@ mod launch {
             .arg(&scale);
         // SAFETY: matches flash_bwd_d{d}; every key row of a split's slice is owned by one CTA,
         // which writes its dK and dV; dq_accum is zeroed and only accumulated into.
-        unsafe { b.launch(grid(cu_seqlens, kv_heads * splits, smem as u32)) }
+        unsafe { b.launch(grid(cu_seqlens, BLOCK, kv_heads * splits, smem as u32)) }
             .map_err(|e| err(e.into()))?;
         if splits > 1 {
             let (dk_parts, dv_parts) = (dk, dv);
@@ -540,6 +604,27 @@ mod tests {
 
     fn bf16(shape: &[usize], seed: u64) -> Tensor {
         super::super::random_tensor(shape, 1.0, seed, DType::BF16, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn the_forward_takes_wide_tiles_only_where_their_grid_finishes_first() {
+        let slots = 264; // 2 CTAs on each of an H100's 132 SMs, both kernels
+                         // InternLM2-1.8B (16 heads) at batch 1 x 2048: 256 wide CTAs in one wave, the heaviest
+                         // setting the time: 64-row tiles.
+        assert_eq!(forward_rows(&[0, 2048], 16, slots, slots), BLOCK);
+        // Batch 4, and Llama-2-7B's 32 heads at batch 1: wide tiles.
+        assert_eq!(
+            forward_rows(&[0, 2048, 4096, 6144, 8192], 16, slots, slots),
+            WIDE_ROWS
+        );
+        assert_eq!(forward_rows(&[0, 2048], 32, slots, slots), WIDE_ROWS);
+        // kernel-check's packed samples [1000, 637, 411]: 64-row tiles (51.0 µs against 65.0).
+        assert_eq!(
+            forward_rows(&[0, 1000, 1637, 2048], 16, slots, slots),
+            BLOCK
+        );
+        // Fewer resident slots for the wide kernel count against it.
+        assert_eq!(forward_rows(&[0, 2048], 32, slots, slots / 2), BLOCK);
     }
 
     #[test]

@@ -22,8 +22,9 @@ typedef __nv_bfloat16 bf16;
 
 namespace {
 
-constexpr int NUM_THREADS = 128;  // 4 warps; each warp owns 16 rows of the 64-row tile
-constexpr int BLOCK = 64;         // query and key rows per tile (forward and backward)
+constexpr int NUM_THREADS = 128;  // 4 warps
+constexpr int BLOCK = 64;         // key rows per tile; also query rows per tile in the backward
+constexpr int FWD_ROWS = 128;     // query rows of a forward CTA, 32 per warp
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -108,14 +109,14 @@ __device__ __forceinline__ void load_b_t(uint32_t b[4], const bf16* s, int ld, i
     ldsm_x4_trans(b, s + (((lane / 8) % 2) * 8 + lane % 8) * ld + (lane / 16) * 8);
 }
 
-// Copies rows `row0..row0+BLOCK` of head `head` of a [n, num_heads, D] tensor (rows relative to
+// Copies rows `row0..row0+ROWS` of head `head` of a [n, num_heads, D] tensor (rows relative to
 // the sample starting at token `seq_start` of length `seq_len`) into shared memory with row stride
 // `ld`; rows past the sample are zero-filled.
-template <int D>
+template <int D, int ROWS = BLOCK>
 __device__ __forceinline__ void load_tile(bf16* s, int ld, const bf16* g, int seq_start, int seq_len,
                                           int row0, int num_heads, int head) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-    for (int c = threadIdx.x; c < BLOCK * CHUNKS; c += NUM_THREADS) {
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NUM_THREADS) {
         int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         bool valid = row0 + r < seq_len;
         const bf16* src =
@@ -126,11 +127,12 @@ __device__ __forceinline__ void load_tile(bf16* s, int ld, const bf16* g, int se
 
 // ---------------------------------------------------------------------------------------------
 // Work order. The grid is one-dimensional and ranks CTAs by their work: rank r covers, for every
-// (head, sample), the sample's r-th heaviest 64-row block. The hardware starts CTAs roughly in
-// index order, so the heaviest blocks of all heads start in the first wave and light ones fill
-// the gaps at the end (longest-first scheduling). A grid of (blocks, heads, samples) instead
-// starts head 0's light blocks before head 15's heavy ones: a causal 2048-token sample then
-// leaves SMs idle for the last ~40% of the kernel.
+// (head, sample), the sample's r-th heaviest row block (128 query rows in the forward, 64 key
+// rows in the backward). The hardware starts CTAs roughly in index order, so the heaviest blocks
+// of all heads start in the first wave and light ones fill the gaps at the end (longest-first
+// scheduling). A grid of (blocks, heads, samples) instead starts head 0's light blocks before
+// head 15's heavy ones: a causal 2048-token sample then leaves SMs idle for the last ~40% of the
+// kernel.
 struct WorkItem {
     int rank;   // 0 = the heaviest block of its (head, sample)
     int head;   // in 0..heads_in_grid
@@ -143,11 +145,13 @@ __device__ __forceinline__ WorkItem work_item(int heads_in_grid, int samples) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. Query block r of a sample attends to key blocks 0..=r, so the last block is the
-// heaviest (rank 0). Shared: K tile and V tile (the Q tile is staged in the V buffer, then held
-// in registers). V_j loads while S = Q K_jᵀ and the softmax run; K_{j+1} loads while O += P V_j.
+// Forward over 64-row query tiles, 16 rows per warp: twice the CTAs of the 128-row forward below,
+// for grids where those would leave SMs idle (see `launch::forward`). Query block r of a sample
+// attends to key blocks 0..=r, so the last block is the heaviest (rank 0). Shared: K tile and V
+// tile (the Q tile is staged in the V buffer, then held in registers). V_j loads while
+// S = Q K_jᵀ and the softmax run; K_{j+1} loads while O += P V_j.
 template <int D>
-__device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+__device__ void flash_fwd_rows64(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, bf16* __restrict__ out,
                           float* __restrict__ lse, const uint32_t* __restrict__ cu_seqlens,
                           int samples, int n_tokens, int heads, int kv_heads, float scale) {
@@ -280,6 +284,207 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                 __floats2bfloat162_rn(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
         if (t == 0) lse[(size_t)head * n_tokens + tok] = row_max[r] * LN2 + logf(sum);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. A CTA takes FWD_ROWS = 128 query rows of one head, warp w rows 32w..32w+31 as two
+// m16 tiles, and walks 64-row (BLOCK) key/value tiles. Two row tiles per warp make every K or V
+// fragment loaded from shared memory feed 4 MMAs instead of 2: with 16 rows per warp ldmatrix
+// traffic bounded the loop (183 TFLOP/s on a causal 2048-token d128 forward on an H100, where
+// FlashAttention-2's 32 rows per warp reaches ~300). Query block m (rows 128m..128m+127) attends
+// to key blocks 0..=2m+1, clipped to the sample, so the last block is the heaviest (rank 0).
+// Dynamic shared memory: Q [128][D+8], K and V [64][D+8] bf16 (36,864 bytes at D=64, 69,632 at
+// D=128). Q's A-fragments stay in registers at D=64 (32 of them); at D=128 the O (128 floats a
+// thread) and S (64) accumulators leave no room for its 64, so each k-step reloads them from
+// shared memory, as FlashAttention-2 does at that head dim. ptxas (CUDA 13.0): D=64 232
+// registers on sm_90, 228 on sm_80 (213 with Q reloaded: still 2 CTAs per SM, so holding Q
+// costs no occupancy and saves a fifth of the ldmatrix traffic); D=128 254 on both; no spills.
+// V_j loads while S = Q K_jᵀ and the softmax run; K_{j+1} loads while O += P V_j.
+template <int D>
+__device__ void flash_fwd_rows128(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, bf16* __restrict__ out,
+                          float* __restrict__ lse, const uint32_t* __restrict__ cu_seqlens,
+                          int samples, int n_tokens, int heads, int kv_heads, float scale) {
+    constexpr int LD = D + 8;     // padded row: ldmatrix rows land in distinct banks
+    constexpr int KSTEPS = D / 16;
+    constexpr int DTILES = D / 8;
+    constexpr int WARP_ROWS = FWD_ROWS / (NUM_THREADS / 32);  // 32: two m16 tiles
+    constexpr bool Q_HELD = D == 64;  // Q's A-fragments in registers across the key loop
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sK = sQ + FWD_ROWS * LD;
+    bf16* sV = sK + BLOCK * LD;
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const WorkItem w = work_item(heads, samples);
+    const int head = w.head;
+    const int seq_start = cu_seqlens[w.sample];
+    const int seq_len = cu_seqlens[w.sample + 1] - seq_start;
+    const int sample_blocks = (seq_len + FWD_ROWS - 1) / FWD_ROWS;
+    if (w.rank >= sample_blocks) return;
+    const int row0 = (sample_blocks - 1 - w.rank) * FWD_ROWS;  // first query row, in the sample
+    const int kv_head = head / (heads / kv_heads);
+    // Causal: the key blocks holding a key at or before the CTA's last row in the sample.
+    const int n_blocks = (min(row0 + FWD_ROWS, seq_len) + BLOCK - 1) / BLOCK;
+    // Keys 0..warp_keys are those this warp's rows in the sample see. A key block from warp_keys
+    // on is hidden from all of them, and the warp skips its matmuls and softmax: key block 2m+1
+    // for warps 0 and 1, every block for a warp wholly past the sample's end.
+    const int warp_row0 = row0 + warp * WARP_ROWS;
+    const int warp_keys = warp_row0 < seq_len ? min(warp_row0 + WARP_ROWS, seq_len) : 0;
+    const float scale_log2 = scale * LOG2E;
+
+    load_tile<D, FWD_ROWS>(sQ, LD, q, seq_start, seq_len, row0, heads, head);
+    load_tile<D>(sK, LD, k, seq_start, seq_len, 0, kv_heads, kv_head);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    const bf16* sQw = sQ + warp * WARP_ROWS * LD;  // this warp's 32 query rows
+    // Q A-fragments [k-step][row tile]: all of them at D=64; at D=128 slot 0, per k-step.
+    uint32_t qf[Q_HELD ? KSTEPS : 1][2][4];
+    if constexpr (Q_HELD) {
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks)
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                load_a(qf[ks][mt], sQw + mt * 16 * LD + ks * 16, LD, lane);
+    }
+
+    float o[2][DTILES][4] = {};  // [2 row tiles][16 rows, D] accumulator
+    // [row tile][rows g and g+8]: running maximum in log2 units, this thread's partial sums.
+    float row_max[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+    float row_sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+
+    for (int j = 0; j < n_blocks; ++j) {
+        load_tile<D>(sV, LD, v, seq_start, seq_len, j * BLOCK, kv_heads, kv_head);
+        cp_async_commit();
+
+        const bool active = j * BLOCK < warp_keys;  // warp-uniform
+        float s[2][8][4];  // S = Q K_jᵀ: [2 row tiles][16 rows, 64 keys]
+        if (active) {
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                uint32_t(&a)[2][4] = qf[Q_HELD ? ks : 0];
+                if constexpr (!Q_HELD) {
+#pragma unroll
+                    for (int mt = 0; mt < 2; ++mt)
+                        load_a(a[mt], sQw + mt * 16 * LD + ks * 16, LD, lane);
+                }
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t b[4];
+                    load_b(b, sK + np * 16 * LD + ks * 16, LD, lane);
+#pragma unroll
+                    for (int mt = 0; mt < 2; ++mt) {
+                        mma16816(s[mt][2 * np], a[mt], b[0], b[1]);
+                        mma16816(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+                    }
+                }
+            }
+            // Hide keys after the query: only a block reaching past the warp's first row has any
+            // (one of the CTA's last two; keys past the sample's end are only in such a block).
+            if (j * BLOCK + BLOCK - 1 > warp_row0) {
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            int qrow = warp_row0 + mt * 16 + g + (e / 2) * 8;
+                            int key = j * BLOCK + nt * 8 + 2 * t + (e % 2);
+                            if (key > qrow) s[mt][nt][e] = -INFINITY;
+                        }
+            }
+            // Online softmax. The block's first key is at or before the warp's first row (both
+            // are multiples of 32 and j * BLOCK < warp_row0 + 32), so every row sees it and the
+            // new maximum is finite.
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt)
+                        mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                    float new_max = fmaxf(row_max[mt][r], mx * scale_log2);
+                    float alpha = fast_exp2(row_max[mt][r] - new_max);
+                    row_max[mt][r] = new_max;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                        for (int c = 2 * r; c < 2 * r + 2; ++c) {
+                            s[mt][nt][c] = fast_exp2(s[mt][nt][c] * scale_log2 - new_max);
+                            sum += s[mt][nt][c];
+                        }
+                    row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+                    for (int dt = 0; dt < DTILES; ++dt) {
+                        o[mt][dt][2 * r] *= alpha;
+                        o[mt][dt][2 * r + 1] *= alpha;
+                    }
+                }
+        }
+        cp_async_wait_all();
+        __syncthreads();  // V_j visible; every warp is done reading K_j
+        if (j + 1 < n_blocks) {
+            load_tile<D>(sK, LD, k, seq_start, seq_len, (j + 1) * BLOCK, kv_heads, kv_head);
+            cp_async_commit();
+        }
+        // O += P V_j, P packed to bf16 straight from the S accumulators.
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                uint32_t a[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t b[4];
+                    load_b_t(b, sV + kk * 16 * LD + dp * 16, LD, lane);
+#pragma unroll
+                    for (int mt = 0; mt < 2; ++mt) {
+                        mma16816(o[mt][2 * dp], a[mt], b[0], b[1]);
+                        mma16816(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();  // K_{j+1} visible; every warp is done reading V_j
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[mt][r];
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            sum += __shfl_xor_sync(0xffffffff, sum, 2);
+            int row = warp_row0 + mt * 16 + g + r * 8;
+            if (row >= seq_len) continue;
+            int tok = seq_start + row;
+            float inv = 1.f / sum;
+            bf16* dst = out + ((size_t)tok * heads + head) * D + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < DTILES; ++dt)
+                *reinterpret_cast<__nv_bfloat162*>(dst + dt * 8) =
+                    __floats2bfloat162_rn(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+            if (t == 0) lse[(size_t)head * n_tokens + tok] = row_max[mt][r] * LN2 + logf(sum);
+        }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -558,11 +763,19 @@ __device__ void sum_splits(const bf16* __restrict__ dk_parts, const bf16* __rest
 // Entry points (one per head dim).
 
 #define FLASH_ENTRY_POINTS(D)                                                                   \
-    extern "C" __global__ void __launch_bounds__(NUM_THREADS)                                   \
-        flash_fwd_d##D(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,      \
-                       const uint32_t* cu_seqlens, int samples, int n_tokens, int heads,        \
-                       int kv_heads, float scale) {                                             \
-        flash_fwd<D>(q, k, v, out, lse, cu_seqlens, samples, n_tokens, heads, kv_heads, scale); \
+    extern "C" __global__ void __launch_bounds__(NUM_THREADS) flash_fwd_rows64_d##D(           \
+        const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
+        const uint32_t* cu_seqlens, int samples, int n_tokens, int heads, int kv_heads,         \
+        float scale) {                                                                          \
+        flash_fwd_rows64<D>(q, k, v, out, lse, cu_seqlens, samples, n_tokens, heads, kv_heads,  \
+                            scale);                                                             \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(NUM_THREADS) flash_fwd_rows128_d##D(          \
+        const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
+        const uint32_t* cu_seqlens, int samples, int n_tokens, int heads, int kv_heads,         \
+        float scale) {                                                                          \
+        flash_fwd_rows128<D>(q, k, v, out, lse, cu_seqlens, samples, n_tokens, heads, kv_heads, \
+                             scale);                                                            \
     }                                                                                           \
     extern "C" __global__ void flash_bwd_delta_d##D(const bf16* out, const bf16* dout,          \
                                                     float* delta, int n_tokens, int heads) {    \
