@@ -379,8 +379,9 @@ pub struct TrainConfig {
     /// Recompute each decoder block's activations in backward.
     #[serde(default = "default_true")]
     pub activation_checkpointing: bool,
-    /// With checkpointing: GiB of block activations to keep anyway (the last blocks that fit skip
-    /// their recompute). 0 = recompute every block.
+    /// With checkpointing: GiB of block activations to keep anyway (blocks skip their recompute,
+    /// or rerun only their gate/up half; see `Decoder::set_activation_budget`). 0 = recompute
+    /// every block.
     #[serde(default)]
     pub activation_budget_gib: f64,
     /// What a NaN/Inf loss or gradient norm does: "skip" the step or "stop" the run.
