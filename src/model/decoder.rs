@@ -689,6 +689,15 @@ struct BlockPlan {
 }
 
 impl BlockPlan {
+    /// `recompute` blocks recomputed, the next `attention_only` attention-only, the rest slimmed.
+    fn slimmed(recompute: usize, attention_only: usize) -> BlockPlan {
+        BlockPlan {
+            recompute,
+            attention_only,
+            slim: true,
+        }
+    }
+
     fn keep(&self, block: usize) -> Option<Keep> {
         if block < self.recompute {
             None
@@ -722,11 +731,7 @@ fn plan_blocks(
     b: BlockBytes,
     gate_up_share: f64,
 ) -> BlockPlan {
-    let all_slim = BlockPlan {
-        recompute: 0,
-        attention_only: 0,
-        slim: true,
-    };
+    let all_slim = BlockPlan::slimmed(0, 0);
     if !checkpointing {
         return all_slim;
     }
@@ -736,10 +741,7 @@ fn plan_blocks(
             ..all_slim
         };
     }
-    let mut best = BlockPlan {
-        recompute: layers,
-        ..all_slim
-    };
+    let mut best = BlockPlan::slimmed(layers, 0);
     let mut best_cost = layers as f64;
     for slim in 0..=layers {
         for attention_only in 0..=layers - slim {
@@ -755,14 +757,7 @@ fn plan_blocks(
             });
             let cost = recompute as f64 + attention_only as f64 * gate_up_share;
             if bytes <= budget && cost < best_cost {
-                (best, best_cost) = (
-                    BlockPlan {
-                        recompute,
-                        attention_only,
-                        slim: true,
-                    },
-                    cost,
-                );
+                (best, best_cost) = (BlockPlan::slimmed(recompute, attention_only), cost);
             }
         }
     }
@@ -2299,35 +2294,31 @@ mod tests {
         input: 1,
     };
 
-    fn plan(recompute: usize, attention_only: usize) -> BlockPlan {
-        BlockPlan {
-            recompute,
-            attention_only,
-            slim: true,
-        }
-    }
-
-    #[test]
-    fn plans_keep_everything_whole_recompute_all_or_keep_all_slimmed() {
-        let whole = BlockPlan {
-            slim: false,
-            ..plan(0, 0)
-        };
-        assert_eq!(plan_blocks(4, true, 40, BYTES, 0.3), whole);
-        assert_eq!(plan_blocks(4, true, 0, BYTES, 0.3), plan(4, 0));
-        // The inputs alone exceed the budget: still every block recomputed.
-        assert_eq!(plan_blocks(4, true, 3, BYTES, 0.3), plan(4, 0));
-        assert_eq!(plan_blocks(4, false, 0, BYTES, 0.3), plan(0, 0));
-    }
-
     #[test]
     fn plans_take_the_least_rerun_work_that_fits() {
-        // Cheap gate/up reruns: all four blocks keep their attention half (16 bytes, cost 1.2)
-        // rather than one slimmed and three recomputed (11 bytes, cost 3).
-        assert_eq!(plan_blocks(4, true, 16, BYTES, 0.3), plan(0, 4));
-        // Dear ones: one slimmed, one attention-only, two recomputed (14 bytes, cost 2.9) beats
-        // four attention-only (16 bytes, cost 3.6) and three with one recomputed (13, 3.7).
-        assert_eq!(plan_blocks(4, true, 16, BYTES, 0.9), plan(2, 1));
+        let slimmed = BlockPlan::slimmed;
+        let whole = BlockPlan {
+            slim: false,
+            ..slimmed(0, 0)
+        };
+        // (checkpointing, budget, gate/up share, plan) for 4 blocks
+        for (checkpointing, budget, share, want) in [
+            (true, 40, 0.3, whole),
+            (true, 0, 0.3, slimmed(4, 0)),
+            // The inputs alone exceed the budget: still every block recomputed.
+            (true, 3, 0.3, slimmed(4, 0)),
+            (false, 0, 0.3, slimmed(0, 0)),
+            // Cheap gate/up reruns: all four blocks keep their attention half (16 bytes, cost
+            // 1.2) rather than one slimmed and three recomputed (11 bytes, cost 3).
+            (true, 16, 0.3, slimmed(0, 4)),
+            // Dear ones: one slimmed, one attention-only, two recomputed (14 bytes, cost 2.9)
+            // beats four attention-only (16 bytes, cost 3.6) and three with one recomputed (13,
+            // 3.7).
+            (true, 16, 0.9, slimmed(2, 1)),
+        ] {
+            let got = plan_blocks(4, checkpointing, budget, BYTES, share);
+            assert_eq!(got, want, "budget {budget}, share {share}");
+        }
         // More budget never costs more rerun work.
         let cost = |p: BlockPlan| p.recompute as f64 + 0.5 * p.attention_only as f64;
         let costs: Vec<f64> = (0..=40)
@@ -2339,7 +2330,7 @@ mod tests {
 
     #[test]
     fn a_plan_orders_recomputed_then_attention_only_then_kept_blocks() {
-        let p = plan(2, 1);
+        let p = BlockPlan::slimmed(2, 1);
         let keeps: Vec<Option<Keep>> = (0..4).map(|b| p.keep(b)).collect();
         assert_eq!(keeps, [None, None, Some(Keep::Attention), Some(Keep::Slim)]);
         let whole = BlockPlan { slim: false, ..p };

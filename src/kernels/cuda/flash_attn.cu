@@ -145,6 +145,88 @@ __device__ __forceinline__ WorkItem work_item(int heads_in_grid, int samples) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pieces of the two forward kernels, per 16-row m tile of a warp (thread rows g and g+8).
+
+// S·scale after the diagonal: keys after their query hidden. `qrow0` and `key0` are the tile's
+// first query row and the key block's first key, on one axis.
+__device__ __forceinline__ void hide_future_keys(float s[8][4], int qrow0, int key0, int g, int t) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int qrow = qrow0 + g + (e / 2) * 8;
+            int key = key0 + nt * 8 + 2 * t + (e % 2);
+            if (key > qrow) s[nt][e] = -INFINITY;
+        }
+}
+
+// Online softmax over one 64-key block: S becomes P = exp2(S·scale_log2 − max), the running
+// maxima (log2 units) and this thread's partial sums move on, and O is rescaled. Every row must
+// see at least one key of the block, so that the new maximum is finite.
+template <int DTILES>
+__device__ __forceinline__ void online_softmax(float s[8][4], float row_max[2], float row_sum[2],
+                                               float o[DTILES][4], float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        float new_max = fmaxf(row_max[r], mx * scale_log2);
+        float alpha = fast_exp2(row_max[r] - new_max);
+        row_max[r] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            s[nt][2 * r] = fast_exp2(s[nt][2 * r] * scale_log2 - new_max);
+            s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] * scale_log2 - new_max);
+            sum += s[nt][2 * r] + s[nt][2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < DTILES; ++dt) {
+            o[dt][2 * r] *= alpha;
+            o[dt][2 * r + 1] *= alpha;
+        }
+    }
+}
+
+// The A fragment of keys 16kk..16kk+15 of P (two adjacent n8 C tiles), packed to bf16.
+__device__ __forceinline__ void pack_a(uint32_t a[4], const float c[8][4], int kk) {
+    a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// out rows `row0 + g`, `row0 + g + 8` of the sample (those inside it) = O / sum, and their
+// natural-log LSE.
+template <int D>
+__device__ __forceinline__ void store_rows(bf16* __restrict__ out, float* __restrict__ lse,
+                                           const float o[D / 8][4], const float row_max[2],
+                                           const float row_sum[2], int row0, int seq_start,
+                                           int seq_len, int n_tokens, int heads, int head, int g,
+                                           int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        int row = row0 + g + r * 8;
+        if (row >= seq_len) continue;
+        int tok = seq_start + row;
+        float inv = 1.f / sum;
+        bf16* dst = out + ((size_t)tok * heads + head) * D + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            *reinterpret_cast<__nv_bfloat162*>(dst + dt * 8) =
+                __floats2bfloat162_rn(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+        if (t == 0) lse[(size_t)head * n_tokens + tok] = row_max[r] * LN2 + logf(sum);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward over 64-row query tiles, 16 rows per warp: twice the CTAs of the 128-row forward below,
 // for grids where those would leave SMs idle (see `launch::forward`). Query block r of a sample
 // attends to key blocks 0..=r, so the last block is the heaviest (rank 0). Shared: K tile and V
@@ -207,42 +289,10 @@ __device__ void flash_fwd_rows64(const bf16* __restrict__ q, const bf16* __restr
                 mma16816(s[2 * np + 1], qf[ks], b[2], b[3]);
             }
         }
-        if (j == m_block) {  // the diagonal block: hide keys after the query
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    int qrow = warp * 16 + g + (e / 2) * 8;
-                    int key = nt * 8 + 2 * t + (e % 2);
-                    if (key > qrow) s[nt][e] = -INFINITY;
-                }
-        }
-        // Online softmax. Key 0 of every block up to the diagonal is visible to each row, so the
-        // new maximum is finite.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            float new_max = fmaxf(row_max[r], mx * scale_log2);
-            float alpha = fast_exp2(row_max[r] - new_max);
-            row_max[r] = new_max;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                s[nt][2 * r] = fast_exp2(s[nt][2 * r] * scale_log2 - new_max);
-                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] * scale_log2 - new_max);
-                sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-            for (int dt = 0; dt < DTILES; ++dt) {
-                o[dt][2 * r] *= alpha;
-                o[dt][2 * r + 1] *= alpha;
-            }
-        }
+        // The diagonal block: hide keys after the query (rows and keys relative to the block).
+        if (j == m_block) hide_future_keys(s, warp * 16, 0, g, t);
+        // Key 0 of every block up to the diagonal is visible to each row.
+        online_softmax<DTILES>(s, row_max, row_sum, o, scale_log2);
         cp_async_wait_all();
         __syncthreads();  // V_j visible; every warp is done reading K_j
         if (j + 1 < n_blocks) {
@@ -252,10 +302,8 @@ __device__ void flash_fwd_rows64(const bf16* __restrict__ q, const bf16* __restr
         // O += P V_j, P packed to bf16 straight from the S accumulators.
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
-                             pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            uint32_t a[4];
+            pack_a(a, s, kk);
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 uint32_t b[4];
@@ -268,22 +316,8 @@ __device__ void flash_fwd_rows64(const bf16* __restrict__ q, const bf16* __restr
         __syncthreads();  // K_{j+1} visible; every warp is done reading V_j
     }
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        sum += __shfl_xor_sync(0xffffffff, sum, 2);
-        int row = m_block * BLOCK + warp * 16 + g + r * 8;
-        if (row >= seq_len) continue;
-        int tok = seq_start + row;
-        float inv = 1.f / sum;
-        bf16* dst = out + ((size_t)tok * heads + head) * D + 2 * t;
-#pragma unroll
-        for (int dt = 0; dt < DTILES; ++dt)
-            *reinterpret_cast<__nv_bfloat162*>(dst + dt * 8) =
-                __floats2bfloat162_rn(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-        if (t == 0) lse[(size_t)head * n_tokens + tok] = row_max[r] * LN2 + logf(sum);
-    }
+    store_rows<D>(out, lse, o, row_max, row_sum, m_block * BLOCK + warp * 16, seq_start, seq_len,
+                  n_tokens, heads, head, g, t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,46 +426,13 @@ __device__ void flash_fwd_rows128(const bf16* __restrict__ q, const bf16* __rest
             if (j * BLOCK + BLOCK - 1 > warp_row0) {
 #pragma unroll
                 for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            int qrow = warp_row0 + mt * 16 + g + (e / 2) * 8;
-                            int key = j * BLOCK + nt * 8 + 2 * t + (e % 2);
-                            if (key > qrow) s[mt][nt][e] = -INFINITY;
-                        }
+                    hide_future_keys(s[mt], warp_row0 + mt * 16, j * BLOCK, g, t);
             }
-            // Online softmax. The block's first key is at or before the warp's first row (both
-            // are multiples of 32 and j * BLOCK < warp_row0 + 32), so every row sees it and the
-            // new maximum is finite.
+            // The block's first key is at or before the warp's first row (both are multiples of
+            // 32 and j * BLOCK < warp_row0 + 32), so every row sees it.
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float mx = -INFINITY;
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt)
-                        mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-                    float new_max = fmaxf(row_max[mt][r], mx * scale_log2);
-                    float alpha = fast_exp2(row_max[mt][r] - new_max);
-                    row_max[mt][r] = new_max;
-                    float sum = 0.f;
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                        for (int c = 2 * r; c < 2 * r + 2; ++c) {
-                            s[mt][nt][c] = fast_exp2(s[mt][nt][c] * scale_log2 - new_max);
-                            sum += s[mt][nt][c];
-                        }
-                    row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-#pragma unroll
-                    for (int dt = 0; dt < DTILES; ++dt) {
-                        o[mt][dt][2 * r] *= alpha;
-                        o[mt][dt][2 * r + 1] *= alpha;
-                    }
-                }
+                online_softmax<DTILES>(s[mt], row_max[mt], row_sum[mt], o[mt], scale_log2);
         }
         cp_async_wait_all();
         __syncthreads();  // V_j visible; every warp is done reading K_j
@@ -445,12 +446,7 @@ __device__ void flash_fwd_rows128(const bf16* __restrict__ q, const bf16* __rest
             for (int kk = 0; kk < 4; ++kk) {
                 uint32_t a[2][4];
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
-                    a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                }
+                for (int mt = 0; mt < 2; ++mt) pack_a(a[mt], s[mt], kk);
 #pragma unroll
                 for (int dp = 0; dp < D / 16; ++dp) {
                     uint32_t b[4];
@@ -469,22 +465,8 @@ __device__ void flash_fwd_rows128(const bf16* __restrict__ q, const bf16* __rest
 
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[mt][r];
-            sum += __shfl_xor_sync(0xffffffff, sum, 1);
-            sum += __shfl_xor_sync(0xffffffff, sum, 2);
-            int row = warp_row0 + mt * 16 + g + r * 8;
-            if (row >= seq_len) continue;
-            int tok = seq_start + row;
-            float inv = 1.f / sum;
-            bf16* dst = out + ((size_t)tok * heads + head) * D + 2 * t;
-#pragma unroll
-            for (int dt = 0; dt < DTILES; ++dt)
-                *reinterpret_cast<__nv_bfloat162*>(dst + dt * 8) =
-                    __floats2bfloat162_rn(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
-            if (t == 0) lse[(size_t)head * n_tokens + tok] = row_max[mt][r] * LN2 + logf(sum);
-        }
+        store_rows<D>(out, lse, o[mt], row_max[mt], row_sum[mt], warp_row0 + mt * 16, seq_start,
+                      seq_len, n_tokens, heads, head, g, t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -620,10 +602,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
             // dV += Pᵀ dO: k runs over the 64 queries.
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                uint32_t a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
-                                 pack_bf16(p[2 * kk][2], p[2 * kk][3]),
-                                 pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                                 pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+                uint32_t a[4];
+                pack_a(a, p, kk);
 #pragma unroll
                 for (int dp = 0; dp < D / 16; ++dp) {
                     uint32_t b[4];
@@ -665,10 +645,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
             // dK += dSᵀ Q: k runs over the 64 queries.
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                uint32_t a[4] = {pack_bf16(ds[2 * kk][0], ds[2 * kk][1]),
-                                 pack_bf16(ds[2 * kk][2], ds[2 * kk][3]),
-                                 pack_bf16(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
-                                 pack_bf16(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
+                uint32_t a[4];
+                pack_a(a, ds, kk);
 #pragma unroll
                 for (int dp = 0; dp < D / 16; ++dp) {
                     uint32_t b[4];
