@@ -125,15 +125,24 @@ pub fn aligned16<T, V: DevicePtr<T>>(v: &V, stream: &CudaStream) -> bool {
     ptr % 16 == 0
 }
 
+/// A kernel's 16-byte-vectorized variant, `name` itself, or its `name_scalar` fallback.
+pub fn variant_name(name: &str, vectorized: bool) -> String {
+    if vectorized {
+        name.to_string()
+    } else {
+        format!("{name}_scalar")
+    }
+}
+
 /// An elementwise kernel's variant and grid for `n` elements: `name` itself (8 elements per
 /// thread, every buffer 16-byte aligned; the grid is never below one 256-thread block, enough for
 /// a tail of at most 7) or its one-element-per-thread `name_scalar`.
 pub fn elementwise_launch(name: &str, vectorized: bool, n: usize) -> (String, LaunchConfig) {
-    if vectorized {
-        (name.to_string(), grid_1d(n.div_ceil(8), 256))
-    } else {
-        (format!("{name}_scalar"), grid_1d(n, 256))
-    }
+    let per_thread = if vectorized { 8 } else { 1 };
+    (
+        variant_name(name, vectorized),
+        grid_1d(n.div_ceil(per_thread), 256),
+    )
 }
 
 /// A device allocation of `n` elements (uninitialized: the kernel must write every element).

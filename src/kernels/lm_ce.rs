@@ -41,7 +41,7 @@ pub fn chunk(
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::kernels::cuda::{
-        aligned16, alloc, device_of, func, grid_rows, stream, wrap, CudaInput,
+        aligned16, alloc, device_of, func, grid_rows, stream, variant_name, wrap, CudaInput,
     };
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -80,11 +80,7 @@ mod imp {
             let stream = stream(&dev);
             // Every row starts 16-byte aligned when the first does and a row is a multiple of 8.
             let vectorized = aligned16(&lv, &stream) && vocab % 8 == 0;
-            let name = if vectorized {
-                format!("ce_chunk_{suffix}")
-            } else {
-                format!("ce_chunk_{suffix}_scalar")
-            };
+            let name = variant_name(&format!("ce_chunk_{suffix}"), vectorized);
             let f = func(&dev, "lm_ce", &name)?;
             let mut loss = alloc::<f32>(&dev, rows)?;
             let mut b = stream.launch_builder(&f);

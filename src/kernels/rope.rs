@@ -36,7 +36,7 @@ pub fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Optio
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::kernels::cuda::{
-        aligned16, alloc, device_of, func, grid_1d, stream, wrap, CudaInput,
+        aligned16, alloc, device_of, func, grid_1d, stream, variant_name, wrap, CudaInput,
     };
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -78,11 +78,8 @@ mod imp {
             && aligned16(&xv, &stream)
             && aligned16(&cv, &stream)
             && aligned16(&sv, &stream);
-        let (name, threads_needed) = if vectorized {
-            (format!("rope_{suffix}"), total / 16)
-        } else {
-            (format!("rope_{suffix}_scalar"), total)
-        };
+        let name = variant_name(&format!("rope_{suffix}"), vectorized);
+        let threads_needed = if vectorized { total / 16 } else { total };
         let f = func(&dev, "rope", &name)?;
         let mut y = alloc::<T>(&dev, total)?;
         let mut b = stream.launch_builder(&f);
