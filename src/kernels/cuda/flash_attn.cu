@@ -532,7 +532,7 @@ __device__ __forceinline__ void load_query_block(bf16* sQ, bf16* sdO, float* sLs
 //   dS K and adds them into the f32 dq_accum with atomics. The next query block's Q, dO, lse and
 //   delta are copied in while the dQ part runs (the one stretch that reads none of them): on an
 //   H100 that took the d64 backward from 167 to 142 µs and the d128 one at batch 1 x 2048 from 380
-//   to 371 µs (fwd+bwd, kernel-check); the d128 kernel is bound by its dQ atomics, not its loads.
+//   to 371 µs (fwd+bwd, kernel-check): the loads were not what bounds the d128 kernel.
 // Dynamic shared memory: K, V, Q, dO tiles [64][D+8], dSᵀ [64][72] bf16, lse and delta [64] f32.
 template <int D>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
