@@ -205,6 +205,26 @@ __device__ __forceinline__ void pack_a(uint32_t a[4], const float c[8][4], int k
     a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// acc [16 rows, D] += C · T: C a warp's 16x64 f32 accumulator, packed to bf16 as the A operand
+// (k runs over its 64 columns), T a [64][D] tile in shared memory with row stride `ld`. This is
+// O += P V in the forward and dV += Pᵀ dO, dK += dSᵀ Q in the backward.
+template <int D>
+__device__ __forceinline__ void mma_packed(float (&acc)[D / 8][4], const float (&c)[8][4],
+                                           const bf16* t, int ld, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        pack_a(a, c, kk);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+            uint32_t b[4];
+            load_b_t(b, t + kk * 16 * ld + dp * 16, ld, lane);
+            mma16816(acc[2 * dp], a, b[0], b[1]);
+            mma16816(acc[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
 // out rows `row0 + g`, `row0 + g + 8` of the sample (those inside it) = O / sum, and their
 // natural-log LSE.
 template <int D>
@@ -305,18 +325,7 @@ __device__ void flash_fwd_rows64(const bf16* __restrict__ q, const bf16* __restr
             cp_async_commit();
         }
         // O += P V_j, P packed to bf16 straight from the S accumulators.
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];
-            pack_a(a, s, kk);
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                uint32_t b[4];
-                load_b_t(b, sV + kk * 16 * LD + dp * 16, LD, lane);
-                mma16816(o[2 * dp], a, b[0], b[1]);
-                mma16816(o[2 * dp + 1], a, b[2], b[3]);
-            }
-        }
+        mma_packed<D>(o, s, sV, LD, lane);
         cp_async_wait_all();
         __syncthreads();  // K_{j+1} visible; every warp is done reading V_j
     }
@@ -627,18 +636,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                 p[nt][e] = (diagonal && key > qcol) ? 0.f : val;
             }
         // dV += Pᵀ dO: k runs over the 64 queries.
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];
-            pack_a(a, p, kk);
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                uint32_t b[4];
-                load_b_t(b, sdO + kk * 16 * LD + dp * 16, LD, lane);
-                mma16816(dv_acc[2 * dp], a, b[0], b[1]);
-                mma16816(dv_acc[2 * dp + 1], a, b[2], b[3]);
-            }
-        }
+        mma_packed<D>(dv_acc, p, sdO, LD, lane);
         // dPᵀ = V dOᵀ: [16 keys, 64 queries]
         float ds[8][4];
 #pragma unroll
@@ -670,18 +668,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                 pack_bf16(ds[nt][2], ds[nt][3]);
         }
         // dK += dSᵀ Q: k runs over the 64 queries.
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];
-            pack_a(a, ds, kk);
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                uint32_t b[4];
-                load_b_t(b, sQ + kk * 16 * LD + dp * 16, LD, lane);
-                mma16816(dk_acc[2 * dp], a, b[0], b[1]);
-                mma16816(dk_acc[2 * dp + 1], a, b[2], b[3]);
-            }
-        }
+        mma_packed<D>(dk_acc, ds, sQ, LD, lane);
         // dSᵀ complete, and every warp is done with Q, dO, lse and delta: the next step's
         // copies into them overlap this step's dQ.
         __syncthreads();
