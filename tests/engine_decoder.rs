@@ -821,3 +821,80 @@ fn bf16_and_f32_agree_with_f64() {
         "{losses:?}"
     );
 }
+
+/// A pending update that only records how far each wait asks for.
+#[derive(Default)]
+struct WaitLog(std::sync::Mutex<Vec<usize>>);
+
+impl ftrun::model::decoder::PendingUpdate for WaitLog {
+    fn wait_upto(&self, upto: usize) -> anyhow::Result<()> {
+        self.0.lock().unwrap().push(upto);
+        Ok(())
+    }
+}
+
+/// With an optimizer update still writing the trainables, the training forward waits for them
+/// stage by stage, just before each stage reads them: the embedding's, then each block's, then
+/// the rest (final norm, head) before the head; the recycled gradient buffer is handed out only
+/// after the whole update. Waiting for everything up front would pass any equality test but
+/// overlap nothing; this catches that.
+#[test]
+fn a_pending_update_is_waited_for_stage_by_stage() {
+    for (arch, mode) in [
+        (Arch::Llama, TrainMode::Full),
+        (Arch::InternLM2, lora(0.0)),
+        (Arch::Qwen2, TrainMode::Full), // tied embeddings: the head is the embedding's slot
+    ] {
+        let (cfg, _, mut dec) = build(arch, mode.clone());
+        randomize_trainables(&mut dec, 3);
+        let n = dec.trainable_numel();
+        let stages = dec.forward_stages();
+        assert_eq!(stages.last(), Some(&n), "{arch:?}");
+        assert!(stages.windows(2).all(|w| w[0] < w[1]), "{stages:?}");
+        // Full: the embedding, each block, the final norm + head. LoRA: the blocks' adapters.
+        let want_stages = match mode {
+            TrainMode::Full => cfg.num_layers + 2,
+            _ => cfg.num_layers,
+        };
+        assert_eq!(stages.len(), want_stages, "{arch:?}: {stages:?}");
+
+        let flat = Tensor::cat(
+            &dec.trainable()
+                .iter()
+                .enumerate()
+                .map(|(i, t)| randn(&[t.shape.iter().product()], 0.3, 40 + i as u64))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        let log = std::sync::Arc::new(WaitLog::default());
+        dec.set_trainable_pending(&flat, log.clone()).unwrap();
+        let mut grads = dec.new_grads();
+        grads
+            .recycle(Tensor::zeros(n, DType::F64, &CPU).unwrap(), log.clone())
+            .unwrap();
+        let batch = packed_batch(cfg.vocab_size as u32);
+        dec.forward_backward(&batch, 1.0, &mut grads, 1, true)
+            .unwrap();
+        let waits = log.0.lock().unwrap().clone();
+        // Before the embedding, before/after each block, then all of it (the head), then the
+        // recycled buffer's first write.
+        let first_all = waits.iter().position(|&w| w == usize::MAX).unwrap();
+        let staged = &waits[..first_all];
+        let mut reached: Vec<usize> = staged.to_vec();
+        reached.dedup();
+        reached.retain(|&w| w > 0);
+        // Every stage but (with a trained head) the last is reached one at a time.
+        assert!(
+            reached.len() >= stages.len() - 1,
+            "{arch:?}: waits {waits:?}"
+        );
+        assert_eq!(
+            reached,
+            stages[..reached.len()],
+            "{arch:?}: waits {waits:?}"
+        );
+        assert!(waits[first_all..].iter().all(|&w| w == usize::MAX));
+        assert_eq!(staged.len(), cfg.num_layers + 1, "{arch:?}: {waits:?}");
+    }
+}

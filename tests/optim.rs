@@ -65,6 +65,7 @@ fn adam_setup(case: &AdamCase) -> (FlatParams, AdamW) {
         eps: case.eps,
         weight_decay: case.weight_decay,
         max_grad_norm: 0.0,
+        ..OptimConfig::default()
     };
     let opt = AdamW::new(&cfg, &params).unwrap();
     (params, opt)
