@@ -84,7 +84,7 @@ fn zero_run(world: usize, bucket: usize, steps: usize) -> Vec<(Vec<f32>, usize, 
         let mut z = ZeroOptimizer::new(&optim(), params(), rank, world, 25)
             .unwrap()
             .with_bucket_elems(bucket);
-        let n = z.numel();
+        let n = z.params().numel();
         for t in 0..steps {
             let g = Tensor::new(grad(rank, t, n).as_slice(), &Device::Cpu).unwrap();
             let shard = z.reduce_gradients(&g, &ring).unwrap();
@@ -93,7 +93,7 @@ fn zero_run(world: usize, bucket: usize, steps: usize) -> Vec<(Vec<f32>, usize, 
         }
         let state = z.optimizer_state().unwrap();
         (
-            z.params().unwrap().master.to_vec1::<f32>().unwrap(),
+            z.params().master.to_vec1::<f32>().unwrap(),
             z.shard_range().len(),
             state[0].1.elem_count(),
         )
@@ -159,16 +159,16 @@ fn bf16_replica_keeps_fp32_only_in_the_shard() {
             .unwrap()
             .with_replica_dtype(DType::BF16)
             .unwrap();
-        assert_eq!(z.params().unwrap().master.dtype(), DType::BF16);
-        let n = z.numel();
+        assert_eq!(z.params().master.dtype(), DType::BF16);
+        let n = z.params().numel();
         for t in 0..3 {
             let g = Tensor::new(grad(rank, t, n).as_slice(), &Device::Cpu).unwrap();
             let shard = z.reduce_gradients(&g, &ring).unwrap();
             let norm = z.global_grad_norm(&shard, &ring).unwrap();
             z.apply(&shard, norm, 1.0, 1e-2, &ring).unwrap();
         }
-        let replica = z.params().unwrap().master.clone();
-        let views_dtype = z.params().unwrap().views(DType::BF16).unwrap()[0].dtype();
+        let replica = z.params().master.clone();
+        let views_dtype = z.params().views(DType::BF16).unwrap()[0].dtype();
         let shard = z.shard_tensors().unwrap()[0].1.clone();
         (
             replica.dtype(),
@@ -300,7 +300,7 @@ fn buckets_reduced_during_the_backward_match_the_single_process_gradient() {
         (
             early,
             shard_values,
-            z.params().unwrap().master.to_vec1::<f32>().unwrap(),
+            z.params().master.to_vec1::<f32>().unwrap(),
         )
     });
     let total_buckets = n.div_ceil(bucket);

@@ -65,7 +65,6 @@ fn adam_setup(case: &AdamCase) -> (FlatParams, AdamW) {
         eps: case.eps,
         weight_decay: case.weight_decay,
         max_grad_norm: 0.0,
-        ..OptimConfig::default()
     };
     let opt = AdamW::new(&cfg, &params).unwrap();
     (params, opt)

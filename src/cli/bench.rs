@@ -76,10 +76,6 @@ pub struct BenchArgs {
     /// With checkpointing, GiB of activations kept anyway (`train.activation_budget_gib`).
     #[arg(long, default_value_t = 0.0)]
     pub activation_budget_gib: f64,
-    /// Run each AdamW update after the next step's forward, not beside it
-    /// (`optim.overlap_step = false`).
-    #[arg(long)]
-    pub no_overlap: bool,
     /// Output directory: batches.json, init_adapter/ (LoRA), ftrun_<method>.json; with
     /// `--llava` also pixels.safetensors, init_projector/ and ftrun_llava_<method>.json.
     #[arg(long)]
@@ -334,13 +330,6 @@ impl Session<'_> {
         // The trainer's optimizer on one rank: the same update, clipping and model views.
         let mut opt =
             ZeroOptimizer::new(&optim, params, 0, 1, 0)?.with_replica_dtype(self.dtype)?;
-        let overlap = match model.update_stages() {
-            Some(stages) if !a.no_overlap => {
-                opt.overlap_updates(stages)?;
-                true
-            }
-            _ => false,
-        };
         // As the trainer: the model's own copies of the trainables go before the pool is trimmed.
         model.set_trainable(&opt.model_flat(self.dtype)?)?;
         crate::train::metrics::release_load_memory(device)?;
@@ -355,27 +344,19 @@ impl Session<'_> {
 
         let mut rows = vec![];
         let mut peak = after_load;
-        // The timed steps' wall time, first start to last end: host gaps between steps count
-        // (an overlapped update runs on through them).
-        let mut timed_from = None;
-        let mut timed_to = None;
+        let mut timed = 0.0;
         let mut plan = (0, 0, 0); // recomputed, gate/up recomputed, slimmed blocks
         for (step, (n, b)) in batches.iter().enumerate() {
             if step == a.warmup {
                 // The profile covers the timed steps only (warm-up holds one-time loads).
                 drop(crate::profile::take_report());
             }
-            // The compute stream only: an overlapped update of the last step runs on into this
-            // one's forward, as in the trainer.
             device.synchronize()?;
             let t0 = Instant::now();
-            if step == a.warmup {
-                timed_from = Some(t0);
-            }
-            let mut grads = crate::profile::scope(device, "set_trainable", || {
-                let (flat, pending) = opt.next_step(self.dtype)?;
-                model.begin_step(&flat, pending)
+            crate::profile::scope(device, "set_trainable", || {
+                model.set_trainable(&opt.model_flat(self.dtype)?)
             })?;
+            let mut grads = model.new_grads();
             let s = model.forward_backward(
                 b,
                 1.0 / *n as f64,
@@ -388,15 +369,13 @@ impl Session<'_> {
                 let flat = M::flat_grads(grads)?; // [N] f32
                 let gn = opt.global_grad_norm(&flat, &SoloComm)?;
                 opt.apply(&flat, gn, 1.0, a.lr, &SoloComm)?;
-                if step + 1 == batches.len() {
-                    // The last update counts in the last step's time.
-                    opt.finish_update()?;
-                }
                 anyhow::Ok(gn)
             })?;
             device.synchronize()?;
             let dt = t0.elapsed().as_secs_f64();
-            timed_to = Some(Instant::now());
+            if step >= a.warmup {
+                timed += dt;
+            }
             peak = peak.max(device_memory_mib(device));
             let loss = s.loss_sum / *n as f64;
             plan = (
@@ -418,10 +397,6 @@ impl Session<'_> {
         }
         let tokens = (a.seq_len * a.batch) as f64;
         let measured = a.steps.saturating_sub(a.warmup).max(1) as f64;
-        let timed = match (timed_from, timed_to) {
-            (Some(from), Some(to)) => to.duration_since(from).as_secs_f64(),
-            _ => 0.0,
-        };
         let mut res = json!({
             "method": a.method,
             "rows": rows,
@@ -443,8 +418,7 @@ impl Session<'_> {
             "load_s": load_s,
             "device": format!("{device:?}"),
             "dtype": format!("{:?}", self.dtype),
-            "trainable_params": opt.numel(),
-            "overlap_step": overlap,
+            "trainable_params": opt.params().numel(),
             "model_params": model.decoder().config().num_params(),
             "checkpointing": !a.no_checkpointing,
             "activation_budget_gib": a.activation_budget_gib,
@@ -467,7 +441,7 @@ impl Session<'_> {
             peak,
             peak - self.before,
             after_load - self.before,
-            opt.numel()
+            opt.params().numel()
         );
         Ok(())
     }

@@ -292,10 +292,6 @@ pub struct OptimConfig {
     /// Global gradient-norm clip; 0 disables clipping.
     #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
-    /// One process: run each step's AdamW update beside the next step's forward, block by block
-    /// as the forward reaches them (same values; see `train::overlap`).
-    #[serde(default = "default_true")]
-    pub overlap_step: bool,
 }
 
 fn default_lr() -> f64 {
@@ -319,7 +315,6 @@ impl Default for OptimConfig {
             eps: default_eps(),
             weight_decay: 0.0,
             max_grad_norm: default_clip(),
-            overlap_step: true,
         }
     }
 }

@@ -23,8 +23,6 @@ pub struct AdamWArgs {
     pub step_size: f32,
     pub decay: i32,
     pub grad_scale: f32,
-    /// 1: the kernel writes 0 over each gradient value once it has read it.
-    pub zero_grad: i32,
 }
 
 impl AdamWArgs {
@@ -43,7 +41,6 @@ impl AdamWArgs {
             step_size: (h.lr / (1.0 - h.beta1.powf(t))) as f32,
             decay: i32::from(h.weight_decay > 0.0 && h.lr > 0.0),
             grad_scale: h.grad_scale as f32,
-            zero_grad: 0,
         }
     }
 }
@@ -57,7 +54,17 @@ pub fn adamw_update_fused(
     decay_mask: Option<&Tensor>,
     h: &AdamWStep,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    if !super::on_cuda(param) || !all_f32([param, grad, exp_avg, exp_avg_sq], decay_mask, false) {
+    let all_f32 = [
+        Some(param),
+        Some(grad),
+        Some(exp_avg),
+        Some(exp_avg_sq),
+        decay_mask,
+    ]
+    .into_iter()
+    .flatten()
+    .all(|t| t.dtype() == DType::F32);
+    if !super::on_cuda(param) || !all_f32 {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
@@ -96,74 +103,40 @@ pub fn adamw_update_in_place(
     h: &AdamWStep,
     bf16_copy: Option<&Tensor>,
 ) -> Result<bool> {
-    let buffers = [param, grad, exp_avg, exp_avg_sq];
-    if !in_place_supported(buffers, decay_mask, bf16_copy) {
+    let ok = [
+        Some(param),
+        Some(grad),
+        Some(exp_avg),
+        Some(exp_avg_sq),
+        decay_mask,
+    ]
+    .into_iter()
+    .flatten()
+    .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+        && bf16_copy.is_none_or(|c| {
+            c.dtype() == DType::BF16 && c.is_contiguous() && c.elem_count() == param.elem_count()
+        });
+    if !super::on_cuda(param) || !ok || !super::enabled() {
         return Ok(false);
     }
     #[cfg(feature = "cuda")]
     {
-        let stream = crate::kernels::cuda::stream(&crate::kernels::cuda::device_of(param)?);
         imp::adamw_in_place(
-            buffers,
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
             decay_mask,
             &AdamWArgs::new(h),
             bf16_copy,
-            &stream,
-            None,
         )?;
         Ok(true)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = h;
+        let _ = (grad, exp_avg, exp_avg_sq, h);
         Ok(false)
     }
-}
-
-/// Whether [`adamw_update_in_place`] (and [`adamw_update_queued`]) take these buffers: CUDA, kernels
-/// enabled, every buffer f32 and contiguous, the copy (if any) bf16, contiguous and as long.
-pub fn in_place_supported(
-    [param, grad, exp_avg, exp_avg_sq]: [&Tensor; 4],
-    decay_mask: Option<&Tensor>,
-    bf16_copy: Option<&Tensor>,
-) -> bool {
-    all_f32([param, grad, exp_avg, exp_avg_sq], decay_mask, true)
-        && bf16_copy.is_none_or(|c| {
-            c.dtype() == DType::BF16 && c.is_contiguous() && c.elem_count() == param.elem_count()
-        })
-        && super::on_cuda(param)
-        && super::enabled()
-}
-
-/// Whether the four update buffers and the mask (if any) are f32 (and, with `contiguous`, so).
-fn all_f32(buffers: [&Tensor; 4], decay_mask: Option<&Tensor>, contiguous: bool) -> bool {
-    buffers
-        .into_iter()
-        .chain(decay_mask)
-        .all(|t| t.dtype() == DType::F32 && (!contiguous || t.is_contiguous()))
-}
-
-/// [`adamw_update_in_place`] queued on `stream` (not the device's compute stream) with at most
-/// `max_blocks` thread blocks, writing 0 over each gradient value once read: one segment of an
-/// optimizer step that runs beside other work (`train::overlap`). The caller orders it against
-/// the compute stream with events. The buffers must pass [`in_place_supported`].
-#[cfg(feature = "cuda")]
-pub fn adamw_update_queued(
-    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-    buffers: [&Tensor; 4],
-    decay_mask: Option<&Tensor>,
-    h: &AdamWStep,
-    bf16_copy: Option<&Tensor>,
-    max_blocks: Option<u32>,
-) -> Result<()> {
-    if !in_place_supported(buffers, decay_mask, bf16_copy) {
-        anyhow::bail!("AdamW: the queued update needs f32 CUDA buffers (and a bf16 copy)");
-    }
-    let args = AdamWArgs {
-        zero_grad: 1,
-        ..AdamWArgs::new(h)
-    };
-    imp::adamw_in_place(buffers, decay_mask, &args, bf16_copy, stream, max_blocks)
 }
 
 /// Σ g² of an `[n]` f32 tensor in one kernel (f64 accumulation); `None` off CUDA.
@@ -189,10 +162,9 @@ mod imp {
         CudaInput,
     };
     use anyhow::{bail, Result};
-    use candle_core::cuda_backend::cudarc::driver::{CudaStream, DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::Tensor;
     use half::bf16;
-    use std::sync::Arc;
 
     // SAFETY: #[repr(C)] plain-old-data, field for field the kernel's `struct AdamWArgs`.
     unsafe impl DeviceRepr for AdamWArgs {}
@@ -207,21 +179,18 @@ mod imp {
         args: &AdamWArgs,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (p, m, v) = (param.copy()?, exp_avg.copy()?, exp_avg_sq.copy()?);
-        let stream = stream(&device_of(param)?);
-        let g = grad.contiguous()?;
-        adamw_in_place([&p, &g, &m, &v], decay_mask, args, None, &stream, None)?;
+        adamw_in_place(&p, &grad.contiguous()?, &m, &v, decay_mask, args, None)?;
         Ok((p, m, v))
     }
 
-    /// The update over `[param, grad, exp_avg, exp_avg_sq]` in place, launched on `stream` with
-    /// at most `max_blocks` thread blocks (all it can use when `None`).
     pub fn adamw_in_place(
-        [param, grad, exp_avg, exp_avg_sq]: [&Tensor; 4],
+        param: &Tensor,
+        grad: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
         decay_mask: Option<&Tensor>,
         args: &AdamWArgs,
         bf16_copy: Option<&Tensor>,
-        stream: &Arc<CudaStream>,
-        max_blocks: Option<u32>,
     ) -> Result<()> {
         let n = param.elem_count();
         for t in [
@@ -257,17 +226,14 @@ mod imp {
         let copy_v = copy_in.as_ref().map(|i| i.view::<bf16>()).transpose()?;
         let null: u64 = 0;
         let n_u = n as u64;
-        let vectorized = aligned16(&pv, stream)
-            && aligned16(&gv, stream)
-            && aligned16(&mv, stream)
-            && aligned16(&vv, stream)
-            && mask_v.as_ref().is_none_or(|v| aligned16(v, stream))
-            && copy_v.as_ref().is_none_or(|v| aligned16(v, stream));
-        let (name, mut cfg) = elementwise_launch("adamw_f32", vectorized, n);
-        if let Some(max) = max_blocks {
-            // Both variants grid-stride (the 8-wide one needs 8 threads for its tail).
-            cfg.grid_dim.0 = cfg.grid_dim.0.min(max.max(1));
-        }
+        let stream = stream(&dev);
+        let vectorized = aligned16(&pv, &stream)
+            && aligned16(&gv, &stream)
+            && aligned16(&mv, &stream)
+            && aligned16(&vv, &stream)
+            && mask_v.as_ref().is_none_or(|v| aligned16(v, &stream))
+            && copy_v.as_ref().is_none_or(|v| aligned16(v, &stream));
+        let (name, cfg) = elementwise_launch("adamw_f32", vectorized, n);
         let f = func(&dev, "adamw", &name)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&pv).arg(&gv).arg(&mv).arg(&vv);
@@ -281,9 +247,8 @@ mod imp {
             None => b.arg(&null),
         };
         // SAFETY: arguments match `adamw_f32{,_scalar}`; every buffer holds n elements (checked
-        // above), 16-byte aligned for the 8-wide variant; each element is read and then written
-        // by the same thread only (the gradient too, when `zero_grad`). On a stream other than
-        // the compute stream the caller orders the buffers' other uses by events.
+        // above), 16-byte aligned for the 8-wide variant; each
+        // element is read and then written by the same thread only.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -417,61 +382,6 @@ pub fn self_checks() -> Vec<KernelCheck> {
             )
         }));
     }
-    // The overlapped update as the trainer runs it (three segments queued on the side stream,
-    // each zeroing its gradient; then the compute stream waits for all), against the plain CPU
-    // update, a cast copy and a zero gradient.
-    checks.push(KernelCheck::new(
-        "adamw overlapped (side stream)",
-        |device: &Device| {
-            use crate::train::overlap::{OverlappedUpdate, UpdateBuffers};
-            let n = sized(device, 40_000_003, 10_003);
-            let [param, grad, m, v, mask] = adamw_inputs(device, n, 21)?;
-            let h = AdamWStep {
-                lr: 3e-4,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.05,
-                step: 9,
-                grad_scale: 0.8,
-            };
-            let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
-            let (pc, gc, mc, vc, kc) = (cpu(&param)?, cpu(&grad)?, cpu(&m)?, cpu(&v)?, cpu(&mask)?);
-            let ends = [n / 3, 2 * n / 3, n];
-            run_check(
-                device,
-                format!("[{n}] f32 -> bf16 copy, segments ending {ends:?}"),
-                Tolerance::EXACT,
-                &|| {
-                    let b = UpdateBuffers {
-                        param: param.copy()?,
-                        grad: grad.copy()?,
-                        exp_avg: m.copy()?,
-                        exp_avg_sq: v.copy()?,
-                        decay_mask: Some(mask.clone()),
-                        copy: Some(param.to_dtype(DType::BF16)?),
-                    };
-                    let u = OverlappedUpdate::start(b.clone(), h, &ends)?;
-                    if device.is_cuda() && super::enabled() && !u.is_queued() {
-                        anyhow::bail!("the update did not go to the side stream");
-                    }
-                    drop(u); // the compute stream waits for every segment
-                    Ok(vec![
-                        b.param,
-                        b.exp_avg,
-                        b.exp_avg_sq,
-                        b.copy.expect("set above"),
-                        b.grad,
-                    ])
-                },
-                &|| {
-                    let (p, m, v) = adamw_update(&pc, &gc, &mc, &vc, Some(&kc), &h)?;
-                    let copy = p.to_dtype(DType::BF16)?;
-                    Ok(vec![p, m, v, copy, gc.zeros_like()?])
-                },
-            )
-        },
-    ));
     checks.push(KernelCheck::new("grad sum_squares", |device: &Device| {
         let n = sized(device, 40_000_000, 10_000);
         let grad = random_tensor(&[n], 1e-2, 6, DType::F32, device)?;

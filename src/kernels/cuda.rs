@@ -7,8 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr,
-    LaunchConfig,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, CudaStorage, Shape, Storage, StorageRef, Tensor};
@@ -83,45 +82,6 @@ pub fn device_of(t: &Tensor) -> Result<CudaDevice> {
 /// The stream candle launches its own ops on for `dev`: ours go on it too.
 pub fn stream(dev: &CudaDevice) -> Arc<CudaStream> {
     dev.cuda_stream()
-}
-
-/// The device's side stream, made once per device: work queued beside the compute stream (the
-/// optimizer update overlapped with the next forward, `train::overlap`), ordered against it by
-/// events only ([`record_event`], `CudaStream::wait`).
-pub fn side_stream(dev: &CudaDevice) -> Result<Arc<CudaStream>> {
-    type Streams = Mutex<HashMap<DeviceId, Arc<CudaStream>>>;
-    static STREAMS: OnceLock<Streams> = OnceLock::new();
-    let mut streams = STREAMS
-        .get_or_init(|| Mutex::new(HashMap::new()))
-        .lock()
-        .map_err(|_| anyhow::anyhow!("side stream cache poisoned"))?;
-    if let Some(s) = streams.get(&dev.id()) {
-        return Ok(s.clone());
-    }
-    let ctx = dev.cuda_stream().context().clone();
-    // `FTRUN_UPDATE_PRIORITY=high`: the side stream above the compute stream (which has the
-    // lowest priority, as the default does), so the update goes first when both have work ready.
-    let priority = if std::env::var("FTRUN_UPDATE_PRIORITY").as_deref() == Ok("high") {
-        ctx.bind_to_thread().context("binding the CUDA context")?;
-        let (_least, greatest) =
-            candle_core::cuda_backend::cudarc::driver::result::stream::get_priority_range()
-                .context("reading the stream priority range")?;
-        Some(greatest)
-    } else {
-        None
-    };
-    let s = match priority {
-        Some(p) => ctx.new_stream_with_priority(p),
-        None => ctx.new_stream(),
-    }
-    .context("making a side CUDA stream")?;
-    streams.insert(dev.id(), s.clone());
-    Ok(s)
-}
-
-/// An event recording the work queued on `stream` so far.
-pub fn record_event(stream: &CudaStream) -> Result<CudaEvent> {
-    stream.record_event(None).context("recording a CUDA event")
 }
 
 /// Read access to a contiguous CUDA tensor's data; holds the storage's read lock while alive.

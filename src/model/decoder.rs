@@ -30,7 +30,6 @@ use crate::profile::scope;
 use crate::quant::Nf4Weight;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use std::sync::Arc;
 
 /// Bytes of logits one LM head + cross-entropy chunk may hold (their gradient is written over them
 /// on a GPU): the rows per chunk follow from the vocabulary and the compute dtype (bf16: InternLM2's
@@ -135,7 +134,7 @@ pub struct TrainableInfo {
 /// the optimizer takes it as it is: no per-slot tensors, no gather, no cast. Zero-filled at the
 /// first contribution; contributions accumulate (across micro-batches too) until the caller takes
 /// the buffer with [`Grads::into_flat`].
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Grads {
     flat: Option<Tensor>,
     /// Per slot: offset into `flat` and shape.
@@ -144,9 +143,6 @@ pub struct Grads {
     touched: Vec<bool>,
     dtype: DType,
     device: Device,
-    /// Set by [`Grads::recycle`]: the update that is zeroing `flat` (the previous step's gradient)
-    /// beside this step's forward; waited for before the buffer is first handed out.
-    zeroing: Option<Arc<dyn PendingUpdate>>,
 }
 
 impl Grads {
@@ -167,50 +163,12 @@ impl Grads {
             touched: vec![false; shapes.len()],
             dtype,
             device: device.clone(),
-            zeroing: None,
         }
-    }
-
-    /// Takes `buf` (`[N]`, the previous step's gradient buffer) as this step's buffer: `update`
-    /// (the previous step's optimizer update, overlapped with this step's forward) zeroes it as
-    /// it consumes it, so nothing is allocated or filled here; the first write waits for all of
-    /// `update`. Before anything is written (the forward) the buffer is not touched.
-    pub fn recycle(&mut self, buf: Tensor, update: Arc<dyn PendingUpdate>) -> Result<()> {
-        if buf.dims() != [self.numel()] || buf.dtype() != self.dtype || !buf.is_contiguous() {
-            bail!(
-                "a recycled gradient buffer of {:?} {:?} for {} {:?} values",
-                buf.dims(),
-                buf.dtype(),
-                self.numel(),
-                self.dtype
-            );
-        }
-        if self.touched.iter().any(|&t| t) {
-            bail!("a gradient buffer recycled into gradients already written");
-        }
-        self.flat = Some(buf);
-        self.zeroing = Some(update);
-        Ok(())
-    }
-
-    /// Allocates the (zeroed) buffer unless there is one already (fresh or recycled). Touches no
-    /// recycled buffer, so the forward can call it first (the buffer then sits below its
-    /// activations in the memory pool) while the update still zeroes it.
-    pub(crate) fn reserve(&mut self) -> Result<()> {
-        if self.flat.is_none() {
-            self.flat = Some(Tensor::zeros(self.numel(), self.dtype, &self.device)?);
-        }
-        Ok(())
     }
 
     /// Number of trainables.
     pub fn len(&self) -> usize {
         self.layout.len()
-    }
-
-    /// The buffer's dtype (f32; f64 under f64 compute).
-    pub fn dtype(&self) -> DType {
-        self.dtype
     }
 
     pub fn is_empty(&self) -> bool {
@@ -224,11 +182,8 @@ impl Grads {
             .map_or(0, |(o, s)| o + s.iter().product::<usize>())
     }
 
-    /// The buffer, zero-filled on first use (a recycled one: once its update is done).
+    /// The buffer, zero-filled on first use.
     pub(crate) fn buffer(&mut self) -> Result<&Tensor> {
-        if let Some(update) = self.zeroing.take() {
-            update.wait_upto(usize::MAX)?;
-        }
         if self.flat.is_none() {
             self.flat = Some(Tensor::zeros(self.numel(), self.dtype, &self.device)?);
         }
@@ -256,7 +211,6 @@ impl Grads {
 
     /// Slot `slot`'s gradient (a view into the buffer), `None` before any contribution.
     pub fn slot(&self, slot: usize) -> Option<Tensor> {
-        // A touched slot went through `buffer`, so a recycled buffer is zeroed by then.
         let flat = self.flat.as_ref().filter(|_| self.touched[slot])?;
         let (offset, shape) = &self.layout[slot];
         let n = shape.iter().product::<usize>();
@@ -283,14 +237,6 @@ pub trait GradReady {
     /// Every value of the flat gradient buffer `grads` (`[N]`, the [`Grads`] buffer) at
     /// offsets `>= from` is final for this step. Called with decreasing `from`.
     fn ready_from(&mut self, from: usize, grads: &Tensor) -> Result<()>;
-}
-
-/// The trainables' values are still being written by an optimizer update that runs beside this
-/// forward (`train::overlap`): the model waits for the part it reads next.
-pub trait PendingUpdate: Send + Sync {
-    /// Returns once every trainable value at flat offsets below `upto` is updated (on a GPU:
-    /// once the compute stream waits for it; work queued after this call sees the new values).
-    fn wait_upto(&self, upto: usize) -> Result<()>;
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -411,9 +357,6 @@ pub struct Decoder {
     trainable_flat: Option<Tensor>,
     /// Per trainable slot: its offset in the flat trainables (and the gradient buffer).
     slot_offsets: Vec<usize>,
-    /// An optimizer update still writing the trainables (set with them by
-    /// [`Decoder::set_trainable_pending`]): every read of a trainable waits for its part first.
-    pending: Option<Arc<dyn PendingUpdate>>,
 }
 
 /// A weight ready for a matmul (see `Decoder::matmul_weight`): derefs to the tensor and keeps the
@@ -1071,7 +1014,6 @@ impl Decoder {
             rope: RopeCache::new(cfg.head_dim, cfg.rope_theta, compute_dtype, device),
             trainable_flat,
             slot_offsets,
-            pending: None,
         })
     }
 
@@ -1139,7 +1081,6 @@ impl Decoder {
     /// f32 values of the trainables for the optimizer's master copy: the LoRA init, or the
     /// loaded weights (as cast to the compute dtype) in full fine-tuning.
     pub fn initial_trainable_values(&self) -> Result<Vec<Tensor>> {
-        self.await_all_params()?;
         if !self.lora_init.is_empty() {
             return Ok(upload_flat(&self.lora_init, &self.device, DType::F32)?.1);
         }
@@ -1183,7 +1124,6 @@ impl Decoder {
         }
         // Separate tensors: no stacked view of the adapters (see `set_trainable_flat`).
         self.trainable_flat = None;
-        self.pending = None;
         Ok(())
     }
 
@@ -1204,80 +1144,6 @@ impl Decoder {
         self.set_trainable(&views)?;
         self.trainable_flat = Some(flat);
         Ok(())
-    }
-
-    /// [`Decoder::set_trainable_flat`] while `pending` still writes `flat` (the previous step's
-    /// optimizer update, `train::overlap`): no value is read here, and every forward waits for
-    /// the part of the update it reads next (the training forward stage by stage, see
-    /// [`Decoder::forward_stages`]; anything else for all of it). `flat` must be in the compute
-    /// dtype on the model's device (a cast would read it now).
-    pub fn set_trainable_pending(
-        &mut self,
-        flat: &Tensor,
-        pending: Arc<dyn PendingUpdate>,
-    ) -> Result<()> {
-        if flat.dtype() != self.dtype || !flat.device().same_device(&self.device) {
-            bail!(
-                "set_trainable_pending: trainables in {:?} on {:?} for a {:?} model on {:?}",
-                flat.dtype(),
-                flat.device(),
-                self.dtype,
-                self.device
-            );
-        }
-        self.set_trainable_flat(flat)?;
-        self.pending = Some(pending);
-        Ok(())
-    }
-
-    /// The flat offsets at which the trainables of each stage of the training forward end, in
-    /// the order it reads them: the embedding, each block, then the final norm and head (the
-    /// last = N; empty stages left out). An optimizer update cut there runs stage by stage
-    /// beside the next forward.
-    pub fn forward_stages(&self) -> Vec<usize> {
-        let mut ends: Vec<usize> = self
-            .blocks
-            .iter()
-            .map(|b| self.flat_offset_from(b.attn_norm))
-            .chain([
-                self.flat_offset_from(self.final_norm),
-                self.trainable_numel(),
-            ])
-            .collect();
-        ends.dedup();
-        ends.retain(|&e| e > 0);
-        ends
-    }
-
-    /// The flat offset of the first trainable at or after parameter `param` (N if none): the
-    /// trainables follow parameter order.
-    fn flat_offset_from(&self, param: usize) -> usize {
-        self.slot_of
-            .get(param..)
-            .and_then(|s| s.iter().find_map(|s| *s))
-            .map_or(self.trainable_numel(), |slot| self.slot_offsets[slot])
-    }
-
-    /// Waits for a pending update (see [`Decoder::set_trainable_pending`]) of every trainable
-    /// of the parameters before `param`.
-    fn await_params_before(&self, param: usize) -> Result<()> {
-        match &self.pending {
-            Some(p) => p.wait_upto(self.flat_offset_from(param)),
-            None => Ok(()),
-        }
-    }
-
-    /// Waits for all of a pending update.
-    fn await_all_params(&self) -> Result<()> {
-        match &self.pending {
-            Some(p) => p.wait_upto(usize::MAX),
-            None => Ok(()),
-        }
-    }
-
-    /// The first parameter of block `li` (its attention norm), or the final norm past the last.
-    fn block_start_param(&self, li: usize) -> usize {
-        self.blocks.get(li).map_or(self.final_norm, |b| b.attn_norm)
     }
 
     /// Frozen parameters under their HF names, NF4 weights dequantized (for merging and export).
@@ -1954,7 +1820,6 @@ impl Decoder {
 
     /// Final hidden states `[n, h]` before the final norm, without keeping activations.
     fn forward_hidden(&self, ctx: &BatchCtx) -> Result<Tensor> {
-        self.await_all_params()?;
         let mut x = embedding_forward(&ctx.ids, &self.params[self.embed])?;
         for blk in &self.blocks {
             x = self.block_forward(blk, &x, ctx, None)?.0;
@@ -2051,7 +1916,6 @@ impl Decoder {
         grads: &mut Grads,
         ready: Option<&mut dyn GradReady>,
     ) -> Result<StepStats> {
-        self.await_params_before(self.block_start_param(0))?;
         let x0 = embedding_forward(&ctx.ids, &self.params[self.embed])?; // [n, h]
         let (stats, dx0) = self.stack_forward_backward(
             ctx,
@@ -2072,7 +1936,6 @@ impl Decoder {
 
     /// Token embeddings `[n, h]` of `ids` (to splice other rows, e.g. image features, into).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        self.await_all_params()?;
         let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
         Ok(embedding_forward(&ids, &self.params[self.embed])?)
     }
@@ -2093,7 +1956,6 @@ impl Decoder {
         checkpointing: bool,
     ) -> Result<(StepStats, Tensor)> {
         self.check_grads(grads)?;
-        self.await_all_params()?;
         let ctx = self.batch_ctx(batch)?;
         let (n, h) = (batch.input_ids.len(), self.cfg.hidden_size);
         if x0.dims() != [n, h] {
@@ -2145,9 +2007,8 @@ impl Decoder {
         checkpointing: bool,
         mut ready: Option<&mut dyn GradReady>,
     ) -> Result<(StepStats, Tensor)> {
-        // The gradient buffer first: allocated before the activations, not between them (a
-        // recycled one is left alone until the backward).
-        grads.reserve()?;
+        // The gradient buffer first: allocated before the activations, not between them.
+        grads.buffer()?;
         let mut x = x0; // [n, h]
         let (n, h) = x.dims2()?;
         // What each block keeps is planned on block 0's measured activation bytes
@@ -2158,9 +2019,6 @@ impl Decoder {
         let mut arena = None;
         let mut kept = Vec::with_capacity(self.blocks.len());
         for (li, blk) in self.blocks.iter().enumerate() {
-            // An overlapped optimizer update: this block's values are done (the later blocks'
-            // update runs on beside this forward).
-            self.await_params_before(self.block_start_param(li + 1))?;
             let (y, mut acts) =
                 self.block_forward(blk, &x, ctx, Some(Self::block_seed(step_seed, li)))?;
             let plan = *plan.get_or_insert_with(|| {
@@ -2200,9 +2058,6 @@ impl Decoder {
             x = y;
             crate::train::metrics::pool_checkpoint(&self.device, "forward block", li)?;
         }
-        // The final norm and the head; the whole update is done from here on (the backward's
-        // gradient writes go into the buffer it zeroed).
-        self.await_all_params()?;
         let norm_w = &self.params[self.final_norm];
         let (hf, rstd) = rmsnorm_forward(&x, norm_w, self.cfg.rms_norm_eps)?;
         let req = CeGradRequest {
@@ -2342,7 +2197,6 @@ impl CausalLm for Decoder {
             all_ids.extend_from_slice(ids);
         }
         let ids_t = Tensor::from_slice(&all_ids, all_ids.len(), &self.device)?;
-        self.await_all_params()?;
         let x = embedding_forward(&ids_t, &self.params[self.embed])?; // [rows, h]
         let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|(_, c)| &mut **c).collect();
         self.infer_rows(x, &mut caches, &spans)
@@ -2383,7 +2237,6 @@ impl Decoder {
         caches: &mut [&mut KvCache],
         spans: &[(usize, usize, usize)],
     ) -> Result<Vec<Vec<f32>>> {
-        self.await_all_params()?;
         let positions: Vec<u32> = spans
             .iter()
             .flat_map(|&(_, m, offset)| offset as u32..(offset + m) as u32)

@@ -9,7 +9,6 @@ pub mod checkpoint;
 pub mod eval;
 pub mod llava;
 pub mod metrics;
-pub mod overlap;
 pub mod step;
 pub mod trainer;
 pub mod zero;

@@ -4,7 +4,6 @@
 //! `sum_squares` and `clip_coef` work on any `[n]` slice.
 
 use crate::config::OptimConfig;
-use crate::train::overlap::{OverlappedUpdate, UpdateBuffers};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -183,7 +182,30 @@ impl AdamW {
         lr: f64,
         copy_to: Option<&Tensor>,
     ) -> Result<()> {
-        let h = self.next_step(params, grad, grad_scale, lr, copy_to)?;
+        let n = params.numel();
+        if grad.dims() != [n] || grad.dtype() != DType::F32 {
+            bail!(
+                "AdamW: gradient must be [{n}] f32, got {:?} {:?}",
+                grad.dims(),
+                grad.dtype()
+            );
+        }
+        if let Some(c) = copy_to.filter(|c| c.dims() != [n]) {
+            bail!(
+                "AdamW: the parameters' copy must be [{n}], got {:?}",
+                c.dims()
+            );
+        }
+        self.step += 1;
+        let h = AdamWStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: self.step,
+            grad_scale,
+        };
         // On CUDA the fused kernel updates the master and moments in place (same arithmetic as
         // `adamw_update`), so a step allocates no parameter-sized buffers.
         let fused_copy = copy_to.filter(|c| c.dtype() == DType::BF16);
@@ -214,66 +236,6 @@ impl AdamW {
             c.slice_set(&params.master.to_dtype(c.dtype())?, 0, 0)?;
         }
         Ok(())
-    }
-
-    /// [`AdamW::step_scaled`] as an update that runs segment by segment under the next forward
-    /// (see `train::overlap`): `stage_ends` are the model's stage boundaries in the flat buffer.
-    /// It updates `params.master`, the moments and `copy_to` in place and zeroes `grad`, which
-    /// becomes the next step's gradient buffer.
-    pub fn step_overlapped(
-        &mut self,
-        params: &FlatParams,
-        grad: &Tensor,
-        grad_scale: f64,
-        lr: f64,
-        copy_to: Option<&Tensor>,
-        stage_ends: &[usize],
-    ) -> Result<OverlappedUpdate> {
-        let h = self.next_step(params, grad, grad_scale, lr, copy_to)?;
-        let buffers = UpdateBuffers {
-            param: params.master.clone(),
-            grad: grad.clone(),
-            exp_avg: self.exp_avg.clone(),
-            exp_avg_sq: self.exp_avg_sq.clone(),
-            decay_mask: self.decay_mask.clone(),
-            copy: copy_to.cloned(),
-        };
-        OverlappedUpdate::start(buffers, h, stage_ends)
-    }
-
-    /// Checks a step's inputs, counts the step and returns its hyper-parameters.
-    fn next_step(
-        &mut self,
-        params: &FlatParams,
-        grad: &Tensor,
-        grad_scale: f64,
-        lr: f64,
-        copy_to: Option<&Tensor>,
-    ) -> Result<AdamWStep> {
-        let n = params.numel();
-        if grad.dims() != [n] || grad.dtype() != DType::F32 {
-            bail!(
-                "AdamW: gradient must be [{n}] f32, got {:?} {:?}",
-                grad.dims(),
-                grad.dtype()
-            );
-        }
-        if let Some(c) = copy_to.filter(|c| c.dims() != [n]) {
-            bail!(
-                "AdamW: the parameters' copy must be [{n}], got {:?}",
-                c.dims()
-            );
-        }
-        self.step += 1;
-        Ok(AdamWStep {
-            lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            step: self.step,
-            grad_scale,
-        })
     }
 
     /// State for a checkpoint: both moments (`[N]` f32) and the step count (`[1]` i64).

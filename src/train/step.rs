@@ -3,7 +3,6 @@
 
 use crate::data::sampler::{SamplerIter, SamplerState};
 use crate::model::decoder::{Decoder, GradReady, StepStats, TrainableInfo};
-use crate::train::overlap::PendingStep;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -24,25 +23,6 @@ pub trait StepModel {
     /// optimizer's layout (any dtype; the compute dtype is read without a copy).
     fn set_trainable(&mut self, flat: &Tensor) -> Result<()>;
     fn new_grads(&self) -> Self::Grads;
-    /// The flat offsets (increasing, the last N) where the trainables that each stage of the
-    /// forward reads end, in the order it reads them, for an optimizer update that runs stage by
-    /// stage beside the next forward (`train::overlap`); `None` (the default) where the forward
-    /// cannot wait per stage.
-    fn update_stages(&self) -> Option<Vec<usize>> {
-        None
-    }
-    /// Starts a step: the model reads `flat` ([`StepModel::set_trainable`]) and gets the step's
-    /// gradient accumulators. With `pending` (the previous step's update still running on
-    /// `flat`), a model with [`StepModel::update_stages`] waits for each stage as its forward
-    /// reaches it and takes the update's zeroed gradient buffer; the default waits for all of it
-    /// first.
-    fn begin_step(&mut self, flat: &Tensor, pending: Option<PendingStep>) -> Result<Self::Grads> {
-        if let Some(p) = pending {
-            p.update.wait_upto(usize::MAX)?;
-        }
-        self.set_trainable(flat)?;
-        Ok(self.new_grads())
-    }
     /// The accumulated gradient as one f32 `[N]` tensor in trainable order.
     fn flat_grads(grads: Self::Grads) -> Result<Tensor>;
     /// `grads += d(loss_scale · loss_sum)/dθ` for one micro-batch; dropout from `seed`.

@@ -26,7 +26,6 @@ use crate::train::checkpoint::{
 use crate::train::eval::EvalHook;
 use crate::train::metrics::{self, ScalarLog, StepLog};
 use crate::train::optim::FlatParams;
-use crate::train::overlap::PendingStep;
 use crate::train::schedule::LrSchedule;
 use crate::train::step::{StepData, StepModel};
 use crate::train::zero::ZeroOptimizer;
@@ -300,23 +299,6 @@ impl StepModel for TextModel<'_> {
     fn new_grads(&self) -> Grads {
         self.decoder.new_grads()
     }
-    fn update_stages(&self) -> Option<Vec<usize>> {
-        Some(self.decoder.forward_stages())
-    }
-    fn begin_step(&mut self, flat: &Tensor, pending: Option<PendingStep>) -> Result<Grads> {
-        let Some(p) = pending else {
-            self.decoder.set_trainable_flat(flat)?;
-            return Ok(self.decoder.new_grads());
-        };
-        self.decoder.set_trainable_pending(flat, p.update.clone())?;
-        let mut grads = self.decoder.new_grads();
-        // The update zeroes the previous gradient buffer: this step's, unless another dtype
-        // (f64 compute) made the optimizer's f32 gradient a copy.
-        if let Some(buf) = p.grad.filter(|b| b.dtype() == grads.dtype()) {
-            grads.recycle(buf, p.update)?;
-        }
-        Ok(grads)
-    }
     fn flat_grads(grads: Grads) -> Result<Tensor> {
         Ok(grads.into_flat()?.to_dtype(DType::F32)?)
     }
@@ -531,12 +513,6 @@ where
         cfg.parallel.bucket_mb,
     )?
     .with_replica_dtype(dtype)?;
-    // One process: each update runs beside the next step's forward (`train::overlap`).
-    if cfg.optim.overlap_step && par.world() == 1 {
-        if let Some(stages) = model.update_stages() {
-            opt.overlap_updates(stages)?;
-        }
-    }
     // The model reads the optimizer's values from now on: its own copies of the trainables
     // are freed before the pool's free memory goes back to the driver.
     model.set_trainable(&opt.model_flat(dtype)?)?;
@@ -674,10 +650,9 @@ where
         let counts = par.sum_counts(&[local_targets as u64, local_tokens as u64], device)?;
         let (n_targets, tokens) = (counts[0] as usize, counts[1] as usize);
 
-        // Forward + backward: grads of the mean loss over every trained token of the step. The
-        // last step's update may still run: the forward waits for each block as it reaches it.
-        let (flat, pending) = opt.next_step(dtype)?;
-        let mut grads = model.begin_step(&flat, pending)?;
+        // Forward + backward: grads of the mean loss over every trained token of the step.
+        model.set_trainable(&opt.model_flat(dtype)?)?;
+        let mut grads = model.new_grads();
         let mut local_loss_sum = 0.0;
         // ZeRO-2: on several ranks the last micro-batch's backward reduces each bucket of the
         // flat gradient into its owners' shards as soon as the bucket is final.
@@ -821,7 +796,6 @@ where
             last_ckpt = Some(dir);
         }
     }
-    opt.finish_update()?;
     bar.finish_and_clear();
     if main && cfg.log.plot && !history.is_empty() {
         metrics::plot_curves(&work_dir.join("curves.png"), &history, &lr_points)?;
@@ -878,7 +852,7 @@ fn save_checkpoint(
                 .trainable
                 .iter()
                 .cloned()
-                .zip(opt.params()?.views(DType::F32)?)
+                .zip(opt.params().views(DType::F32)?)
                 .collect(),
             optimizer: opt.optimizer_state()?,
             config_toml: cfg.to_toml(),
@@ -900,7 +874,7 @@ fn save_checkpoint(
         end: range.end,
         sampler: state.sampler,
     };
-    let params = opt.params()?;
+    let params = opt.params();
     state.shards = Some(ShardLayout {
         world: par.world(),
         numel: params.numel(),

@@ -30,14 +30,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 
 use crate::config::OptimConfig;
 use crate::dist::collectives::{bucket_pieces, padded_len, sum_f64s, Collectives};
-use crate::model::decoder::{GradReady, PendingUpdate};
+use crate::model::decoder::GradReady;
 use crate::train::checkpoint::SHARD_MASTER;
 use crate::train::optim::{clip_coef, sum_squares, AdamW, FlatParams, Slot};
-use crate::train::overlap::{OverlappedUpdate, PendingStep};
 
 /// The optimizer of a (data-parallel) run: replicated parameters, sharded gradients and
 /// optimizer state.
@@ -65,13 +63,6 @@ pub struct ZeroOptimizer {
     adamw: AdamW,
     /// Elements of the flat gradient per reduction bucket.
     bucket: usize,
-    /// One rank with overlapped updates ([`ZeroOptimizer::overlap_updates`]): the model's stage
-    /// ends in the flat buffer.
-    overlap_stages: Option<Vec<usize>>,
-    /// The last overlapped update, possibly still running (see `train::overlap`).
-    pending: Option<Arc<OverlappedUpdate>>,
-    /// The gradient buffer the pending update zeroes, for the next step (taken once).
-    recycled_grad: Option<Tensor>,
 }
 
 impl ZeroOptimizer {
@@ -112,9 +103,6 @@ impl ZeroOptimizer {
             shard_grad,
             adamw,
             bucket: bucket.max(1),
-            overlap_stages: None,
-            pending: None,
-            recycled_grad: None,
         };
         let master = z.params.master.clone();
         z.set_replica(&master)?;
@@ -157,86 +145,19 @@ impl ZeroOptimizer {
     }
 
     /// All trainable values, current on every rank (fp32 on one rank, the replica dtype on
-    /// several; the fp32 values of a distributed run are the shards). Waits for an overlapped
-    /// update first.
-    pub fn params(&self) -> Result<&FlatParams> {
-        self.finish_update()?;
-        Ok(&self.params)
-    }
-
-    /// Number of trainable values N.
-    pub fn numel(&self) -> usize {
-        self.params.numel()
+    /// several; the fp32 values of a distributed run are the shards).
+    pub fn params(&self) -> &FlatParams {
+        &self.params
     }
 
     /// The trainables as the model reads them, the flat `[N]` buffer in `dtype`: the replica when
     /// it has that dtype (the optimizer step keeps it current, so nothing is cast), else one cast
-    /// of the values. Waits for an overlapped update first.
+    /// of the values.
     pub fn model_flat(&self, dtype: DType) -> Result<Tensor> {
-        self.finish_update()?;
-        self.model_flat_now(dtype)
-    }
-
-    fn model_flat_now(&self, dtype: DType) -> Result<Tensor> {
         Ok(match &self.replica {
             Some(r) if r.dtype() == dtype => r.narrow(0, 0, self.params.numel())?,
             _ => self.params.master.to_dtype(dtype)?,
         })
-    }
-
-    /// One rank: run every later update beside the next step's forward, cut at `stage_ends` (the
-    /// model's [`StepModel::update_stages`]; see `train::overlap`). The values and the model's
-    /// reads of them are the same; the next step starts with [`ZeroOptimizer::next_step`].
-    ///
-    /// [`StepModel::update_stages`]: crate::train::step::StepModel::update_stages
-    pub fn overlap_updates(&mut self, stage_ends: Vec<usize>) -> Result<()> {
-        if self.world != 1 {
-            bail!("overlapped optimizer updates run on one rank only");
-        }
-        let n = self.params.numel();
-        if stage_ends.last() != Some(&n) || stage_ends.windows(2).any(|w| w[1] < w[0]) {
-            bail!("overlapped updates: stage ends {stage_ends:?} must increase up to {n}");
-        }
-        self.overlap_stages = Some(stage_ends);
-        Ok(())
-    }
-
-    /// What the next step's model reads ([`ZeroOptimizer::model_flat`]) and, with overlapped
-    /// updates, the update still writing it (with, once, the gradient buffer it zeroes): the
-    /// model waits for each stage as it reads it ([`StepModel::begin_step`]). Without a pending
-    /// update, or where the model's `dtype` needs a cast of the values, the update is done first.
-    ///
-    /// [`StepModel::begin_step`]: crate::train::step::StepModel::begin_step
-    pub fn next_step(&mut self, dtype: DType) -> Result<(Tensor, Option<PendingStep>)> {
-        let in_place = match &self.replica {
-            Some(r) => r.dtype() == dtype,
-            None => self.params.master.dtype() == dtype,
-        };
-        if !in_place {
-            return Ok((self.model_flat(dtype)?, None));
-        }
-        let pending = self.pending.clone().map(|update| PendingStep {
-            update,
-            grad: self.recycled_grad.take(),
-        });
-        Ok((self.model_flat_now(dtype)?, pending))
-    }
-
-    /// Waits for an overlapped update to finish writing the values (on a GPU: the compute
-    /// stream waits for it). Nothing to do without one.
-    pub fn finish_update(&self) -> Result<()> {
-        match &self.pending {
-            Some(u) => u.wait_upto(usize::MAX),
-            None => Ok(()),
-        }
-    }
-
-    /// Segments of the last overlapped update that were waited for (or ran): all of them once
-    /// the next step's forward is through.
-    pub fn pending_segments(&self) -> Option<(usize, usize)> {
-        self.pending
-            .as_ref()
-            .map(|u| (u.segments_done(), u.segments()))
     }
 
     /// This rank's element range in the padded flat buffer.
@@ -301,26 +222,6 @@ impl ZeroOptimizer {
         self.check_comm(comm)?;
         // Clipping folded into the update: the gradient is scaled inside the AdamW kernel.
         let coef = clip_coef(grad_norm, max_grad_norm);
-        // The last update is complete before this one starts (the backward that made
-        // `shard_grad` already waited for it; this makes it explicit).
-        self.finish_update()?;
-        self.pending = None;
-        self.recycled_grad = None;
-        if let Some(stages) = &self.overlap_stages {
-            // One rank: the shard is the whole buffer, its master shares `params.master`'s
-            // storage, and the update writes both (and the replica) in place.
-            let update = self.adamw.step_overlapped(
-                &self.shard,
-                shard_grad,
-                coef,
-                lr,
-                self.replica.as_ref(),
-                stages,
-            )?;
-            self.pending = Some(Arc::new(update));
-            self.recycled_grad = Some(shard_grad.clone());
-            return Ok(());
-        }
         if self.world == 1 {
             // The shard is the whole buffer; the step also refreshes the replica (if any).
             self.adamw
@@ -350,9 +251,6 @@ impl ZeroOptimizer {
     /// whole buffer as `AdamW::state_tensors` names it (`[N]` moments), e.g. consolidated from
     /// a checkpoint of any number of ranks. Keeps this rank's slice of it.
     pub fn load(&mut self, params: FlatParams, optimizer: &HashMap<String, Tensor>) -> Result<()> {
-        self.finish_update()?;
-        self.pending = None;
-        self.recycled_grad = None;
         let n = self.params.numel();
         if params.slots != self.params.slots {
             bail!("ZeRO: the loaded parameters have another layout than this model's");
@@ -377,14 +275,12 @@ impl ZeroOptimizer {
     /// The optimizer state of the shard (`[S]` moments and the step count), under
     /// `AdamW::state_tensors` names. On one rank this is the whole buffer's state.
     pub fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {
-        self.finish_update()?;
         self.adamw.state_tensors()
     }
 
     /// This rank's checkpoint shard: the master slice under [`SHARD_MASTER`] and the
     /// optimizer state slices (all `[S]` but the step count).
     pub fn shard_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.finish_update()?;
         let mut v = vec![(SHARD_MASTER.to_string(), self.shard.master.clone())];
         v.extend(self.optimizer_state()?);
         Ok(v)
@@ -580,7 +476,6 @@ mod tests {
         };
         let model_views = |zero: &ZeroOptimizer, dtype| {
             zero.params()
-                .unwrap()
                 .views_of(&zero.model_flat(dtype).unwrap())
                 .unwrap()
         };
@@ -588,14 +483,11 @@ mod tests {
         for _ in 0..3 {
             zero.apply(&grad, 10.0, 1.0, 1e-1, &SoloComm).unwrap();
             let views = bits(model_views(&zero, DType::BF16));
-            assert_eq!(
-                views,
-                bits(zero.params().unwrap().views(DType::BF16).unwrap())
-            );
+            assert_eq!(views, bits(zero.params().views(DType::BF16).unwrap()));
             assert_ne!(views, before, "the step must move the replica");
         }
         // The fp32 master is still what `params` holds, at full precision.
-        assert_eq!(zero.params().unwrap().master.dtype(), DType::F32);
+        assert_eq!(zero.params().master.dtype(), DType::F32);
         assert_eq!(model_views(&zero, DType::F32)[1].dims(), [2]);
     }
 
@@ -625,71 +517,6 @@ mod tests {
         assert_eq!(bytes(2, 3), 3 * 4 * 342 + 8);
     }
 
-    /// Overlapped updates (run here when first waited for) give the plain step's values; the
-    /// next step gets the update with the gradient buffer it zeroed, once.
-    #[test]
-    fn one_rank_overlapped_updates_match_the_plain_ones() {
-        let cfg = OptimConfig {
-            weight_decay: 0.1,
-            ..OptimConfig::default()
-        };
-        let p = params(&[vec![0.5, -1.0, 2.0], vec![3.0, 0.25]], &[true, false]);
-        let mut plain = ZeroOptimizer::new(&cfg, p.clone(), 0, 1, 0).unwrap();
-        let mut overlapped = ZeroOptimizer::new(&cfg, p, 0, 1, 0).unwrap();
-        assert!(
-            overlapped.overlap_updates(vec![3, 4]).is_err(),
-            "must end at N"
-        );
-        overlapped.overlap_updates(vec![3, 5]).unwrap();
-        for step in 0..3 {
-            let grad = || Tensor::new(&[4.0f32, -3.0, 1.0, 0.5, -2.0], &Device::Cpu).unwrap();
-            plain.apply(&grad(), 10.0, 1.0, 1e-2, &SoloComm).unwrap();
-            let g = grad();
-            overlapped.apply(&g, 10.0, 1.0, 1e-2, &SoloComm).unwrap();
-            assert_eq!(
-                overlapped.pending_segments(),
-                Some((0, 1)),
-                "one 8-aligned segment"
-            );
-            let (flat, pending) = overlapped.next_step(DType::F32).unwrap();
-            let pending = pending.expect("an update in flight");
-            let recycled = pending.grad.expect("the consumed gradient, once");
-            let (_, again) = overlapped.next_step(DType::F32).unwrap();
-            assert!(again.unwrap().grad.is_none());
-            // Reading the values waits for the update.
-            assert_eq!(
-                overlapped
-                    .params()
-                    .unwrap()
-                    .master
-                    .to_vec1::<f32>()
-                    .unwrap(),
-                plain.params().unwrap().master.to_vec1::<f32>().unwrap(),
-                "step {step}"
-            );
-            assert_eq!(
-                flat.to_vec1::<f32>().unwrap(),
-                plain
-                    .model_flat(DType::F32)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            );
-            // The gradient handed in, zeroed by the update, is what the next step gets.
-            assert_eq!(g.to_vec1::<f32>().unwrap(), vec![0.0; 5]);
-            assert_eq!(recycled.to_vec1::<f32>().unwrap(), vec![0.0; 5]);
-        }
-        let state = |z: &ZeroOptimizer| -> Vec<Vec<f32>> {
-            z.optimizer_state()
-                .unwrap()
-                .iter()
-                .filter(|(n, _)| n.contains("exp_avg"))
-                .map(|(_, t)| t.to_vec1().unwrap())
-                .collect()
-        };
-        assert_eq!(state(&overlapped), state(&plain));
-    }
-
     #[test]
     fn one_rank_matches_plain_clip_and_adamw() {
         let cfg = OptimConfig {
@@ -710,7 +537,7 @@ mod tests {
             zero.apply(&shard, zn, 1.0, 1e-2, &SoloComm).unwrap();
         }
         assert_eq!(
-            zero.params().unwrap().master.to_vec1::<f32>().unwrap(),
+            zero.params().master.to_vec1::<f32>().unwrap(),
             reference.master.to_vec1::<f32>().unwrap()
         );
     }

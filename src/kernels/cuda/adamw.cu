@@ -10,8 +10,6 @@ struct AdamWArgs {
   float inv_bias_correction2_sqrt, eps, step_size;
   int decay;                // 0: no weight decay this step
   float grad_scale;         // the gradient clipping coefficient (1: no clipping)
-  int zero_grad;            // 1: write 0 over each gradient value once read (the update consumes
-                            // it; the buffer is the next step's, zeroed off the compute stream)
 };
 
 // One element's update: p, m, v in place. Both kernel variants call this, so they agree bit for bit.
@@ -35,30 +33,27 @@ __device__ __forceinline__ void adamw1(float& p, float g, float& m, float& v, fl
 }
 
 // Element i of the buffers below, read, updated and written back.
-__device__ __forceinline__ void adamw_at(uint64_t i, float* __restrict__ p, float* __restrict__ g,
+__device__ __forceinline__ void adamw_at(uint64_t i, float* __restrict__ p, const float* __restrict__ g,
                                          float* __restrict__ m, float* __restrict__ v,
                                          const float* __restrict__ decay_mask, const AdamWArgs& a,
                                          __nv_bfloat16* __restrict__ copy) {
   const bool masked = decay_mask != nullptr;
   float pi = p[i], mi = m[i], vi = v[i];
   adamw1(pi, g[i], mi, vi, masked ? decay_mask[i] : 1.0f, masked, a);
-  if (a.zero_grad) g[i] = 0.0f;
   p[i] = pi;
   m[i] = mi;
   v[i] = vi;
   if (copy != nullptr) copy[i] = ftrun::from_f32<__nv_bfloat16>(pi);
 }
 
-// In place over p, m, v: [n] f32 with gradient g [n] (zeroed as it is read when `a.zero_grad`);
-// decay_mask: [n] of 1/0, or null (decay all when `decay`). `copy`: null, or [n] that receives the
-// new p rounded to bf16 (the model's compute-dtype weights, written here instead of by a separate
-// cast pass over the master).
+// In place over p, m, v: [n] f32 with gradient g [n]; decay_mask: [n] of 1/0, or null (decay all
+// when `decay`). `copy`: null, or [n] that receives the new p rounded to bf16 (the model's
+// compute-dtype weights, written here instead of by a separate cast pass over the master).
 // Two variants, as grad.cu's: `adamw_f32` 8 elements per thread with 16-byte accesses (every
 // pointer 16-byte aligned; the n % 8 tail goes one element each to the grid's first threads;
-// groups are grid-strided, so any grid of at least 8 threads covers n: an update overlapped with
-// other work launches a smaller one) and `adamw_f32_scalar` one element per thread at any
-// alignment.
-extern "C" __global__ void adamw_f32_scalar(float* __restrict__ p, float* __restrict__ g,
+// launch at least ceil(n / 8) threads, never fewer than 8) and `adamw_f32_scalar` one element per
+// thread at any alignment.
+extern "C" __global__ void adamw_f32_scalar(float* __restrict__ p, const float* __restrict__ g,
                                             float* __restrict__ m, float* __restrict__ v,
                                             const float* __restrict__ decay_mask, uint64_t n,
                                             AdamWArgs a, __nv_bfloat16* __restrict__ copy) {
@@ -68,7 +63,7 @@ extern "C" __global__ void adamw_f32_scalar(float* __restrict__ p, float* __rest
   }
 }
 
-extern "C" __global__ void adamw_f32(float* __restrict__ p, float* __restrict__ g,
+extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g,
                                      float* __restrict__ m, float* __restrict__ v,
                                      const float* __restrict__ decay_mask, uint64_t n, AdamWArgs a,
                                      __nv_bfloat16* __restrict__ copy) {
@@ -81,10 +76,6 @@ extern "C" __global__ void adamw_f32(float* __restrict__ p, float* __restrict__ 
     ftrun::load8(m + 8 * i, mv);
     ftrun::load8(v + 8 * i, vv);
     if (masked) ftrun::load8(decay_mask + 8 * i, kv);
-    if (a.zero_grad) {
-      float zeros[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-      ftrun::store8(g + 8 * i, zeros);
-    }
 #pragma unroll
     for (int e = 0; e < 8; ++e) adamw1(pv[e], gv[e], mv[e], vv[e], masked ? kv[e] : 1.0f, masked, a);
     ftrun::store8(p + 8 * i, pv);
