@@ -32,7 +32,8 @@ f=$(ls "$KIT"/nvidia/nccl/lib/libnccl.so.* | head -1); ln -sf "$f" "$KIT/lib/lib
 # A link-time stand-in for the driver's libcuda.so.1 (the real one is used at run time):
 # one empty function per `cu*` symbol cudarc declares.
 if [ ! -f "$KIT/lib/libcuda.so" ]; then
-  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys 2>/dev/null | head -1)
+  # `|| true`: under pipefail an unmatched glob would end the script here, silently.
+  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys 2>/dev/null | head -1 || true)
   if [ -z "$sys" ]; then
     (cd "$(dirname "$0")/.." && cargo fetch -q)
     sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys | head -1)
