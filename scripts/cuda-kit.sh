@@ -32,12 +32,15 @@ f=$(ls "$KIT"/nvidia/nccl/lib/libnccl.so.* | head -1); ln -sf "$f" "$KIT/lib/lib
 # A link-time stand-in for the driver's libcuda.so.1 (the real one is used at run time):
 # one empty function per `cu*` symbol cudarc declares.
 if [ ! -f "$KIT/lib/libcuda.so" ]; then
-  # `|| true`: under pipefail an unmatched glob would end the script here, silently.
-  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys 2>/dev/null | head -1 || true)
+  # cudarc's driver declarations in the cargo registry ('' when not fetched yet: `|| true`, as
+  # under pipefail an unmatched glob would end the script here, silently).
+  cudarc_sys() { ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys 2>/dev/null | head -1 || true; }
+  sys=$(cudarc_sys)
   if [ -z "$sys" ]; then
     (cd "$(dirname "$0")/.." && cargo fetch -q)
-    sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys | head -1)
+    sys=$(cudarc_sys)
   fi
+  [ -n "$sys" ] || { echo "cuda-kit: cudarc 0.19.10 is not in the cargo registry after cargo fetch" >&2; exit 1; }
   grep -rhoE 'pub (unsafe )?fn cu[A-Za-z0-9_]+' "$sys" | sed -E 's/.*fn //' | sort -u \
     | awk '{print "void " $1 "(void){}"}' > "$KIT/lib/cuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$KIT/lib/libcuda.so" "$KIT/lib/cuda_stub.c"
