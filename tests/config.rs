@@ -175,3 +175,19 @@ fn config_round_trips_through_toml() {
     let back = config::Config::from_toml(&c.to_toml()).unwrap();
     assert_eq!(c, back);
 }
+
+#[test]
+fn grad_dtype_defaults_to_auto_and_rejects_other_values() {
+    let c = config::load_str(MIN, "cfg.toml", &[]).unwrap();
+    assert_eq!(c.optim.grad_dtype, "auto");
+    let c = config::load_str(
+        &format!("{MIN}\n[optim]\ngrad_dtype = \"f32\"\n"),
+        "cfg.toml",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.optim.grad_dtype, "f32");
+    let e = err(&format!("{MIN}\n[optim]\ngrad_dtype = \"bf16\"\n"), &[]);
+    assert_eq!(e.key, "optim.grad_dtype", "{e}");
+    assert!(e.message.contains("`bf16` is not one of auto, f32"), "{e}");
+}

@@ -821,3 +821,81 @@ fn bf16_and_f32_agree_with_f64() {
         "{losses:?}"
     );
 }
+
+/// One sequence of `len` tokens, every token but the first a label (`len - 1` targets: enough
+/// for several LM-head chunks).
+fn long_batch(vocab: u32, len: usize) -> Batch {
+    let ids: Vec<u32> = (0..len as u32).map(|i| (i * 7 + 3) % vocab).collect();
+    let mut labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+    labels[0] = -100;
+    Batch::single(ids, labels)
+}
+
+/// Full fine-tuning in bf16 with one-write gradients: every slot holds the f32 buffer's value
+/// rounded once to bf16, bit for bit. The head's three chunks sum in f32 before that one rounding
+/// (summing them in bf16 would round at each chunk), and the norms' and embedding's f32 sums are
+/// rounded once. Adapters, tied heads and f32 compute keep f32 gradients.
+#[test]
+fn one_write_bf16_grads_are_the_f32_grads_rounded_once() {
+    for arch in [Arch::Llama, Arch::InternLM2] {
+        let cfg = config(arch);
+        let w = tiny_weights(&cfg, 1000);
+        // 80 targets in chunks of 32 rows either way: a trained head takes 4x the set rows a
+        // chunk, with one-write gradients at least 2·hidden = 32 (on the CPU each chunk's product
+        // is rounded to bf16, so both runs must chunk alike to compare bit for bit).
+        let batch = long_batch(cfg.vocab_size as u32, 81);
+        let mut dec =
+            Decoder::new(&cfg, &mut w.clone(), TrainMode::Full, DType::BF16, &CPU, 5).unwrap();
+        dec.set_ce_chunk_rows(8);
+        let (l32, g32) = run_step(&dec, &batch, true);
+        assert!(dec.set_one_write_grads(true), "{arch:?}");
+        let (l16, g16) = run_step(&dec, &batch, true);
+        assert_eq!(
+            l32, l16,
+            "{arch:?}: the loss does not depend on the gradient dtype"
+        );
+        let names: Vec<String> = dec.trainable().iter().map(|t| t.name.clone()).collect();
+        for ((a, b), name) in g32.slots().iter().zip(&g16.slots()).zip(&names) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert_eq!((a.dtype(), b.dtype()), (DType::F32, DType::BF16), "{name}");
+            let want = a
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            assert_eq!(
+                flat(&want),
+                flat(&b.to_dtype(DType::F32).unwrap()),
+                "{arch:?} {name}: not the f32 gradient rounded once"
+            );
+        }
+        let flat16 = g16.into_flat().unwrap();
+        assert_eq!(flat16.dtype(), DType::BF16);
+        assert!(!dec.set_one_write_grads(false));
+        assert_eq!(dec.new_grads().into_flat().unwrap().dtype(), DType::F32);
+    }
+    // Where a value can take several contributions, or nothing narrower than f32 exists.
+    let cfg = config(Arch::Llama);
+    let w = tiny_weights(&cfg, 1000);
+    let mut lora_dec = Decoder::new(&cfg, &mut w.clone(), lora(0.0), DType::BF16, &CPU, 5).unwrap();
+    assert!(!lora_dec.set_one_write_grads(true), "adapters keep f32");
+    let mut f32_dec =
+        Decoder::new(&cfg, &mut w.clone(), TrainMode::Full, DType::F32, &CPU, 5).unwrap();
+    assert!(!f32_dec.set_one_write_grads(true), "f32 compute");
+    let qcfg = config(Arch::Qwen2);
+    let qw = tiny_weights(&qcfg, 1000);
+    let mut tied = Decoder::new(
+        &qcfg,
+        &mut qw.clone(),
+        TrainMode::Full,
+        DType::BF16,
+        &CPU,
+        5,
+    )
+    .unwrap();
+    assert!(
+        !tied.set_one_write_grads(true),
+        "a tied head also takes the embedding's gradient"
+    );
+    assert_eq!(tied.new_grads().into_flat().unwrap().dtype(), DType::F32);
+}

@@ -65,6 +65,7 @@ fn adam_setup(case: &AdamCase) -> (FlatParams, AdamW) {
         eps: case.eps,
         weight_decay: case.weight_decay,
         max_grad_norm: 0.0,
+        ..OptimConfig::default()
     };
     let opt = AdamW::new(&cfg, &params).unwrap();
     (params, opt)
@@ -373,4 +374,38 @@ fn views_in_compute_dtype_equal_per_slot_casts() {
     }
     let f = params.views(DType::F32).unwrap();
     assert_eq!(f[1].to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+}
+
+/// A bf16 gradient (full fine-tuning's one-write buffer) updates as its exact f32 widening, and
+/// its sum of squares is that of the widened values.
+#[test]
+fn bf16_gradient_steps_as_its_f32_widening() {
+    let values = [vec1(&[0.5, -1.0, 2.0, 0.125]), vec1(&[3.0, 0.25, -0.75])];
+    let params = FlatParams::from_values(&values, &[true, false]).unwrap();
+    let cfg = OptimConfig {
+        weight_decay: 0.1,
+        ..OptimConfig::default()
+    };
+    let g32 = vec1(&[0.3, -0.7, 1.1, 0.01, -2.5, 0.6, 0.05]);
+    let g16 = g32.to_dtype(DType::BF16).unwrap();
+    let widened = g16.to_dtype(DType::F32).unwrap();
+    assert_eq!(sum_squares(&g16).unwrap(), sum_squares(&widened).unwrap());
+    let (mut pa, mut pb) = (params.clone(), params);
+    let (mut a, mut b) = (
+        AdamW::new(&cfg, &pa).unwrap(),
+        AdamW::new(&cfg, &pb).unwrap(),
+    );
+    for _ in 0..3 {
+        a.step_scaled(&mut pa, &g16, 0.5, 1e-2, None).unwrap();
+        b.step_scaled(&mut pb, &widened, 0.5, 1e-2, None).unwrap();
+    }
+    assert_eq!(to_f64(&pa.master), to_f64(&pb.master));
+    // and the update did move the values
+    assert_ne!(
+        to_f64(&pa.master),
+        to_f64(&vec1(&[0.5, -1.0, 2.0, 0.125, 3.0, 0.25, -0.75]))
+    );
+    assert!(a
+        .step_scaled(&mut pa, &g16.to_dtype(DType::F16).unwrap(), 1.0, 1e-2, None)
+        .is_err());
 }

@@ -76,6 +76,14 @@ pub struct BenchArgs {
     /// With checkpointing, GiB of activations kept anyway (`train.activation_budget_gib`).
     #[arg(long, default_value_t = 0.0)]
     pub activation_budget_gib: f64,
+    /// The gradient buffer's dtype (`optim.grad_dtype`): `auto` (bf16 one-write gradients for
+    /// full fine-tuning, as the trainer with one micro-batch on one rank) or `f32`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32"])]
+    pub grad_dtype: String,
+    /// Keep the fp32 master as an f32 buffer and a bf16 copy (the trainer splits it on a GPU;
+    /// see `ZeroOptimizer::with_split_master`).
+    #[arg(long)]
+    pub no_split_master: bool,
     /// Output directory: batches.json, init_adapter/ (LoRA), ftrun_<method>.json; with
     /// `--llava` also pixels.safetensors, init_projector/ and ftrun_llava_<method>.json.
     #[arg(long)]
@@ -148,11 +156,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     decoder.set_activation_budget(
         gib_to_bytes(a.activation_budget_gib).context("--activation-budget-gib")?,
     );
+    // One micro-batch per step on one rank, as the trainer's rule for `optim.grad_dtype`.
+    let one_write_grads = decoder.set_one_write_grads(a.grad_dtype == "auto");
     let session = Session {
         a: &a,
         device: device.clone(),
         dtype,
         before,
+        one_write_grads,
         t_load,
     };
     let write_adapter = |names: &[String], init: &[Tensor]| -> Result<()> {
@@ -299,6 +310,8 @@ struct Session<'a> {
     dtype: DType,
     /// Device memory before the model loaded (MiB).
     before: f64,
+    /// The decoder keeps its gradients in the compute dtype (`Decoder::set_one_write_grads`).
+    one_write_grads: bool,
     t_load: Instant,
 }
 
@@ -328,8 +341,9 @@ impl Session<'_> {
             ..OptimConfig::default()
         };
         // The trainer's optimizer on one rank: the same update, clipping and model views.
-        let mut opt =
-            ZeroOptimizer::new(&optim, params, 0, 1, 0)?.with_replica_dtype(self.dtype)?;
+        let mut opt = ZeroOptimizer::new(&optim, params, 0, 1, 0)?
+            .with_replica_dtype(self.dtype)?
+            .with_split_master(device.is_cuda() && !a.no_split_master)?;
         // As the trainer: the model's own copies of the trainables go before the pool is trimmed.
         model.set_trainable(&opt.model_flat(self.dtype)?)?;
         crate::train::metrics::release_load_memory(device)?;
@@ -366,7 +380,7 @@ impl Session<'_> {
                 None,
             )?;
             let gn = crate::profile::scope(device, "optimizer", || {
-                let flat = M::flat_grads(grads)?; // [N] f32
+                let flat = M::flat_grads(grads)?; // [N] f32, or bf16 one-write gradients
                 let gn = opt.global_grad_norm(&flat, &SoloComm)?;
                 opt.apply(&flat, gn, 1.0, a.lr, &SoloComm)?;
                 anyhow::Ok(gn)
@@ -422,6 +436,8 @@ impl Session<'_> {
             "model_params": model.decoder().config().num_params(),
             "checkpointing": !a.no_checkpointing,
             "activation_budget_gib": a.activation_budget_gib,
+            "split_master": opt.split_master(),
+            "grad_dtype": if self.one_write_grads { format!("{:?}", self.dtype) } else { "F32".into() },
             "recomputed_blocks": plan.0,
             "gate_up_recomputed_blocks": plan.1,
             "slimmed_blocks": plan.2,

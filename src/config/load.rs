@@ -268,6 +268,7 @@ pub const METHODS: &[&str] = &["lora", "qlora", "full"];
 pub const PACK_MODES: &[&str] = &["split", "whole"];
 pub const DTYPES: &[&str] = &["auto", "bf16", "f16", "f32"];
 pub const ON_NAN: &[&str] = &["skip", "stop"];
+pub const GRAD_DTYPES: &[&str] = &["auto", "f32"];
 pub const DECAYS: &[&str] = &["cosine", "constant"];
 
 fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), (String, String)> {
@@ -314,6 +315,7 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
     one_of("model.dtype", &c.model.dtype, DTYPES)?;
     one_of("train.method", &c.train.method, METHODS)?;
     one_of("train.on_nan", &c.train.on_nan, ON_NAN)?;
+    one_of("optim.grad_dtype", &c.optim.grad_dtype, GRAD_DTYPES)?;
     if let Err(e) = super::gib_to_bytes(c.train.activation_budget_gib) {
         return Err(("train.activation_budget_gib".into(), e.to_string()));
     }

@@ -292,6 +292,11 @@ pub struct OptimConfig {
     /// Global gradient-norm clip; 0 disables clipping.
     #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
+    /// The gradient buffer's dtype. "auto": the compute dtype where each gradient value is
+    /// written once per step (full fine-tuning, one micro-batch, one rank: bf16 weight gradients
+    /// as under PyTorch's autocast; see `Decoder::set_one_write_grads`), else f32. "f32": always.
+    #[serde(default = "default_grad_dtype")]
+    pub grad_dtype: String,
 }
 
 fn default_lr() -> f64 {
@@ -306,6 +311,9 @@ fn default_eps() -> f64 {
 fn default_clip() -> f64 {
     1.0
 }
+fn default_grad_dtype() -> String {
+    "auto".into()
+}
 
 impl Default for OptimConfig {
     fn default() -> Self {
@@ -315,6 +323,7 @@ impl Default for OptimConfig {
             eps: default_eps(),
             weight_decay: 0.0,
             max_grad_norm: default_clip(),
+            grad_dtype: default_grad_dtype(),
         }
     }
 }

@@ -91,7 +91,9 @@ pub fn adamw_update_fused(
 /// i of the outputs, so aliasing them is safe): an optimizer step then allocates nothing, where
 /// the out-of-place update needs three more parameter-sized buffers at once. `bf16_copy` (`[n]`
 /// bf16, contiguous) also receives the new parameters rounded to bf16 in the same pass: the
-/// model's weights, with no separate cast that reads the master again. Returns false (and
+/// model's weights, with no separate cast that reads the master again. `grad` may be f32 or bf16
+/// (widened exactly in the kernel: the same bits as the f32 update of the widened gradient).
+/// Returns false (and
 /// changes nothing) off CUDA or for other dtypes. Callers must not hold other tensors sharing
 /// these buffers and expect the old values.
 pub fn adamw_update_in_place(
@@ -103,16 +105,12 @@ pub fn adamw_update_in_place(
     h: &AdamWStep,
     bf16_copy: Option<&Tensor>,
 ) -> Result<bool> {
-    let ok = [
-        Some(param),
-        Some(grad),
-        Some(exp_avg),
-        Some(exp_avg_sq),
-        decay_mask,
-    ]
-    .into_iter()
-    .flatten()
-    .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+    let ok = [Some(param), Some(exp_avg), Some(exp_avg_sq), decay_mask]
+        .into_iter()
+        .flatten()
+        .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+        && super::float_kernel_dtype(grad.dtype())
+        && grad.is_contiguous()
         && bf16_copy.is_none_or(|c| {
             c.dtype() == DType::BF16 && c.is_contiguous() && c.elem_count() == param.elem_count()
         });
@@ -139,9 +137,9 @@ pub fn adamw_update_in_place(
     }
 }
 
-/// Σ g² of an `[n]` f32 tensor in one kernel (f64 accumulation); `None` off CUDA.
+/// Σ g² of an `[n]` f32 or bf16 tensor in one kernel (f64 accumulation); `None` off CUDA.
 pub fn sum_squares_fused(grad: &Tensor) -> Result<Option<f64>> {
-    if !super::on_cuda(grad) || grad.dtype() != DType::F32 {
+    if !super::on_cuda(grad) || !super::float_kernel_dtype(grad.dtype()) {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
@@ -154,20 +152,144 @@ pub fn sum_squares_fused(grad: &Tensor) -> Result<Option<f64>> {
     }
 }
 
+/// One value of a split fp32 master (`cuda/adamw.cu`): `(hi, lo)` bits, hi = p rounded to bf16
+/// (to nearest, ties away from zero), lo = the low 16 bits of p's bits. [`join_master_bits`]
+/// gives p back exactly.
+pub fn split_master_bits(p: f32) -> (u16, u16) {
+    let b = p.to_bits();
+    ((b.wrapping_add(0x8000) >> 16) as u16, (b & 0xffff) as u16)
+}
+
+/// The f32 value of a split master's `(hi, lo)` bits: hi's top bits, less the rounding's carry.
+pub fn join_master_bits(hi: u16, lo: u16) -> f32 {
+    let top = u32::from(hi).wrapping_sub(u32::from(lo >= 0x8000));
+    f32::from_bits((top << 16) | u32::from(lo))
+}
+
+/// `[n]` f32 values as a split master: `(hi [n] bf16, lo [n] i16)` (lo's bits are the values'
+/// low halves). One kernel on CUDA.
+pub fn split_master(values: &Tensor) -> Result<(Tensor, Tensor)> {
+    if values.dtype() != DType::F32 || values.rank() != 1 {
+        anyhow::bail!(
+            "split master: values must be [n] f32, got {:?} {:?}",
+            values.dims(),
+            values.dtype()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if super::on_cuda(values) {
+        return imp::split_master(&values.contiguous()?);
+    }
+    let (hi, lo): (Vec<half::bf16>, Vec<i16>) = values
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|p| {
+            let (h, l) = split_master_bits(p);
+            (half::bf16::from_bits(h), l as i16)
+        })
+        .unzip();
+    let n = hi.len();
+    Ok((
+        Tensor::from_vec(hi, n, values.device())?,
+        Tensor::from_vec(lo, n, values.device())?,
+    ))
+}
+
+/// The `[n]` f32 values of a split master (`hi` bf16, `lo` i16).
+pub fn join_master(hi: &Tensor, lo: &Tensor) -> Result<Tensor> {
+    if hi.dtype() != DType::BF16
+        || lo.dtype() != DType::I16
+        || hi.dims() != lo.dims()
+        || hi.rank() != 1
+    {
+        anyhow::bail!(
+            "split master: hi must be [n] bf16 and lo [n] i16, got {:?} {:?} and {:?} {:?}",
+            hi.dims(),
+            hi.dtype(),
+            lo.dims(),
+            lo.dtype()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if super::on_cuda(hi) {
+        return imp::join_master(&hi.contiguous()?, &lo.contiguous()?);
+    }
+    let values: Vec<f32> = hi
+        .to_vec1::<half::bf16>()?
+        .into_iter()
+        .zip(lo.to_vec1::<i16>()?)
+        .map(|(h, l)| join_master_bits(h.to_bits(), l as u16))
+        .collect();
+    let n = values.len();
+    Ok(Tensor::from_vec(values, n, hi.device())?)
+}
+
+/// [`adamw_update_in_place`] over a split master (`hi` [n] bf16, the model's weights; `lo` [n]
+/// i16): the same update of the joined f32 value, split back, in one kernel. Returns false (and
+/// changes nothing) off CUDA or for other dtypes.
+pub fn adamw_split_in_place(
+    hi: &Tensor,
+    lo: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    decay_mask: Option<&Tensor>,
+    h: &AdamWStep,
+) -> Result<bool> {
+    let n = hi.elem_count();
+    let ok = [Some(exp_avg), Some(exp_avg_sq), decay_mask]
+        .into_iter()
+        .flatten()
+        .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && t.elem_count() == n)
+        && hi.dtype() == DType::BF16
+        && lo.dtype() == DType::I16
+        && [hi, lo, grad]
+            .iter()
+            .all(|t| t.is_contiguous() && t.elem_count() == n)
+        && super::float_kernel_dtype(grad.dtype());
+    if !super::on_cuda(hi) || !ok || !super::enabled() {
+        return Ok(false);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        imp::adamw_split(
+            hi,
+            lo,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            decay_mask,
+            &AdamWArgs::new(h),
+        )?;
+        Ok(true)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (grad, h);
+        Ok(false)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::AdamWArgs;
     use crate::kernels::cuda::{
-        aligned16, alloc_zeros, device_of, elementwise_launch, func, grid_1d, stream, wrap,
+        aligned16, alloc, alloc_zeros, device_of, elementwise_launch, func, grid_1d, stream, wrap,
         CudaInput,
     };
     use anyhow::{bail, Result};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-    use candle_core::Tensor;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
+    use candle_core::{DType, Tensor};
     use half::bf16;
 
     // SAFETY: #[repr(C)] plain-old-data, field for field the kernel's `struct AdamWArgs`.
     unsafe impl DeviceRepr for AdamWArgs {}
+
+    /// A gradient's device view in its dtype (the kernels come in an f32 and a bf16 version).
+    enum GradView<'a> {
+        F32(CudaView<'a, f32>),
+        Bf16(CudaView<'a, bf16>),
+    }
 
     /// Out of place: the update runs in place on fresh copies of the param and moments.
     pub fn adamw(
@@ -215,28 +337,42 @@ mod imp {
             CudaInput::new(exp_avg_sq)?,
         );
         let mask_in = decay_mask.map(CudaInput::new).transpose()?;
-        let (pv, gv, mv, vv) = (
+        let (pv, mv, vv) = (
             p_in.view::<f32>()?,
-            g_in.view::<f32>()?,
             m_in.view::<f32>()?,
             v_in.view::<f32>()?,
         );
+        // The gradient's view in its own dtype, and the kernel family that reads it.
+        let (gv, kernel) = match grad.dtype() {
+            DType::F32 => (GradView::F32(g_in.view::<f32>()?), "adamw_f32"),
+            DType::BF16 => (GradView::Bf16(g_in.view::<bf16>()?), "adamw_f32_gbf16"),
+            other => bail!("AdamW kernel: no {other:?} gradient version"),
+        };
         let mask_v = mask_in.as_ref().map(|i| i.view::<f32>()).transpose()?;
         let copy_in = bf16_copy.map(CudaInput::new).transpose()?;
         let copy_v = copy_in.as_ref().map(|i| i.view::<bf16>()).transpose()?;
         let null: u64 = 0;
         let n_u = n as u64;
         let stream = stream(&dev);
+        let g_aligned = match &gv {
+            GradView::F32(g) => aligned16(g, &stream),
+            GradView::Bf16(g) => aligned16(g, &stream),
+        };
         let vectorized = aligned16(&pv, &stream)
-            && aligned16(&gv, &stream)
+            && g_aligned
             && aligned16(&mv, &stream)
             && aligned16(&vv, &stream)
             && mask_v.as_ref().is_none_or(|v| aligned16(v, &stream))
             && copy_v.as_ref().is_none_or(|v| aligned16(v, &stream));
-        let (name, cfg) = elementwise_launch("adamw_f32", vectorized, n);
+        let (name, cfg) = elementwise_launch(kernel, vectorized, n);
         let f = func(&dev, "adamw", &name)?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&pv).arg(&gv).arg(&mv).arg(&vv);
+        b.arg(&pv);
+        match &gv {
+            GradView::F32(g) => b.arg(g),
+            GradView::Bf16(g) => b.arg(g),
+        };
+        b.arg(&mv).arg(&vv);
         match &mask_v {
             Some(mv) => b.arg(mv),
             None => b.arg(&null),
@@ -246,9 +382,109 @@ mod imp {
             Some(cv) => b.arg(cv),
             None => b.arg(&null),
         };
-        // SAFETY: arguments match `adamw_f32{,_scalar}`; every buffer holds n elements (checked
+        // SAFETY: arguments match `adamw_f32{,_gbf16}{,_scalar}` (the gradient in the kernel's
+        // type); every buffer holds n elements (checked
         // above), 16-byte aligned for the 8-wide variant; each
         // element is read and then written by the same thread only.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    pub fn split_master(values: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dev = device_of(values)?;
+        let n = values.elem_count();
+        let p_in = CudaInput::new(values)?;
+        let pv = p_in.view::<f32>()?;
+        let (hi, lo) = (alloc::<bf16>(&dev, n)?, alloc::<i16>(&dev, n)?);
+        let stream = stream(&dev);
+        let f = func(&dev, "adamw", "master_split_f32")?;
+        let n_u = n as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&pv).arg(&hi).arg(&lo).arg(&n_u);
+        // SAFETY: arguments match `master_split_f32`; p, hi and lo hold n elements.
+        unsafe { b.launch(grid_1d(n, 256)) }?;
+        drop(b);
+        Ok((wrap(hi, &dev, n), wrap(lo, &dev, n)))
+    }
+
+    pub fn join_master(hi: &Tensor, lo: &Tensor) -> Result<Tensor> {
+        let dev = device_of(hi)?;
+        let n = hi.elem_count();
+        let (h_in, l_in) = (CudaInput::new(hi)?, CudaInput::new(lo)?);
+        let (hv, lv) = (h_in.view::<bf16>()?, l_in.view::<i16>()?);
+        let p = alloc::<f32>(&dev, n)?;
+        let stream = stream(&dev);
+        let f = func(&dev, "adamw", "master_join_f32")?;
+        let n_u = n as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&hv).arg(&lv).arg(&p).arg(&n_u);
+        // SAFETY: arguments match `master_join_f32`; hi, lo and p hold n elements.
+        unsafe { b.launch(grid_1d(n, 256)) }?;
+        drop(b);
+        Ok(wrap(p, &dev, n))
+    }
+
+    pub fn adamw_split(
+        hi: &Tensor,
+        lo: &Tensor,
+        grad: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        decay_mask: Option<&Tensor>,
+        args: &AdamWArgs,
+    ) -> Result<()> {
+        let dev = device_of(hi)?;
+        let n = hi.elem_count();
+        let (h_in, l_in, g_in, m_in, v_in) = (
+            CudaInput::new(hi)?,
+            CudaInput::new(lo)?,
+            CudaInput::new(grad)?,
+            CudaInput::new(exp_avg)?,
+            CudaInput::new(exp_avg_sq)?,
+        );
+        let mask_in = decay_mask.map(CudaInput::new).transpose()?;
+        let (hv, lv, mv, vv) = (
+            h_in.view::<bf16>()?,
+            l_in.view::<i16>()?,
+            m_in.view::<f32>()?,
+            v_in.view::<f32>()?,
+        );
+        let (gv, kernel) = match grad.dtype() {
+            DType::F32 => (GradView::F32(g_in.view::<f32>()?), "adamw_split_f32"),
+            DType::BF16 => (GradView::Bf16(g_in.view::<bf16>()?), "adamw_split_gbf16"),
+            other => bail!("AdamW kernel: no {other:?} gradient version"),
+        };
+        let mask_v = mask_in.as_ref().map(|i| i.view::<f32>()).transpose()?;
+        let null: u64 = 0;
+        let n_u = n as u64;
+        let stream = stream(&dev);
+        let g_aligned = match &gv {
+            GradView::F32(g) => aligned16(g, &stream),
+            GradView::Bf16(g) => aligned16(g, &stream),
+        };
+        let vectorized = aligned16(&hv, &stream)
+            && aligned16(&lv, &stream)
+            && g_aligned
+            && aligned16(&mv, &stream)
+            && aligned16(&vv, &stream)
+            && mask_v.as_ref().is_none_or(|v| aligned16(v, &stream));
+        let (name, cfg) = elementwise_launch(kernel, vectorized, n);
+        let f = func(&dev, "adamw", &name)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&hv).arg(&lv);
+        match &gv {
+            GradView::F32(g) => b.arg(g),
+            GradView::Bf16(g) => b.arg(g),
+        };
+        b.arg(&mv).arg(&vv);
+        match &mask_v {
+            Some(mv) => b.arg(mv),
+            None => b.arg(&null),
+        };
+        b.arg(&n_u).arg(args);
+        // SAFETY: arguments match `adamw_split_{f32,gbf16}{,_scalar}`; every buffer holds n
+        // elements (checked by the caller), 16-byte aligned for the 8-wide variant; each element
+        // is read and then written by the same thread only.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -257,18 +493,26 @@ mod imp {
         let dev = device_of(grad)?;
         let g = grad.contiguous()?;
         let g_in = CudaInput::new(&g)?;
-        let gv = g_in.view::<f32>()?;
+        let (gv, kernel) = match g.dtype() {
+            DType::F32 => (GradView::F32(g_in.view::<f32>()?), "sum_squares_f32"),
+            DType::BF16 => (GradView::Bf16(g_in.view::<bf16>()?), "sum_squares_bf16"),
+            other => bail!("sum of squares kernel: no {other:?} version"),
+        };
         let n = g.elem_count();
         let n_u = n as u64;
-        let f = func(&dev, "adamw", "sum_squares_f32")?;
+        let f = func(&dev, "adamw", kernel)?;
         let mut out = alloc_zeros::<f64>(&dev, 1)?;
         let stream = stream(&dev);
         let mut b = stream.launch_builder(&f);
-        b.arg(&gv).arg(&n_u).arg(&mut out);
+        match &gv {
+            GradView::F32(g) => b.arg(g),
+            GradView::Bf16(g) => b.arg(g),
+        };
+        b.arg(&n_u).arg(&mut out);
         // Enough blocks to fill the GPU; each thread loops over its strided share.
         let mut cfg = grid_1d(n, 256);
         cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
-        // SAFETY: arguments match `sum_squares_f32`; it reads g[< n] and adds into out[0].
+        // SAFETY: arguments match `sum_squares_{f32,bf16}`; it reads g[< n] and adds into out[0].
         unsafe { b.launch(cfg) }?;
         drop(b);
         Ok(wrap(out, &dev, 1).to_vec1::<f64>()?[0])
@@ -330,16 +574,24 @@ pub fn self_checks() -> Vec<KernelCheck> {
         }));
     }
     // In place with the bf16 copy, as the optimizer step runs it: 8-wide with a tail (n % 8 = 3),
-    // and the one-element kernel on views at a 4-byte offset.
-    for unaligned in [false, true] {
-        let name = if unaligned {
-            "adamw in place + bf16 copy, unaligned"
-        } else {
-            "adamw in place + bf16 copy"
+    // and the one-element kernel on views at a 4-byte offset; with an f32 gradient and with a
+    // bf16 one (full fine-tuning's one-write gradient), whose reference is the f32 update of the
+    // same values widened.
+    for (unaligned, bf16_grad) in [(false, false), (true, false), (false, true), (true, true)] {
+        let name = match (unaligned, bf16_grad) {
+            (false, false) => "adamw in place + bf16 copy",
+            (true, false) => "adamw in place + bf16 copy, unaligned",
+            (false, true) => "adamw in place + bf16 copy, bf16 gradient",
+            (true, true) => "adamw in place + bf16 copy, bf16 gradient, unaligned",
         };
         checks.push(KernelCheck::new(name, move |device: &Device| {
             let n = sized(device, 40_000_003, 10_003);
             let [param, grad, m, v, mask] = adamw_inputs(device, n, 11)?;
+            let grad = if bf16_grad {
+                grad.to_dtype(DType::BF16)?
+            } else {
+                grad
+            };
             let h = AdamWStep {
                 lr: 1e-4,
                 beta1: 0.9,
@@ -362,7 +614,11 @@ pub fn self_checks() -> Vec<KernelCheck> {
             let (pc, gc, mc, vc, kc) = (cpu(&param)?, cpu(&grad)?, cpu(&m)?, cpu(&v)?, cpu(&mask)?);
             run_check(
                 device,
-                format!("[{n}] f32 -> bf16 copy, step {}", h.step),
+                format!(
+                    "[{n}] {:?} gradient -> bf16 copy, step {}",
+                    grad.dtype(),
+                    h.step
+                ),
                 Tolerance::EXACT,
                 &|| {
                     let (p, mm, vv, g) = (fresh(&param)?, fresh(&m)?, fresh(&v)?, fresh(&grad)?);
@@ -375,6 +631,7 @@ pub fn self_checks() -> Vec<KernelCheck> {
                     Ok(vec![p, mm, vv, copy])
                 },
                 &|| {
+                    let gc = gc.to_dtype(DType::F32)?;
                     let (p, m, v) = adamw_update(&pc, &gc, &mc, &vc, Some(&kc), &h)?;
                     let copy = p.to_dtype(DType::BF16)?;
                     Ok(vec![p, m, v, copy])
@@ -382,25 +639,148 @@ pub fn self_checks() -> Vec<KernelCheck> {
             )
         }));
     }
-    checks.push(KernelCheck::new("grad sum_squares", |device: &Device| {
-        let n = sized(device, 40_000_000, 10_000);
-        let grad = random_tensor(&[n], 1e-2, 6, DType::F32, device)?;
-        let grad64 = grad.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-        run_check(
-            device,
-            format!("[{n}] f32"),
-            Tolerance {
-                atol: 0.0,
-                rtol: 1e-5,
-            },
-            &|| Ok(vec![Tensor::new(&[sum_squares(&grad)?], &Device::Cpu)?]),
-            &|| {
-                Ok(vec![Tensor::new(
-                    &[grad64.sqr()?.sum_all()?.to_scalar::<f64>()?],
-                    &Device::Cpu,
-                )?])
-            },
-        )
-    }));
+    checks.push(KernelCheck::new(
+        "adamw split master round trip",
+        |device: &Device| {
+            let n = sized(device, 40_000_003, 10_003);
+            let values = random_tensor(&[n], 0.1, 31, DType::F32, device)?;
+            let cpu = values.to_device(&Device::Cpu)?;
+            run_check(
+                device,
+                format!("[{n}] f32 -> bf16 + i16 -> f32"),
+                Tolerance::EXACT,
+                &|| {
+                    let (hi, lo) = split_master(&values)?;
+                    let back = join_master(&hi, &lo)?;
+                    Ok(vec![
+                        hi.to_dtype(DType::F32)?,
+                        lo.to_dtype(DType::F32)?,
+                        back,
+                    ])
+                },
+                &|| {
+                    let (hi, lo) = split_master(&cpu)?;
+                    Ok(vec![
+                        hi.to_dtype(DType::F32)?,
+                        lo.to_dtype(DType::F32)?,
+                        cpu.clone(),
+                    ])
+                },
+            )
+        },
+    ));
+    // AdamW over a split master against the CPU's join, f32 update and split: 8-wide with a tail
+    // and the one-element kernel at a 2-byte offset; f32 and bf16 gradients.
+    for (unaligned, bf16_grad) in [(false, false), (true, false), (false, true)] {
+        let name = match (unaligned, bf16_grad) {
+            (false, false) => "adamw split master",
+            (true, false) => "adamw split master, unaligned",
+            _ => "adamw split master, bf16 gradient",
+        };
+        checks.push(KernelCheck::new(name, move |device: &Device| {
+            let n = sized(device, 40_000_003, 10_003);
+            let [param, grad, m, v, mask] = adamw_inputs(device, n, 41)?;
+            let grad = if bf16_grad {
+                grad.to_dtype(DType::BF16)?
+            } else {
+                grad
+            };
+            let h = AdamWStep {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step: 3,
+                grad_scale: 0.5,
+            };
+            let fresh = |t: &Tensor| -> candle_core::Result<Tensor> {
+                if unaligned {
+                    Tensor::cat(&[&t.narrow(0, 0, 1)?, t], 0)?.narrow(0, 1, n)
+                } else {
+                    t.copy()
+                }
+            };
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+            let (pc, gc, mc, vc, kc) = (cpu(&param)?, cpu(&grad)?, cpu(&m)?, cpu(&v)?, cpu(&mask)?);
+            run_check(
+                device,
+                format!("[{n}] {:?} gradient, step {}", grad.dtype(), h.step),
+                Tolerance::EXACT,
+                &|| {
+                    let (hi, lo) = split_master(&param)?;
+                    let (hi, lo, mm, vv, g) = (
+                        fresh(&hi)?,
+                        fresh(&lo)?,
+                        fresh(&m)?,
+                        fresh(&v)?,
+                        fresh(&grad)?,
+                    );
+                    if adamw_split_in_place(&hi, &lo, &g, &mm, &vv, Some(&mask), &h)? {
+                        return split_outputs(&hi, &lo, mm, vv);
+                    }
+                    // Off CUDA: the reference itself (the harness agrees with itself).
+                    split_reference(&param, &grad, &m, &v, &mask, &h)
+                },
+                &|| split_reference(&pc, &gc, &mc, &vc, &kc, &h),
+            )
+        }));
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        let name = if dtype == DType::F32 {
+            "grad sum_squares"
+        } else {
+            "grad sum_squares bf16"
+        };
+        checks.push(KernelCheck::new(name, move |device: &Device| {
+            sum_squares_check(device, dtype)
+        }));
+    }
     checks
+}
+
+/// What a split-master check compares: hi and lo (as f32 values) and the moments.
+fn split_outputs(hi: &Tensor, lo: &Tensor, m: Tensor, v: Tensor) -> Result<Vec<Tensor>> {
+    Ok(vec![
+        hi.to_dtype(DType::F32)?,
+        lo.to_dtype(DType::F32)?,
+        m,
+        v,
+    ])
+}
+
+/// The split-master update as the CPU runs it: the f32 update of the values, then their split.
+fn split_reference(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    h: &AdamWStep,
+) -> Result<Vec<Tensor>> {
+    let (p, m, v) = adamw_update(param, &grad.to_dtype(DType::F32)?, m, v, Some(mask), h)?;
+    let (hi, lo) = split_master(&p)?;
+    split_outputs(&hi, &lo, m, v)
+}
+
+/// Σ g² of a random `[n]` gradient in `dtype` against an f64 sum on the CPU.
+fn sum_squares_check(device: &Device, dtype: DType) -> Result<super::CheckOutcome> {
+    let n = sized(device, 40_000_000, 10_000);
+    let grad = random_tensor(&[n], 1e-2, 6, dtype, device)?;
+    let grad64 = grad.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    run_check(
+        device,
+        format!("[{n}] {dtype:?}"),
+        Tolerance {
+            atol: 0.0,
+            rtol: 1e-5,
+        },
+        &|| Ok(vec![Tensor::new(&[sum_squares(&grad)?], &Device::Cpu)?]),
+        &|| {
+            Ok(vec![Tensor::new(
+                &[grad64.sqr()?.sum_all()?.to_scalar::<f64>()?],
+                &Device::Cpu,
+            )?])
+        },
+    )
 }

@@ -1,6 +1,7 @@
-//! Gradient accumulation into the flat f32 gradient buffer (`cuda/grad.cu`):
-//! `acc[offset .. offset + n] += g` for a bf16 or f32 `g`, in place, in one pass (the candle-ops
-//! path needs a slice copy, a cast, an add and a copy back); and the in-place same-shape add
+//! Gradient accumulation into the flat gradient buffer (`cuda/grad.cu`):
+//! `acc[offset .. offset + n] += g` for a bf16 or f32 `g` into an f32 (or a one-write bf16)
+//! buffer, in place, in one pass (the candle-ops path needs a slice copy, a cast, an add and a
+//! copy back); and the in-place same-shape add
 //! `acc += b` of two contiguous tensors ([`add_assign`]: the residual adds), bit-identical to
 //! candle's CPU add (f32 add, one round to the dtype).
 
@@ -9,7 +10,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// Adds `g` (any shape, `n` elements) into elements `offset .. offset + n` of the contiguous `[N]`
-/// buffer `acc`, in place. One kernel on CUDA for an f32 buffer; the candle-ops path otherwise.
+/// buffer `acc`, in place: the sum in f32 (f64 for an f64 buffer), rounded once to `acc`'s dtype.
+/// One kernel on CUDA for an f32 or bf16 buffer; the candle-ops path otherwise.
 pub fn accumulate_into(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
     let n = g.elem_count();
     if !acc.is_contiguous() || offset + n > acc.elem_count() {
@@ -19,12 +21,19 @@ pub fn accumulate_into(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
         );
     }
     #[cfg(feature = "cuda")]
-    if super::on_cuda(acc) && acc.dtype() == DType::F32 && super::float_kernel_dtype(g.dtype()) {
+    if super::on_cuda(acc)
+        && super::float_kernel_dtype(acc.dtype())
+        && super::float_kernel_dtype(g.dtype())
+    {
         return imp::accumulate(acc, offset, g);
     }
     let acc = acc.flatten_all()?;
-    let sum = (acc.narrow(0, offset, n)? + g.flatten_all()?.to_dtype(acc.dtype())?)?;
-    acc.slice_set(&sum, 0, offset)?;
+    let wide = match acc.dtype() {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    };
+    let sum = (acc.narrow(0, offset, n)?.to_dtype(wide)? + g.flatten_all()?.to_dtype(wide)?)?;
+    acc.slice_set(&sum.to_dtype(acc.dtype())?, 0, offset)?;
     Ok(())
 }
 
@@ -70,14 +79,21 @@ mod imp {
     use half::bf16;
 
     pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
-        match g.dtype() {
-            DType::F32 => accumulate_typed::<f32>(acc, offset, g, "f32"),
-            DType::BF16 => accumulate_typed::<bf16>(acc, offset, g, "bf16"),
-            other => bail!("gradient accumulation kernel: no {other:?} version"),
+        match (g.dtype(), acc.dtype()) {
+            (DType::F32, DType::F32) => accumulate_typed::<f32, f32>(acc, offset, g, "f32"),
+            (DType::BF16, DType::F32) => accumulate_typed::<bf16, f32>(acc, offset, g, "bf16"),
+            (DType::F32, DType::BF16) => {
+                accumulate_typed::<f32, bf16>(acc, offset, g, "f32_to_bf16")
+            }
+            (DType::BF16, DType::BF16) => {
+                accumulate_typed::<bf16, bf16>(acc, offset, g, "bf16_to_bf16")
+            }
+            (g, a) => bail!("gradient accumulation kernel: no {g:?} into {a:?} version"),
         }
     }
 
-    fn accumulate_typed<T: CudaDType + DeviceRepr>(
+    /// `g` of T into a buffer of A.
+    fn accumulate_typed<T: CudaDType + DeviceRepr, A: CudaDType + DeviceRepr>(
         acc: &Tensor,
         offset: usize,
         g: &Tensor,
@@ -87,7 +103,7 @@ mod imp {
         let g = g.contiguous()?;
         let n = g.elem_count();
         let (acc_in, g_in) = (CudaInput::new(acc)?, CudaInput::new(&g)?);
-        let acc_v = acc_in.view::<f32>()?.slice(offset..offset + n);
+        let acc_v = acc_in.view::<A>()?.slice(offset..offset + n);
         let gv = g_in.view::<T>()?;
         let n_u = n as u64;
         let stream = stream(&dev);
@@ -137,16 +153,40 @@ mod imp {
     }
 }
 
-/// Exact against the CPU: a bf16 and an f32 gradient added at an offset of an f32 buffer; the
-/// plain names take an offset of 99 floats (the scalar kernel: not 16-byte aligned), the
-/// "aligned" ones an offset of 96 and a length with a tail of 5 (the 8-wide kernel).
+/// Exact against the CPU: a bf16 and an f32 gradient added at an offset of an f32 buffer, and of
+/// a bf16 one (one-write gradients); the plain names take an offset of 99 elements (the scalar
+/// kernel: not 16-byte aligned), the "aligned" ones an offset of 96 and a length with a tail of 5
+/// (the 8-wide kernel).
 pub fn self_checks() -> Vec<KernelCheck> {
     let mut checks = vec![];
-    for (name, g_dtype, aligned) in [
-        ("grad accumulate bf16", DType::BF16, false),
-        ("grad accumulate f32", DType::F32, false),
-        ("grad accumulate bf16 aligned", DType::BF16, true),
-        ("grad accumulate f32 aligned", DType::F32, true),
+    for (name, g_dtype, acc_dtype, aligned) in [
+        ("grad accumulate bf16", DType::BF16, DType::F32, false),
+        ("grad accumulate f32", DType::F32, DType::F32, false),
+        (
+            "grad accumulate bf16 aligned",
+            DType::BF16,
+            DType::F32,
+            true,
+        ),
+        ("grad accumulate f32 aligned", DType::F32, DType::F32, true),
+        (
+            "grad accumulate f32 into bf16",
+            DType::F32,
+            DType::BF16,
+            false,
+        ),
+        (
+            "grad accumulate f32 into bf16 aligned",
+            DType::F32,
+            DType::BF16,
+            true,
+        ),
+        (
+            "grad accumulate bf16 into bf16 aligned",
+            DType::BF16,
+            DType::BF16,
+            true,
+        ),
     ] {
         checks.push(KernelCheck::new(name, move |device: &Device| {
             let (n, total) = sized(device, (4096 * 64, 4096 * 64 + 99), (37, 50));
@@ -155,7 +195,7 @@ pub fn self_checks() -> Vec<KernelCheck> {
             } else {
                 (n, 99.min(total - n))
             };
-            let acc = random_tensor(&[total], 1.0, 21, DType::F32, device)?;
+            let acc = random_tensor(&[total], 1.0, 21, acc_dtype, device)?;
             let g = random_tensor(&[n], 1.0, 22, g_dtype, device)?;
             let run = |acc: &Tensor, g: &Tensor| -> Result<Vec<Tensor>> {
                 let acc = acc.copy()?;
@@ -165,7 +205,7 @@ pub fn self_checks() -> Vec<KernelCheck> {
             let (acc_cpu, g_cpu) = (acc.to_device(&Device::Cpu)?, g.to_device(&Device::Cpu)?);
             run_check(
                 device,
-                format!("[{n}] {g_dtype:?} into f32 [{total}] at {offset}"),
+                format!("[{n}] {g_dtype:?} into {acc_dtype:?} [{total}] at {offset}"),
                 Tolerance::EXACT,
                 &|| run(&acc, &g),
                 &|| run(&acc_cpu, &g_cpu),

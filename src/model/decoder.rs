@@ -343,6 +343,9 @@ pub struct Decoder {
     /// Equals `embed` with tied embeddings.
     head: usize,
     ce_chunk_rows: usize,
+    /// The gradient buffer's dtype: f32 (`acc_dtype`), or the compute dtype when every value is
+    /// written once per step (see [`Decoder::set_one_write_grads`]).
+    grad_dtype: DType,
     /// Bytes of block activations a checkpointed forward keeps anyway: the last blocks whose
     /// activations fit skip their recompute in the backward (see [`Decoder::set_activation_budget`]).
     activation_budget: usize,
@@ -1009,6 +1012,7 @@ impl Decoder {
             final_norm,
             head,
             ce_chunk_rows: ce_chunk_rows_for(cfg.vocab_size, compute_dtype),
+            grad_dtype: acc_dtype(compute_dtype),
             activation_budget: 0,
             dequant_scratch: std::sync::Mutex::new(None),
             rope: RopeCache::new(cfg.head_dim, cfg.rope_theta, compute_dtype, device),
@@ -1027,6 +1031,27 @@ impl Decoder {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Gradients in the compute dtype (bf16) instead of f32, for steps whose gradient is written
+    /// once: one micro-batch on one rank (the caller's knowledge). Each weight gradient then
+    /// leaves its GEMM's f32 accumulator rounded once, as under PyTorch's bf16 autocast, whose
+    /// weight gradients are bf16 products cast to the f32 `.grad`; the norms' and the
+    /// embedding's f32 sums are rounded once when added, and a trained head's chunks add up in an
+    /// f32 scratch first. That halves the gradient buffer (3.5 GiB at 1.8B) and its traffic
+    /// (the GEMMs' writes, the clipping norm, AdamW's read); master weights and moments stay f32.
+    /// Only full fine-tuning of an untied model takes it (adapters' gradients are small and some
+    /// take several contributions; a tied head also takes the embedding's). Returns whether the
+    /// gradients are now in the compute dtype; `false` sets them back to f32.
+    pub fn set_one_write_grads(&mut self, on: bool) -> bool {
+        let full = self.slot_of.iter().all(Option::is_some);
+        let applies = on && full && self.head != self.embed && self.dtype != DType::F32;
+        self.grad_dtype = if applies {
+            self.dtype
+        } else {
+            acc_dtype(self.dtype)
+        };
+        applies
     }
 
     /// Rows per LM-head/cross-entropy chunk (default [`ce_chunk_rows_for`] the vocabulary).
@@ -1187,8 +1212,9 @@ impl Decoder {
         Ok(())
     }
 
-    fn grad_dtype(&self) -> DType {
-        acc_dtype(self.dtype)
+    /// The gradient buffer's dtype (f32 unless [`Decoder::set_one_write_grads`] applied).
+    pub fn grad_dtype(&self) -> DType {
+        self.grad_dtype
     }
 
     fn accumulate(&self, grads: &mut Grads, param: usize, g: &Tensor) -> Result<()> {
@@ -2060,17 +2086,35 @@ impl Decoder {
         }
         let norm_w = &self.params[self.final_norm];
         let (hf, rstd) = rmsnorm_forward(&x, norm_w, self.cfg.rms_norm_eps)?;
-        let req = CeGradRequest {
-            loss_scale,
-            dw_into: self.grad_out(grads, self.head)?,
-        };
         // A trained head adds every chunk's product into its f32 gradient `[vocab, h]` (757 MB
         // at InternLM2's vocabulary): a read-modify-write of all of it per chunk, which outweighs
         // the chunk's own work at the default size, so its chunks are 4x as large.
-        let chunk_rows = if req.dw_into.is_some() {
-            TRAINED_HEAD_CHUNK_FACTOR * self.ce_chunk_rows
-        } else {
-            self.ce_chunk_rows
+        let head_trained = self.trains(self.head);
+        let chunk_rows = match (head_trained, self.grad_dtype == DType::F32) {
+            (false, _) => self.ce_chunk_rows,
+            (true, true) => TRAINED_HEAD_CHUNK_FACTOR * self.ce_chunk_rows,
+            // One-write gradients: a chunk of up to 2·h rows holds no more logits than the f32
+            // scratch a second chunk would need, so up to that many rows take one chunk and
+            // write the head's gradient straight into its slot.
+            (true, false) => {
+                (TRAINED_HEAD_CHUNK_FACTOR * self.ce_chunk_rows).max(2 * self.cfg.hidden_size)
+            }
+        };
+        // A bf16 gradient buffer takes each value once: several chunks add up in f32 first.
+        let head_scratch =
+            if head_trained && self.grad_dtype != DType::F32 && rows.len() > chunk_rows.max(1) {
+                let (vocab, h) = self.params[self.head].dims2()?;
+                let f32_like = Tensor::zeros(1, DType::F32, &self.device)?;
+                Some(crate::kernels::gemm::gemm_output(&f32_like, vocab, h)?) // [vocab, h] f32
+            } else {
+                None
+            };
+        let req = CeGradRequest {
+            loss_scale,
+            dw_into: match &head_scratch {
+                Some(s) => Some((GemmOut::whole(s), 0.0)),
+                None => self.grad_out(grads, self.head)?,
+            },
         };
         let ce = scope(&self.device, "lm_head_ce", || {
             lm_head_ce_rows(
@@ -2083,6 +2127,9 @@ impl Decoder {
             )
         })?;
         crate::train::metrics::pool_checkpoint(&self.device, "lm head", 0)?;
+        if let Some(dw) = head_scratch {
+            self.accumulate(grads, self.head, &dw)?; // one rounding of the summed chunks
+        }
         let dhf = ce.dhidden.context("lm_head_ce returned no dhidden")?;
         drop(hf);
         let (mut dx, dwn) =

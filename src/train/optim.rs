@@ -183,9 +183,9 @@ impl AdamW {
         copy_to: Option<&Tensor>,
     ) -> Result<()> {
         let n = params.numel();
-        if grad.dims() != [n] || grad.dtype() != DType::F32 {
+        if grad.dims() != [n] || !matches!(grad.dtype(), DType::F32 | DType::BF16) {
             bail!(
-                "AdamW: gradient must be [{n}] f32, got {:?} {:?}",
+                "AdamW: gradient must be [{n}] f32 or bf16, got {:?} {:?}",
                 grad.dims(),
                 grad.dtype()
             );
@@ -196,16 +196,7 @@ impl AdamW {
                 c.dims()
             );
         }
-        self.step += 1;
-        let h = AdamWStep {
-            lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            step: self.step,
-            grad_scale,
-        };
+        let h = self.next_step(grad_scale, lr);
         // On CUDA the fused kernel updates the master and moments in place (same arithmetic as
         // `adamw_update`), so a step allocates no parameter-sized buffers.
         let fused_copy = copy_to.filter(|c| c.dtype() == DType::BF16);
@@ -235,6 +226,55 @@ impl AdamW {
         if let Some(c) = copy_to.filter(|_| !(fused && fused_copy.is_some())) {
             c.slice_set(&params.master.to_dtype(c.dtype())?, 0, 0)?;
         }
+        Ok(())
+    }
+
+    /// Counts the step and returns its hyper-parameters.
+    fn next_step(&mut self, grad_scale: f64, lr: f64) -> AdamWStep {
+        self.step += 1;
+        AdamWStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: self.step,
+            grad_scale,
+        }
+    }
+
+    /// [`AdamW::step_scaled`] over a split master (see [`crate::kernels::adamw::split_master`]):
+    /// `hi` `[N]` bf16 (the model's weights) and `lo` `[N]` i16, updated in place. The joined f32
+    /// values take exactly the update an f32 master would (one kernel on CUDA; join, update and
+    /// split elsewhere), and hi is their rounding to nearest with ties away from zero.
+    pub fn step_split(
+        &mut self,
+        hi: &Tensor,
+        lo: &Tensor,
+        grad: &Tensor,
+        grad_scale: f64,
+        lr: f64,
+    ) -> Result<()> {
+        let n = self.exp_avg.elem_count();
+        if grad.dims() != [n] || !matches!(grad.dtype(), DType::F32 | DType::BF16) {
+            bail!(
+                "AdamW: gradient must be [{n}] f32 or bf16, got {:?} {:?}",
+                grad.dims(),
+                grad.dtype()
+            );
+        }
+        let h = self.next_step(grad_scale, lr);
+        let (m, v, mask) = (&self.exp_avg, &self.exp_avg_sq, self.decay_mask.as_ref());
+        if crate::kernels::adamw::adamw_split_in_place(hi, lo, grad, m, v, mask, &h)? {
+            return Ok(());
+        }
+        let master = crate::kernels::adamw::join_master(hi, lo)?;
+        let (p, m, v) = adamw_update(&master, grad, m, v, mask, &h)?;
+        let (new_hi, new_lo) = crate::kernels::adamw::split_master(&p)?;
+        hi.slice_set(&new_hi, 0, 0)?;
+        lo.slice_set(&new_lo, 0, 0)?;
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
         Ok(())
     }
 
@@ -298,7 +338,8 @@ pub struct AdamWStep {
 }
 
 /// One AdamW update of `[n]` f32 tensors: returns the new (param, exp_avg, exp_avg_sq).
-/// `decay_mask` (`[n]`, 1/0) limits weight decay to some values; None decays all of them.
+/// `decay_mask` (`[n]`, 1/0) limits weight decay to some values; None decays all of them. A bf16
+/// `grad` is widened to f32 first (exactly), so it updates as its f32 values would.
 pub fn adamw_update(
     param: &Tensor,
     grad: &Tensor,
@@ -313,6 +354,7 @@ pub fn adamw_update(
     {
         return Ok(r);
     }
+    let grad = &grad.to_dtype(DType::F32)?; // no copy when it is f32 already
     let scaled;
     let grad = if h.grad_scale == 1.0 {
         grad
@@ -343,13 +385,14 @@ pub fn adamw_update(
     Ok((p, m, v))
 }
 
-/// Sum of squares of an `[n]` f32 gradient (or a rank's range of it), as f64.
+/// Sum of squares of an `[n]` f32 or bf16 gradient (or a rank's range of it), as f64.
 pub fn sum_squares(grad: &Tensor) -> Result<f64> {
     // One reduction kernel with f64 accumulation on CUDA.
     if let Some(s) = crate::kernels::adamw::sum_squares_fused(grad)? {
         return Ok(s);
     }
     Ok(grad
+        .to_dtype(DType::F32)?
         .sqr()?
         .sum_all()?
         .to_dtype(DType::F64)?

@@ -23,7 +23,8 @@ pub trait StepModel {
     /// optimizer's layout (any dtype; the compute dtype is read without a copy).
     fn set_trainable(&mut self, flat: &Tensor) -> Result<()>;
     fn new_grads(&self) -> Self::Grads;
-    /// The accumulated gradient as one f32 `[N]` tensor in trainable order.
+    /// The accumulated gradient as one `[N]` tensor in trainable order: f32, or bf16 when the
+    /// decoder writes each value once (`Decoder::set_one_write_grads`).
     fn flat_grads(grads: Self::Grads) -> Result<Tensor>;
     /// `grads += d(loss_scale · loss_sum)/dθ` for one micro-batch; dropout from `seed`.
     /// `ready` (the step's last micro-batch of a data-parallel run) is told which part of the

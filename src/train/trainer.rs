@@ -300,7 +300,12 @@ impl StepModel for TextModel<'_> {
         self.decoder.new_grads()
     }
     fn flat_grads(grads: Grads) -> Result<Tensor> {
-        Ok(grads.into_flat()?.to_dtype(DType::F32)?)
+        // f64 compute's gradients reach the optimizer as f32; a one-write bf16 buffer as it is.
+        let flat = grads.into_flat()?;
+        Ok(match flat.dtype() {
+            DType::BF16 => flat,
+            _ => flat.to_dtype(DType::F32)?,
+        })
     }
     fn forward_backward(
         &self,
@@ -465,6 +470,10 @@ pub fn run_parallel(
     )?;
     drop(source);
     model.set_activation_budget(gib_to_bytes(cfg.train.activation_budget_gib)?);
+    // One micro-batch on one rank writes each gradient value once (no sum to keep in f32).
+    model.set_one_write_grads(
+        cfg.optim.grad_dtype == "auto" && cfg.train.grad_accum == 1 && par.world() == 1,
+    );
     let model = TextModel {
         decoder: model,
         sp: sp_comm,
@@ -512,7 +521,9 @@ where
         par.world(),
         cfg.parallel.bucket_mb,
     )?
-    .with_replica_dtype(dtype)?;
+    .with_replica_dtype(dtype)?
+    // On a GPU one rank's bf16 run keeps its fp32 master as the model's weights + low halves.
+    .with_split_master(device.is_cuda())?;
     // The model reads the optimizer's values from now on: its own copies of the trainables
     // are freed before the pool's free memory goes back to the driver.
     model.set_trainable(&opt.model_flat(dtype)?)?;
@@ -526,9 +537,10 @@ where
     );
     if main {
         eprintln!(
-            "model: {}, {:.2}M trainable ({method}), {dtype:?} on {device:?}{}",
+            "model: {}, {:.2}M trainable ({method}), {dtype:?} on {device:?}, {:?} gradients{}",
             model.describe(),
             numel as f64 / 1e6,
+            model.decoder().grad_dtype(),
             if par.world() > 1 {
                 format!(
                     ", {} ranks (ZeRO-2{})",
@@ -852,7 +864,7 @@ fn save_checkpoint(
                 .trainable
                 .iter()
                 .cloned()
-                .zip(opt.params().views(DType::F32)?)
+                .zip(opt.master_slots()?)
                 .collect(),
             optimizer: opt.optimizer_state()?,
             config_toml: cfg.to_toml(),

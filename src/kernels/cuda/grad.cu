@@ -1,5 +1,6 @@
-// Gradient accumulation into the flat f32 gradient buffer: acc[i] += g[i], g in bf16 or f32.
-// One rounding (the f32 add), as candle's `(acc + g.to_dtype(f32))` on the CPU.
+// Gradient accumulation into the flat gradient buffer: acc[i] += g[i], g in bf16 or f32, acc in
+// f32 or (one-write gradients) bf16. The add is in f32, then one rounding to acc's type, as
+// `accumulate_into`'s candle path on the CPU.
 // Same-shape add y = a + b of two contiguous tensors of T: f32 add, then one round to T (round to
 // nearest even), as candle's CPU `a + b` (half's bf16 add goes through f32 the same way). y may
 // be a itself (in-place add): each thread reads its elements before it writes them, so a and y
@@ -12,18 +13,22 @@
 // - `accumulate_<T>_scalar`, `add_<T>_scalar`: one element per thread, any alignment.
 #include "common.cuh"
 
-template <typename T>
+template <typename T, typename A> __device__ __forceinline__ A acc1(A acc, T g) {
+  return ftrun::from_f32<A>(__fadd_rn(ftrun::to_f32(acc), ftrun::to_f32(g)));
+}
+
+template <typename T, typename A>
 __device__ __forceinline__ void accumulate_scalar(const T* __restrict__ g, uint64_t n,
-                                                  float* __restrict__ acc) {
+                                                  A* __restrict__ acc) {
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)gridDim.x * blockDim.x) {
-    acc[i] = __fadd_rn(acc[i], ftrun::to_f32(g[i]));
+    acc[i] = acc1(acc[i], g[i]);
   }
 }
 
-template <typename T>
+template <typename T, typename A>
 __device__ __forceinline__ void accumulate_vec(const T* __restrict__ g, uint64_t n,
-                                               float* __restrict__ acc) {
+                                               A* __restrict__ acc) {
   const uint64_t groups = n / 8, tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
   for (uint64_t i = tid; i < groups; i += (uint64_t)gridDim.x * blockDim.x) {
     float gv[8], av[8];
@@ -34,7 +39,7 @@ __device__ __forceinline__ void accumulate_vec(const T* __restrict__ g, uint64_t
     ftrun::store8(acc + 8 * i, av);
   }
   const uint64_t t = groups * 8 + tid;  // tail element of this thread, if any
-  if (t < n) acc[t] = __fadd_rn(acc[t], ftrun::to_f32(g[t]));
+  if (t < n) acc[t] = acc1(acc[t], g[t]);
 }
 
 template <typename T> __device__ __forceinline__ T add1(T a, T b) {
@@ -80,3 +85,17 @@ __device__ __forceinline__ void add_vec(const T* a, const T* __restrict__ b, uin
 
 GRAD_KERNELS(f32, float)
 GRAD_KERNELS(bf16, __nv_bfloat16)
+
+// Into a bf16 buffer: accumulate_<g type>_to_bf16{,_scalar}.
+#define ACC_BF16_KERNELS(SUFFIX, T)                                                                 \
+  extern "C" __global__ void accumulate_##SUFFIX##_to_bf16(const T* g, uint64_t n,                  \
+                                                           __nv_bfloat16* acc) {                    \
+    accumulate_vec(g, n, acc);                                                                      \
+  }                                                                                                 \
+  extern "C" __global__ void accumulate_##SUFFIX##_to_bf16_scalar(const T* g, uint64_t n,           \
+                                                                  __nv_bfloat16* acc) {             \
+    accumulate_scalar(g, n, acc);                                                                   \
+  }
+
+ACC_BF16_KERNELS(f32, float)
+ACC_BF16_KERNELS(bf16, __nv_bfloat16)
