@@ -105,12 +105,10 @@ pub fn adamw_update_in_place(
     h: &AdamWStep,
     bf16_copy: Option<&Tensor>,
 ) -> Result<bool> {
-    let ok = [Some(param), Some(exp_avg), Some(exp_avg_sq), decay_mask]
-        .into_iter()
-        .flatten()
-        .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
-        && super::float_kernel_dtype(grad.dtype())
-        && grad.is_contiguous()
+    let n = param.elem_count();
+    let ok = param.dtype() == DType::F32
+        && param.is_contiguous()
+        && update_inputs_fit(grad, exp_avg, exp_avg_sq, decay_mask, n)
         && bf16_copy.is_none_or(|c| {
             c.dtype() == DType::BF16 && c.is_contiguous() && c.elem_count() == param.elem_count()
         });
@@ -150,6 +148,24 @@ pub fn sum_squares_fused(grad: &Tensor) -> Result<Option<f64>> {
     {
         Ok(None)
     }
+}
+
+/// Whether the update kernels take these as their gradient (f32 or bf16), moments and decay
+/// mask (f32): all contiguous, `n` values each.
+fn update_inputs_fit(
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    decay_mask: Option<&Tensor>,
+    n: usize,
+) -> bool {
+    let fits = |t: &Tensor| t.is_contiguous() && t.elem_count() == n;
+    [Some(exp_avg), Some(exp_avg_sq), decay_mask]
+        .into_iter()
+        .flatten()
+        .all(|t| t.dtype() == DType::F32 && fits(t))
+        && super::float_kernel_dtype(grad.dtype())
+        && fits(grad)
 }
 
 /// One value of a split fp32 master (`cuda/adamw.cu`): `(hi, lo)` bits, hi = p rounded to bf16
@@ -237,16 +253,12 @@ pub fn adamw_split_in_place(
     h: &AdamWStep,
 ) -> Result<bool> {
     let n = hi.elem_count();
-    let ok = [Some(exp_avg), Some(exp_avg_sq), decay_mask]
-        .into_iter()
-        .flatten()
-        .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && t.elem_count() == n)
-        && hi.dtype() == DType::BF16
+    let ok = hi.dtype() == DType::BF16
         && lo.dtype() == DType::I16
-        && [hi, lo, grad]
+        && [hi, lo]
             .iter()
             .all(|t| t.is_contiguous() && t.elem_count() == n)
-        && super::float_kernel_dtype(grad.dtype());
+        && update_inputs_fit(grad, exp_avg, exp_avg_sq, decay_mask, n);
     if !super::on_cuda(hi) || !ok || !super::enabled() {
         return Ok(false);
     }
@@ -278,7 +290,9 @@ mod imp {
         CudaInput,
     };
     use anyhow::{bail, Result};
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaStream, CudaView, DeviceRepr, LaunchArgs, PushKernelArg,
+    };
     use candle_core::{DType, Tensor};
     use half::bf16;
 
@@ -289,6 +303,86 @@ mod imp {
     enum GradView<'a> {
         F32(CudaView<'a, f32>),
         Bf16(CudaView<'a, bf16>),
+    }
+
+    impl GradView<'_> {
+        fn aligned(&self, stream: &CudaStream) -> bool {
+            match self {
+                GradView::F32(g) => aligned16(g, stream),
+                GradView::Bf16(g) => aligned16(g, stream),
+            }
+        }
+    }
+
+    /// What both update kernels read after their parameters, in argument order: the gradient,
+    /// both moments and the decay mask (null when absent).
+    struct UpdateInputs<'t> {
+        g: CudaInput<'t>,
+        m: CudaInput<'t>,
+        v: CudaInput<'t>,
+        mask: Option<CudaInput<'t>>,
+    }
+
+    /// [`UpdateInputs`]' device views.
+    struct UpdateViews<'a> {
+        g: GradView<'a>,
+        m: CudaView<'a, f32>,
+        v: CudaView<'a, f32>,
+        mask: Option<CudaView<'a, f32>>,
+    }
+
+    impl<'t> UpdateInputs<'t> {
+        fn new(
+            grad: &'t Tensor,
+            m: &'t Tensor,
+            v: &'t Tensor,
+            mask: Option<&'t Tensor>,
+        ) -> Result<Self> {
+            Ok(UpdateInputs {
+                g: CudaInput::new(grad)?,
+                m: CudaInput::new(m)?,
+                v: CudaInput::new(v)?,
+                mask: mask.map(CudaInput::new).transpose()?,
+            })
+        }
+
+        /// The views and the kernel name's gradient part ("" for f32, "gbf16" for bf16).
+        fn views(&self, grad_dtype: DType) -> Result<(UpdateViews<'_>, &'static str)> {
+            let (g, suffix) = match grad_dtype {
+                DType::F32 => (GradView::F32(self.g.view::<f32>()?), ""),
+                DType::BF16 => (GradView::Bf16(self.g.view::<bf16>()?), "gbf16"),
+                other => bail!("AdamW kernel: no {other:?} gradient version"),
+            };
+            let views = UpdateViews {
+                g,
+                m: self.m.view::<f32>()?,
+                v: self.v.view::<f32>()?,
+                mask: self.mask.as_ref().map(|i| i.view::<f32>()).transpose()?,
+            };
+            Ok((views, suffix))
+        }
+    }
+
+    impl<'a> UpdateViews<'a> {
+        fn aligned(&self, stream: &CudaStream) -> bool {
+            self.g.aligned(stream)
+                && aligned16(&self.m, stream)
+                && aligned16(&self.v, stream)
+                && self.mask.as_ref().is_none_or(|k| aligned16(k, stream))
+        }
+
+        /// Pushes gradient, moments and mask (or `null`).
+        fn push(&'a self, b: &mut LaunchArgs<'a>, null: &'a u64) {
+            match &self.g {
+                GradView::F32(g) => b.arg(g),
+                GradView::Bf16(g) => b.arg(g),
+            };
+            b.arg(&self.m).arg(&self.v);
+            match &self.mask {
+                Some(k) => b.arg(k),
+                None => b.arg(null),
+            };
+        }
     }
 
     /// Out of place: the update runs in place on fresh copies of the param and moments.
@@ -330,53 +424,28 @@ mod imp {
             }
         }
         let dev = device_of(param)?;
-        let (p_in, g_in, m_in, v_in) = (
-            CudaInput::new(param)?,
-            CudaInput::new(grad)?,
-            CudaInput::new(exp_avg)?,
-            CudaInput::new(exp_avg_sq)?,
-        );
-        let mask_in = decay_mask.map(CudaInput::new).transpose()?;
-        let (pv, mv, vv) = (
-            p_in.view::<f32>()?,
-            m_in.view::<f32>()?,
-            v_in.view::<f32>()?,
-        );
-        // The gradient's view in its own dtype, and the kernel family that reads it.
-        let (gv, kernel) = match grad.dtype() {
-            DType::F32 => (GradView::F32(g_in.view::<f32>()?), "adamw_f32"),
-            DType::BF16 => (GradView::Bf16(g_in.view::<bf16>()?), "adamw_f32_gbf16"),
-            other => bail!("AdamW kernel: no {other:?} gradient version"),
+        let p_in = CudaInput::new(param)?;
+        let pv = p_in.view::<f32>()?;
+        let inputs = UpdateInputs::new(grad, exp_avg, exp_avg_sq, decay_mask)?;
+        let (views, g_suffix) = inputs.views(grad.dtype())?;
+        let kernel = if g_suffix.is_empty() {
+            "adamw_f32".to_string()
+        } else {
+            format!("adamw_f32_{g_suffix}")
         };
-        let mask_v = mask_in.as_ref().map(|i| i.view::<f32>()).transpose()?;
         let copy_in = bf16_copy.map(CudaInput::new).transpose()?;
         let copy_v = copy_in.as_ref().map(|i| i.view::<bf16>()).transpose()?;
         let null: u64 = 0;
         let n_u = n as u64;
         let stream = stream(&dev);
-        let g_aligned = match &gv {
-            GradView::F32(g) => aligned16(g, &stream),
-            GradView::Bf16(g) => aligned16(g, &stream),
-        };
         let vectorized = aligned16(&pv, &stream)
-            && g_aligned
-            && aligned16(&mv, &stream)
-            && aligned16(&vv, &stream)
-            && mask_v.as_ref().is_none_or(|v| aligned16(v, &stream))
+            && views.aligned(&stream)
             && copy_v.as_ref().is_none_or(|v| aligned16(v, &stream));
-        let (name, cfg) = elementwise_launch(kernel, vectorized, n);
+        let (name, cfg) = elementwise_launch(&kernel, vectorized, n);
         let f = func(&dev, "adamw", &name)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&pv);
-        match &gv {
-            GradView::F32(g) => b.arg(g),
-            GradView::Bf16(g) => b.arg(g),
-        };
-        b.arg(&mv).arg(&vv);
-        match &mask_v {
-            Some(mv) => b.arg(mv),
-            None => b.arg(&null),
-        };
+        views.push(&mut b, &null);
         b.arg(&n_u).arg(args);
         match &copy_v {
             Some(cv) => b.arg(cv),
@@ -435,52 +504,24 @@ mod imp {
     ) -> Result<()> {
         let dev = device_of(hi)?;
         let n = hi.elem_count();
-        let (h_in, l_in, g_in, m_in, v_in) = (
-            CudaInput::new(hi)?,
-            CudaInput::new(lo)?,
-            CudaInput::new(grad)?,
-            CudaInput::new(exp_avg)?,
-            CudaInput::new(exp_avg_sq)?,
+        let (h_in, l_in) = (CudaInput::new(hi)?, CudaInput::new(lo)?);
+        let (hv, lv) = (h_in.view::<bf16>()?, l_in.view::<i16>()?);
+        let inputs = UpdateInputs::new(grad, exp_avg, exp_avg_sq, decay_mask)?;
+        let (views, g_suffix) = inputs.views(grad.dtype())?;
+        let kernel = format!(
+            "adamw_split_{}",
+            if g_suffix.is_empty() { "f32" } else { g_suffix }
         );
-        let mask_in = decay_mask.map(CudaInput::new).transpose()?;
-        let (hv, lv, mv, vv) = (
-            h_in.view::<bf16>()?,
-            l_in.view::<i16>()?,
-            m_in.view::<f32>()?,
-            v_in.view::<f32>()?,
-        );
-        let (gv, kernel) = match grad.dtype() {
-            DType::F32 => (GradView::F32(g_in.view::<f32>()?), "adamw_split_f32"),
-            DType::BF16 => (GradView::Bf16(g_in.view::<bf16>()?), "adamw_split_gbf16"),
-            other => bail!("AdamW kernel: no {other:?} gradient version"),
-        };
-        let mask_v = mask_in.as_ref().map(|i| i.view::<f32>()).transpose()?;
         let null: u64 = 0;
         let n_u = n as u64;
         let stream = stream(&dev);
-        let g_aligned = match &gv {
-            GradView::F32(g) => aligned16(g, &stream),
-            GradView::Bf16(g) => aligned16(g, &stream),
-        };
-        let vectorized = aligned16(&hv, &stream)
-            && aligned16(&lv, &stream)
-            && g_aligned
-            && aligned16(&mv, &stream)
-            && aligned16(&vv, &stream)
-            && mask_v.as_ref().is_none_or(|v| aligned16(v, &stream));
-        let (name, cfg) = elementwise_launch(kernel, vectorized, n);
+        let vectorized =
+            aligned16(&hv, &stream) && aligned16(&lv, &stream) && views.aligned(&stream);
+        let (name, cfg) = elementwise_launch(&kernel, vectorized, n);
         let f = func(&dev, "adamw", &name)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&hv).arg(&lv);
-        match &gv {
-            GradView::F32(g) => b.arg(g),
-            GradView::Bf16(g) => b.arg(g),
-        };
-        b.arg(&mv).arg(&vv);
-        match &mask_v {
-            Some(mv) => b.arg(mv),
-            None => b.arg(&null),
-        };
+        views.push(&mut b, &null);
         b.arg(&n_u).arg(args);
         // SAFETY: arguments match `adamw_split_{f32,gbf16}{,_scalar}`; every buffer holds n
         // elements (checked by the caller), 16-byte aligned for the 8-wide variant; each element
@@ -586,30 +627,8 @@ pub fn self_checks() -> Vec<KernelCheck> {
         };
         checks.push(KernelCheck::new(name, move |device: &Device| {
             let n = sized(device, 40_000_003, 10_003);
-            let [param, grad, m, v, mask] = adamw_inputs(device, n, 11)?;
-            let grad = if bf16_grad {
-                grad.to_dtype(DType::BF16)?
-            } else {
-                grad
-            };
-            let h = AdamWStep {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step: 3,
-                grad_scale: 0.5,
-            };
-            // A fresh buffer for the update to overwrite: at offset 1 of a `[n + 1]` one when
-            // unaligned.
-            let fresh = |t: &Tensor| -> candle_core::Result<Tensor> {
-                if unaligned {
-                    Tensor::cat(&[&t.narrow(0, 0, 1)?, t], 0)?.narrow(0, 1, n)
-                } else {
-                    t.copy()
-                }
-            };
+            let ([param, grad, m, v, mask], h) = in_place_inputs(device, n, 11, bf16_grad)?;
+            let fresh = |t: &Tensor| fresh_copy(t, unaligned);
             let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
             let (pc, gc, mc, vc, kc) = (cpu(&param)?, cpu(&grad)?, cpu(&m)?, cpu(&v)?, cpu(&mask)?);
             run_check(
@@ -679,28 +698,8 @@ pub fn self_checks() -> Vec<KernelCheck> {
         };
         checks.push(KernelCheck::new(name, move |device: &Device| {
             let n = sized(device, 40_000_003, 10_003);
-            let [param, grad, m, v, mask] = adamw_inputs(device, n, 41)?;
-            let grad = if bf16_grad {
-                grad.to_dtype(DType::BF16)?
-            } else {
-                grad
-            };
-            let h = AdamWStep {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step: 3,
-                grad_scale: 0.5,
-            };
-            let fresh = |t: &Tensor| -> candle_core::Result<Tensor> {
-                if unaligned {
-                    Tensor::cat(&[&t.narrow(0, 0, 1)?, t], 0)?.narrow(0, 1, n)
-                } else {
-                    t.copy()
-                }
-            };
+            let ([param, grad, m, v, mask], h) = in_place_inputs(device, n, 41, bf16_grad)?;
+            let fresh = |t: &Tensor| fresh_copy(t, unaligned);
             let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
             let (pc, gc, mc, vc, kc) = (cpu(&param)?, cpu(&grad)?, cpu(&m)?, cpu(&v)?, cpu(&mask)?);
             run_check(
@@ -737,6 +736,42 @@ pub fn self_checks() -> Vec<KernelCheck> {
         }));
     }
     checks
+}
+
+/// The in-place checks' inputs ([`adamw_inputs`] from `seed`, the gradient in bf16 when asked)
+/// and their step.
+fn in_place_inputs(
+    device: &Device,
+    n: usize,
+    seed: u64,
+    bf16_grad: bool,
+) -> Result<([Tensor; 5], AdamWStep)> {
+    let [param, grad, m, v, mask] = adamw_inputs(device, n, seed)?;
+    let grad = if bf16_grad {
+        grad.to_dtype(DType::BF16)?
+    } else {
+        grad
+    };
+    let h = AdamWStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 3,
+        grad_scale: 0.5,
+    };
+    Ok(([param, grad, m, v, mask], h))
+}
+
+/// A fresh copy of `t` `[n]` for an in-place update to overwrite: at offset 1 of an `[n + 1]`
+/// buffer when `unaligned` (the one-element kernels).
+fn fresh_copy(t: &Tensor, unaligned: bool) -> candle_core::Result<Tensor> {
+    if unaligned {
+        Tensor::cat(&[&t.narrow(0, 0, 1)?, t], 0)?.narrow(0, 1, t.elem_count())
+    } else {
+        t.copy()
+    }
 }
 
 /// What a split-master check compares: hi and lo (as f32 values) and the moments.

@@ -505,6 +505,16 @@ mod tests {
     use crate::train::optim::clip_grad_norm;
     use candle_core::Device;
 
+    /// A tensor's values, flattened, as f32.
+    fn f32_values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn params(values: &[Vec<f32>], decay: &[bool]) -> FlatParams {
         let ts: Vec<Tensor> = values
             .iter()
@@ -550,12 +560,7 @@ mod tests {
                 .iter()
                 .map(|t| {
                     assert_eq!(t.dtype(), DType::BF16);
-                    t.to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
+                    f32_values(t)
                 })
                 .collect()
         };
@@ -641,14 +646,7 @@ mod tests {
         let tie = 1.0f32 + 2f32.powi(-8);
         let values = vec![vec![0.5, -1.0, 2.0, tie], vec![3.0, 0.25, -tie]];
         let p = params(&values, &[true, false]);
-        let f32_of = |t: &Tensor| -> Vec<f32> {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let f32_of = f32_values;
         let slots = |z: &ZeroOptimizer| -> Vec<Vec<f32>> {
             z.master_slots().unwrap().iter().map(f32_of).collect()
         };
