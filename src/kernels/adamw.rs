@@ -671,19 +671,11 @@ pub fn self_checks() -> Vec<KernelCheck> {
                 &|| {
                     let (hi, lo) = split_master(&values)?;
                     let back = join_master(&hi, &lo)?;
-                    Ok(vec![
-                        hi.to_dtype(DType::F32)?,
-                        lo.to_dtype(DType::F32)?,
-                        back,
-                    ])
+                    Ok([split_values(&hi, &lo)?, vec![back]].concat())
                 },
                 &|| {
                     let (hi, lo) = split_master(&cpu)?;
-                    Ok(vec![
-                        hi.to_dtype(DType::F32)?,
-                        lo.to_dtype(DType::F32)?,
-                        cpu.clone(),
-                    ])
+                    Ok([split_values(&hi, &lo)?, vec![cpu.clone()]].concat())
                 },
             )
         },
@@ -707,14 +699,16 @@ pub fn self_checks() -> Vec<KernelCheck> {
                 format!("[{n}] {:?} gradient, step {}", grad.dtype(), h.step),
                 Tolerance::EXACT,
                 &|| {
-                    let (hi, lo) = split_master(&param)?;
-                    let (hi, lo, mm, vv, g) = (
-                        fresh(&hi)?,
-                        fresh(&lo)?,
-                        fresh(&m)?,
-                        fresh(&v)?,
-                        fresh(&grad)?,
-                    );
+                    // hi and lo at the others' offset: split from an f32 buffer one longer
+                    // when unaligned (candle's CUDA copies have no i16 version).
+                    let (hi, lo) = if unaligned {
+                        let longer = Tensor::cat(&[&param.narrow(0, 0, 1)?, &param], 0)?; // [n + 1]
+                        let (h, l) = split_master(&longer)?;
+                        (h.narrow(0, 1, n)?, l.narrow(0, 1, n)?)
+                    } else {
+                        split_master(&param)?
+                    };
+                    let (mm, vv, g) = (fresh(&m)?, fresh(&v)?, fresh(&grad)?);
                     if adamw_split_in_place(&hi, &lo, &g, &mm, &vv, Some(&mask), &h)? {
                         return split_outputs(&hi, &lo, mm, vv);
                     }
@@ -774,14 +768,18 @@ fn fresh_copy(t: &Tensor, unaligned: bool) -> candle_core::Result<Tensor> {
     }
 }
 
-/// What a split-master check compares: hi and lo (as f32 values) and the moments.
-fn split_outputs(hi: &Tensor, lo: &Tensor, m: Tensor, v: Tensor) -> Result<Vec<Tensor>> {
+/// A split master's halves as f32 values to compare (lo's i16 cast on the host: candle's CUDA
+/// casts have no i16 version).
+fn split_values(hi: &Tensor, lo: &Tensor) -> Result<Vec<Tensor>> {
     Ok(vec![
         hi.to_dtype(DType::F32)?,
-        lo.to_dtype(DType::F32)?,
-        m,
-        v,
+        lo.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
     ])
+}
+
+/// What a split-master check compares: hi and lo (as f32 values) and the moments.
+fn split_outputs(hi: &Tensor, lo: &Tensor, m: Tensor, v: Tensor) -> Result<Vec<Tensor>> {
+    Ok([split_values(hi, lo)?, vec![m, v]].concat())
 }
 
 /// The split-master update as the CPU runs it: the f32 update of the values, then their split.
