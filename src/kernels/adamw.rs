@@ -109,9 +109,8 @@ pub fn adamw_update_in_place(
     let ok = param.dtype() == DType::F32
         && param.is_contiguous()
         && update_inputs_fit(grad, exp_avg, exp_avg_sq, decay_mask, n)
-        && bf16_copy.is_none_or(|c| {
-            c.dtype() == DType::BF16 && c.is_contiguous() && c.elem_count() == param.elem_count()
-        });
+        && bf16_copy
+            .is_none_or(|c| c.dtype() == DType::BF16 && c.is_contiguous() && c.elem_count() == n);
     if !super::on_cuda(param) || !ok || !super::enabled() {
         return Ok(false);
     }
