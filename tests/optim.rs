@@ -409,3 +409,35 @@ fn bf16_gradient_steps_as_its_f32_widening() {
         .step_scaled(&mut pa, &g16.to_dtype(DType::F16).unwrap(), 1.0, 1e-2, None)
         .is_err());
 }
+
+/// Weight decay goes by runs of slots (no `[N]` mask): adjacent slots with the same flag merge,
+/// and without weight decay the buffer is one run.
+#[test]
+fn decay_runs_merge_slots_and_decay_only_their_values() {
+    let values: Vec<Tensor> = [2usize, 3, 1, 2]
+        .iter()
+        .map(|&k| vec1(&vec![1.0; k]))
+        .collect();
+    let mut params = FlatParams::from_values(&values, &[true, true, false, true]).unwrap();
+    assert_eq!(params.numel(), 8);
+    let cfg = |wd| OptimConfig {
+        weight_decay: wd,
+        ..OptimConfig::default()
+    };
+    let runs = |p: &FlatParams, wd| AdamW::new(&cfg(wd), p).unwrap().decay_runs().to_vec();
+    assert_eq!(
+        runs(&params, 0.1),
+        vec![(0..5, true), (5..6, false), (6..8, true)]
+    );
+    assert_eq!(runs(&params, 0.0), vec![(0..8, false)]);
+    // The update by runs: decayed values shrink, the others do not (zero gradient).
+    let mut opt = AdamW::new(&cfg(0.5), &params).unwrap();
+    opt.step(&mut params, &vec1(&[0.0; 8]), 0.1).unwrap();
+    let after = to_f64(&params.master);
+    let shrunk = (1.0f64 - 0.1 * 0.5) as f32 as f64;
+    let want: Vec<f64> = [1, 1, 1, 1, 1, 0, 1, 1]
+        .iter()
+        .map(|&d| if d == 1 { shrunk } else { 1.0 })
+        .collect();
+    assert_eq!(after, want);
+}

@@ -7,6 +7,7 @@ use crate::config::OptimConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// Where one trainable tensor lives in the flat buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +120,11 @@ pub struct AdamW {
     exp_avg: Tensor,
     /// `[N]` f32 second moment.
     exp_avg_sq: Tensor,
-    /// `[N]` f32 1/0 mask of decayed values; None when weight_decay is 0.
-    decay_mask: Option<Tensor>,
+    /// The buffer cut into runs of consecutive values that take weight decay or not (adjacent
+    /// slots merged; values outside every slot, a shard's padding, take none): each run is one
+    /// update, so no `[N]` decay mask is stored or read (4 bytes a value each). One run without
+    /// decay when weight_decay is 0.
+    decay_runs: Vec<(Range<usize>, bool)>,
 }
 
 /// Checkpoint names of the optimizer state.
@@ -142,12 +146,13 @@ impl AdamW {
         if cfg.weight_decay.is_nan() || cfg.weight_decay < 0.0 {
             bail!("optim.weight_decay: must be >= 0, got {}", cfg.weight_decay);
         }
-        // Two buffers: the CUDA step updates each moment in place, so they must not share one.
-        let decay_mask = if cfg.weight_decay > 0.0 {
-            Some(params.decay_mask()?)
+        let n = params.master.elem_count();
+        let decay_runs = if cfg.weight_decay > 0.0 {
+            decay_runs(&params.slots, n)
         } else {
-            None
+            vec![(0..n, false)]
         };
+        // Two buffers: the CUDA step updates each moment in place, so they must not share one.
         Ok(AdamW {
             beta1,
             beta2,
@@ -156,8 +161,70 @@ impl AdamW {
             step: 0,
             exp_avg: params.master.zeros_like()?,
             exp_avg_sq: params.master.zeros_like()?,
-            decay_mask,
+            decay_runs,
         })
+    }
+
+    /// The decay runs (see the field): `(range, decayed)` in buffer order.
+    pub fn decay_runs(&self) -> &[(Range<usize>, bool)] {
+        &self.decay_runs
+    }
+
+    /// Step `h` for one run: its weight decay, or none.
+    fn run_step(h: &AdamWStep, decayed: bool) -> AdamWStep {
+        AdamWStep {
+            weight_decay: if decayed { h.weight_decay } else { 0.0 },
+            ..*h
+        }
+    }
+
+    /// Runs `update(range, step)` on every decay run; `false` when the first run reports that it
+    /// did not run (the kernel path is off), in which case nothing was updated.
+    fn in_place_runs(
+        &self,
+        h: &AdamWStep,
+        mut update: impl FnMut(&Range<usize>, &AdamWStep) -> Result<bool>,
+    ) -> Result<bool> {
+        for (i, (range, decayed)) in self.decay_runs.iter().enumerate() {
+            if !update(range, &Self::run_step(h, *decayed))? {
+                if i > 0 {
+                    bail!("AdamW: the fused update ran on some runs of the buffer only");
+                }
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The out-of-place update of the whole `[N]` `master` run by run: new (master, m, v).
+    fn update_runs(
+        &self,
+        master: &Tensor,
+        grad: &Tensor,
+        h: &AdamWStep,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut parts = (vec![], vec![], vec![]);
+        for (r, decayed) in &self.decay_runs {
+            let s = |t: &Tensor| t.narrow(0, r.start, r.len());
+            let (p, m, v) = adamw_update(
+                &s(master)?,
+                &s(grad)?,
+                &s(&self.exp_avg)?,
+                &s(&self.exp_avg_sq)?,
+                None,
+                &Self::run_step(h, *decayed),
+            )?;
+            parts.0.push(p);
+            parts.1.push(m);
+            parts.2.push(v);
+        }
+        let join = |ts: Vec<Tensor>| -> Result<Tensor> {
+            Ok(match <[Tensor; 1]>::try_from(ts) {
+                Ok([t]) => t,
+                Err(ts) => Tensor::cat(&ts, 0)?,
+            })
+        };
+        Ok((join(parts.0)?, join(parts.1)?, join(parts.2)?))
     }
 
     /// Optimizer steps taken so far.
@@ -200,24 +267,20 @@ impl AdamW {
         // On CUDA the fused kernel updates the master and moments in place (same arithmetic as
         // `adamw_update`), so a step allocates no parameter-sized buffers.
         let fused_copy = copy_to.filter(|c| c.dtype() == DType::BF16);
-        let fused = crate::kernels::adamw::adamw_update_in_place(
-            &params.master,
-            grad,
-            &self.exp_avg,
-            &self.exp_avg_sq,
-            self.decay_mask.as_ref(),
-            &h,
-            fused_copy,
-        )?;
+        let fused = self.in_place_runs(&h, |r, hr| {
+            let s = |t: &Tensor| t.narrow(0, r.start, r.len());
+            crate::kernels::adamw::adamw_update_in_place(
+                &s(&params.master)?,
+                &s(grad)?,
+                &s(&self.exp_avg)?,
+                &s(&self.exp_avg_sq)?,
+                None,
+                hr,
+                fused_copy.map(s).transpose()?.as_ref(),
+            )
+        })?;
         if !fused {
-            let (p, m, v) = adamw_update(
-                &params.master,
-                grad,
-                &self.exp_avg,
-                &self.exp_avg_sq,
-                self.decay_mask.as_ref(),
-                &h,
-            )?;
+            let (p, m, v) = self.update_runs(&params.master, grad, &h)?;
             params.master = p;
             self.exp_avg = m;
             self.exp_avg_sq = v;
@@ -264,12 +327,24 @@ impl AdamW {
             );
         }
         let h = self.next_step(grad_scale, lr);
-        let (m, v, mask) = (&self.exp_avg, &self.exp_avg_sq, self.decay_mask.as_ref());
-        if crate::kernels::adamw::adamw_split_in_place(hi, lo, grad, m, v, mask, &h)? {
+        let fused = self.in_place_runs(&h, |r, hr| {
+            let s = |t: &Tensor| t.narrow(0, r.start, r.len());
+            let (m, v) = (s(&self.exp_avg)?, s(&self.exp_avg_sq)?);
+            crate::kernels::adamw::adamw_split_in_place(
+                &s(hi)?,
+                &s(lo)?,
+                &s(grad)?,
+                &m,
+                &v,
+                None,
+                hr,
+            )
+        })?;
+        if fused {
             return Ok(());
         }
         let master = crate::kernels::adamw::join_master(hi, lo)?;
-        let (p, m, v) = adamw_update(&master, grad, m, v, mask, &h)?;
+        let (p, m, v) = self.update_runs(&master, grad, &h)?;
         let (new_hi, new_lo) = crate::kernels::adamw::split_master(&p)?;
         hi.slice_set(&new_hi, 0, 0)?;
         lo.slice_set(&new_lo, 0, 0)?;
@@ -321,6 +396,32 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// `0..n` as runs of consecutive values with the same decay flag: the slots' (in offset order,
+/// adjacent equal ones merged), the values no slot covers taking none.
+fn decay_runs(slots: &[Slot], n: usize) -> Vec<(Range<usize>, bool)> {
+    let mut runs: Vec<(Range<usize>, bool)> = vec![];
+    let mut push = |range: Range<usize>, decayed: bool| {
+        if range.is_empty() {
+            return;
+        }
+        match runs.last_mut() {
+            Some((last, d)) if *d == decayed && last.end == range.start => last.end = range.end,
+            _ => runs.push((range, decayed)),
+        }
+    };
+    let mut at = 0;
+    let mut sorted: Vec<&Slot> = slots.iter().collect();
+    sorted.sort_by_key(|s| s.offset);
+    for s in sorted {
+        let (start, end) = (s.offset.min(n), (s.offset + s.numel).min(n));
+        push(at.min(start)..start, false);
+        push(start.max(at)..end, s.decay);
+        at = at.max(end);
+    }
+    push(at..n, false);
+    runs
 }
 
 /// Hyper-parameters of one AdamW update; `step` is the 1-based count after this update.
