@@ -250,13 +250,7 @@ impl AdamW {
         copy_to: Option<&Tensor>,
     ) -> Result<()> {
         let n = params.numel();
-        if grad.dims() != [n] || !matches!(grad.dtype(), DType::F32 | DType::BF16) {
-            bail!(
-                "AdamW: gradient must be [{n}] f32 or bf16, got {:?} {:?}",
-                grad.dims(),
-                grad.dtype()
-            );
-        }
+        self.check_grad(grad)?;
         if let Some(c) = copy_to.filter(|c| c.dims() != [n]) {
             bail!(
                 "AdamW: the parameters' copy must be [{n}], got {:?}",
@@ -292,6 +286,19 @@ impl AdamW {
         Ok(())
     }
 
+    /// The step's gradient must be `[N]` (N = this optimizer's values), f32 or bf16.
+    fn check_grad(&self, grad: &Tensor) -> Result<()> {
+        let n = self.exp_avg.elem_count();
+        if grad.dims() != [n] || !matches!(grad.dtype(), DType::F32 | DType::BF16) {
+            bail!(
+                "AdamW: gradient must be [{n}] f32 or bf16, got {:?} {:?}",
+                grad.dims(),
+                grad.dtype()
+            );
+        }
+        Ok(())
+    }
+
     /// Counts the step and returns its hyper-parameters.
     fn next_step(&mut self, grad_scale: f64, lr: f64) -> AdamWStep {
         self.step += 1;
@@ -318,14 +325,7 @@ impl AdamW {
         grad_scale: f64,
         lr: f64,
     ) -> Result<()> {
-        let n = self.exp_avg.elem_count();
-        if grad.dims() != [n] || !matches!(grad.dtype(), DType::F32 | DType::BF16) {
-            bail!(
-                "AdamW: gradient must be [{n}] f32 or bf16, got {:?} {:?}",
-                grad.dims(),
-                grad.dtype()
-            );
-        }
+        self.check_grad(grad)?;
         let h = self.next_step(grad_scale, lr);
         let fused = self.in_place_runs(&h, |r, hr| {
             let s = |t: &Tensor| t.narrow(0, r.start, r.len());
@@ -398,8 +398,8 @@ impl AdamW {
     }
 }
 
-/// `0..n` as runs of consecutive values with the same decay flag: the slots' (in offset order,
-/// adjacent equal ones merged), the values no slot covers taking none.
+/// `0..n` as runs of consecutive values with the same decay flag: the slots' (adjacent equal
+/// ones merged), the values no slot covers taking none.
 fn decay_runs(slots: &[Slot], n: usize) -> Vec<(Range<usize>, bool)> {
     let mut runs: Vec<(Range<usize>, bool)> = vec![];
     let mut push = |range: Range<usize>, decayed: bool| {
@@ -411,14 +411,12 @@ fn decay_runs(slots: &[Slot], n: usize) -> Vec<(Range<usize>, bool)> {
             _ => runs.push((range, decayed)),
         }
     };
-    let mut at = 0;
-    let mut sorted: Vec<&Slot> = slots.iter().collect();
-    sorted.sort_by_key(|s| s.offset);
-    for s in sorted {
-        let (start, end) = (s.offset.min(n), (s.offset + s.numel).min(n));
-        push(at.min(start)..start, false);
-        push(start.max(at)..end, s.decay);
-        at = at.max(end);
+    let mut at = 0; // slots lie one after another in offset order (`FlatParams`)
+    for s in slots {
+        let end = (s.offset + s.numel).min(n);
+        push(at..s.offset.min(n), false);
+        push(s.offset.min(n)..end, s.decay);
+        at = end;
     }
     push(at..n, false);
     runs
