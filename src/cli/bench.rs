@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// see `ZeroOptimizer::with_split_master`).
     #[arg(long)]
     pub no_split_master: bool,
+    /// Keys per CTA of the flash-attention backward: 0 = the launcher's choice, 64 or 128
+    /// forced (both kernels end to end in one session).
+    #[arg(long, default_value_t = 0)]
+    pub flash_bwd_keys: usize,
     /// Output directory: batches.json, init_adapter/ (LoRA), ftrun_<method>.json; with
     /// `--llava` also pixels.safetensors, init_projector/ and ftrun_llava_<method>.json.
     #[arg(long)]
@@ -98,6 +102,16 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if ![0, 64, 128].contains(&a.flash_bwd_keys) {
+        bail!(
+            "--flash-bwd-keys must be 0, 64 or 128, got {}",
+            a.flash_bwd_keys
+        );
+    }
+    crate::kernels::flash_attn::with_backward_keys(a.flash_bwd_keys, || run_bench(a))
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = select_device(&a.device)?;
     // Freed memory stays in the pool, so the used memory sampled after a step is its high-water mark.

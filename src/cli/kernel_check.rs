@@ -143,14 +143,14 @@ pub fn run(a: KernelCheckArgs) -> Result<()> {
     for check in &checks {
         match (check.run)(&device) {
             Ok(o) => {
-                println!("{}", line(check.name, width, &o));
+                println!("{}", line(&check.name, width, &o));
                 if !o.pass {
-                    failed.push(check.name);
+                    failed.push(check.name.clone());
                 }
             }
             Err(e) => {
                 println!("{:width$}  ERROR: {e:#}", check.name);
-                failed.push(check.name);
+                failed.push(check.name.clone());
             }
         }
     }

@@ -776,9 +776,11 @@ fn split_values(hi: &Tensor, lo: &Tensor) -> Result<Vec<Tensor>> {
     ])
 }
 
-/// What a split-master check compares: hi and lo (as f32 values) and the moments.
+/// What a split-master update check compares: hi (as f32), the joined f32 values and the
+/// moments, all where they are: no host copy inside the timed update. With hi equal, equal
+/// joined values mean equal lo (the round-trip check compares lo's bits directly).
 fn split_outputs(hi: &Tensor, lo: &Tensor, m: Tensor, v: Tensor) -> Result<Vec<Tensor>> {
-    Ok([split_values(hi, lo)?, vec![m, v]].concat())
+    Ok(vec![hi.to_dtype(DType::F32)?, join_master(hi, lo)?, m, v])
 }
 
 /// The split-master update as the CPU runs it: the f32 update of the values, then their split.

@@ -6,9 +6,10 @@
 //! reference) when they answer `None`: not on CUDA, not bf16, another head dim, kernels disabled.
 //! Memory is O(n): the forward keeps `out` and the natural-log row log-sum-exp `lse [heads, n]`
 //! (f32), the backward recomputes the probabilities from them, accumulates dQ in an f32 buffer
-//! `[n, heads, d]` with atomics and keeps dK/dV of a key block in registers over the GQA group
-//! (or over a share of it, when a grid of under one wave is split: [`backward_splits`]). Both
-//! kernels start their CTAs heaviest first across all heads and samples.
+//! `[n, heads, d]` with atomics and keeps dK/dV of a key block (64 or 128 keys:
+//! [`backward_keys`]) in registers over the GQA group (or over a share of it, when a grid of
+//! under one wave is split: [`backward_splits`]). Both kernels start their CTAs heaviest first
+//! across all heads and samples.
 
 use super::{CheckOutcome, KernelCheck, Tolerance};
 use crate::model::layers::attention::{
@@ -95,6 +96,83 @@ pub fn backward(
     }
 }
 
+thread_local! {
+    /// Keys per backward CTA forced by [`with_backward_keys`] on this thread (0: chosen).
+    static BACKWARD_KEYS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with the backward's CTAs holding `keys` (64 or [`WIDE_KEYS`]) keys on this thread
+/// instead of [`backward_keys`]'s choice: kernel-check times both kernels this way.
+pub fn with_backward_keys<R>(keys: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BACKWARD_KEYS.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(BACKWARD_KEYS.with(|k| k.replace(keys)));
+    f()
+}
+
+/// Key rows per CTA of the backward's wide kernel (8 warps; `flash_bwd_keys128`).
+const WIDE_KEYS: usize = 128;
+/// Time of a wide backward step (64 queries over 128 keys) against a 64-key one, from
+/// kernel-check on an H100 (see [`backward_keys`]).
+const WIDE_KEY_STEP_TIME: f64 = 1.6;
+
+/// The work of a backward grid of `keys`-key CTAs over `cu_seqlens` with `kv_heads` x `splits`
+/// CTAs per key block, each walking `group / splits` query heads: (64-query steps of all CTAs,
+/// the heaviest CTA's steps).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launcher's, and the tests'
+fn backward_steps(
+    cu_seqlens: &[u32],
+    keys: usize,
+    kv_heads: usize,
+    group: usize,
+    splits: usize,
+) -> (usize, usize) {
+    let (mut steps, mut heaviest) = (0usize, 0usize);
+    for len in cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize) {
+        let m_blocks = len.div_ceil(BLOCK);
+        for r in 0..len.div_ceil(keys) {
+            // Key block r sees the query blocks from the one holding its first key on.
+            let cta = (m_blocks - r * keys / BLOCK) * (group / splits);
+            steps += cta * kv_heads * splits;
+            heaviest = heaviest.max(cta);
+        }
+    }
+    (steps, heaviest)
+}
+
+/// Keys per backward CTA (64 or [`WIDE_KEYS`]) for `cu_seqlens`, `kv_heads` and GQA `group`,
+/// given each kernel's resident CTA slots: the one whose grid should finish first, by the larger
+/// of its steps per slot and its heaviest CTA's, a wide step costing [`WIDE_KEY_STEP_TIME`]
+/// narrow ones. Each takes its own [`backward_splits`]. Wide CTAs issue half the dQ atomics and
+/// query-block loads, for half the CTAs: at batch 1 the heaviest ones may set the time.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launcher's, and the tests'
+fn backward_keys(
+    cu_seqlens: &[u32],
+    kv_heads: usize,
+    group: usize,
+    slots_narrow: usize,
+    slots_wide: usize,
+) -> usize {
+    let time = |keys: usize, slots: usize, step_time: f64| {
+        let blocks: usize = cu_seqlens
+            .windows(2)
+            .map(|w| ((w[1] - w[0]) as usize).div_ceil(keys))
+            .sum();
+        let splits = backward_splits(kv_heads * blocks, group, slots);
+        let (steps, heaviest) = backward_steps(cu_seqlens, keys, kv_heads, group, splits);
+        (steps as f64 / slots.max(1) as f64).max(heaviest as f64) * step_time
+    };
+    if time(WIDE_KEYS, slots_wide, WIDE_KEY_STEP_TIME) < time(BLOCK, slots_narrow, 1.0) {
+        WIDE_KEYS
+    } else {
+        BLOCK
+    }
+}
+
 /// How many CTAs share the query heads of one GQA group in the backward, for a grid of `kv_ctas`
 /// CTAs unsplit and `slots` resident CTA slots on the GPU: 1 (a CTA walks the whole group) unless
 /// the grid would not fill the slots once, as at batch 1 x 2048 on an H100 (256 CTAs for 264
@@ -156,7 +234,7 @@ mod launch {
     use candle_core::{CudaDevice, DType, Result, Tensor};
     use half::bf16;
 
-    use super::{forward_rows, BLOCK, WIDE_ROWS};
+    use super::{backward_keys, forward_rows, BACKWARD_KEYS, BLOCK, WIDE_KEYS, WIDE_ROWS};
 
     const MODULE: &str = "flash_attn";
     const THREADS: u32 = 128;
@@ -177,14 +255,15 @@ mod launch {
         }
     }
 
-    /// Launch geometry shared by forward and backward: a one-dimensional grid of one CTA per
-    /// `rows`-row block of the longest sample (query rows in the forward, [`BLOCK`] key rows in
-    /// the backward), per head (`heads_in_grid`), per sample, ordered by work (the
-    /// kernels' `work_item`: the heaviest blocks of every head and sample first).
+    /// Launch geometry shared by forward and backward: a one-dimensional grid of one CTA of
+    /// `threads` per `rows`-row block of the longest sample (query rows in the forward, key rows
+    /// in the backward), per head (`heads_in_grid`), per sample, ordered by work (the kernels'
+    /// `work_item`: the heaviest blocks of every head and sample first).
     fn grid(
         cu_seqlens: &[u32],
         rows: usize,
         heads_in_grid: usize,
+        threads: u32,
         shared_mem_bytes: u32,
     ) -> LaunchConfig {
         let longest = cu_seqlens
@@ -199,28 +278,29 @@ mod launch {
                 1,
                 1,
             ),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes,
         }
     }
 
-    /// 64-row blocks over all samples: the backward's CTAs of one KV head that do work.
-    fn blocks_with_work(cu_seqlens: &[u32]) -> usize {
+    /// `keys`-row blocks over all samples: the backward's CTAs of one KV head that do work.
+    fn blocks_with_work(cu_seqlens: &[u32], keys: usize) -> usize {
         cu_seqlens
             .windows(2)
             .map(|w| (w[1] - w[0]) as usize)
-            .map(|len| len.div_ceil(BLOCK))
+            .map(|len| len.div_ceil(keys))
             .sum()
     }
 
-    /// Resident CTA slots of `func` on the device: CTAs per SM times SMs.
+    /// Resident CTA slots of `func` (CTAs of `threads`) on the device: CTAs per SM times SMs.
     fn resident_slots(
         dev: &CudaDevice,
         func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+        threads: u32,
         shared_mem_bytes: usize,
     ) -> Result<usize> {
         let per_sm = func
-            .occupancy_max_active_blocks_per_multiprocessor(THREADS, shared_mem_bytes, None)
+            .occupancy_max_active_blocks_per_multiprocessor(threads, shared_mem_bytes, None)
             .map_err(|e| err(e.into()))?;
         let sms = kc::stream(dev)
             .context()
@@ -269,8 +349,8 @@ mod launch {
         )
         .map_err(|e| err(e.into()))?;
         let slots = (
-            resident_slots(&dev, &narrow, 0)?,
-            resident_slots(&dev, &wide, wide_smem)?,
+            resident_slots(&dev, &narrow, THREADS, 0)?,
+            resident_slots(&dev, &wide, THREADS, wide_smem)?,
         );
         let rows = forward_rows(cu_seqlens, heads, slots.0, slots.1);
         let (func, smem) = if rows == WIDE_ROWS {
@@ -301,7 +381,7 @@ mod launch {
         // SAFETY: argument list matches flash_fwd_rows{64,128}_d{64,128}; the kernel writes
         // every element of `out` and `lse` (each token belongs to one sample and each row block
         // to one CTA).
-        unsafe { b.launch(grid(cu_seqlens, rows, heads, smem as u32)) }
+        unsafe { b.launch(grid(cu_seqlens, rows, heads, THREADS, smem as u32)) }
             .map_err(|e| err(e.into()))?;
         Ok((
             kc::wrap(out, &dev, (n, heads, d)),
@@ -364,17 +444,34 @@ mod launch {
         unsafe { b.launch(cfg) }.map_err(|e| err(e.into()))?;
 
         let mut dq_accum = kc::alloc_zeros::<f32>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
-        let func = kc::func(&dev, MODULE, &format!("flash_bwd_d{d}")).map_err(err)?;
-        // K, V, Q, dO tiles [64][d+8] bf16, dSᵀ [64][72] bf16, lse and delta [64] f32.
-        let smem = 4 * BLOCK * (d + 8) * 2 + BLOCK * (BLOCK + 8) * 2 + 2 * BLOCK * 4;
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| err(e.into()))?;
-        let kv_ctas = kv_heads * blocks_with_work(cu_seqlens);
-        let slots = resident_slots(&dev, &func, smem)?;
-        let splits = super::backward_splits(kv_ctas, heads / kv_heads, slots);
+                                                                                      // The two kernels: 64 keys a CTA of 4 warps, 128 of 8. Shared: K, V [keys][d+8] bf16,
+                                                                                      // Q, dO [64][d+8] bf16, dSᵀ [keys][72] bf16, lse and delta [64] f32.
+        let kernel = |keys: usize| -> Result<_> {
+            let name = if keys == WIDE_KEYS {
+                format!("flash_bwd_keys128_d{d}")
+            } else {
+                format!("flash_bwd_d{d}")
+            };
+            let func = kc::func(&dev, MODULE, &name).map_err(err)?;
+            let threads = (keys / 16 * 32) as u32;
+            let smem = 2 * (keys + BLOCK) * (d + 8) * 2 + keys * (BLOCK + 8) * 2 + 2 * BLOCK * 4;
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| err(e.into()))?;
+            let slots = resident_slots(&dev, &func, threads, smem)?;
+            Ok((func, threads, smem, slots))
+        };
+        let (narrow, wide) = (kernel(BLOCK)?, kernel(WIDE_KEYS)?);
+        let group = heads / kv_heads;
+        let keys = match BACKWARD_KEYS.with(|k| k.get()) {
+            0 => backward_keys(cu_seqlens, kv_heads, group, narrow.3, wide.3),
+            forced => forced,
+        };
+        let (func, threads, smem, slots) = if keys == WIDE_KEYS { wide } else { narrow };
+        let kv_ctas = kv_heads * blocks_with_work(cu_seqlens, keys);
+        let splits = super::backward_splits(kv_ctas, group, slots);
         // dK and dV: [splits, n, kv_heads, d], one partial per share of each GQA group.
         let kv_len = n * kv_heads * d;
         let mut dk = kc::alloc::<bf16>(&dev, splits * kv_len).map_err(err)?;
@@ -396,8 +493,16 @@ mod launch {
             .arg(&scale);
         // SAFETY: matches flash_bwd_d{d}; every key row of a split's slice is owned by one CTA,
         // which writes its dK and dV; dq_accum is zeroed and only accumulated into.
-        unsafe { b.launch(grid(cu_seqlens, BLOCK, kv_heads * splits, smem as u32)) }
-            .map_err(|e| err(e.into()))?;
+        unsafe {
+            b.launch(grid(
+                cu_seqlens,
+                keys,
+                kv_heads * splits,
+                threads,
+                smem as u32,
+            ))
+        }
+        .map_err(|e| err(e.into()))?;
         if splits > 1 {
             let (dk_parts, dv_parts) = (dk, dv);
             dk = kc::alloc::<bf16>(&dev, kv_len).map_err(err)?;
@@ -516,25 +621,30 @@ enum Rows {
     One,
     /// 4 samples of 2048 (batch 4: a grid of several waves).
     Four,
+    /// One sample of 2048 with Llama-2-7B's heads: 32, no GQA.
+    OneMha,
 }
 
+/// `keys`: the backward's CTA width to force (see [`with_backward_keys`]), 0 = its choice.
 fn check(
     device: &Device,
     d: usize,
     with_backward: bool,
     rows: Rows,
+    keys: usize,
 ) -> anyhow::Result<CheckOutcome> {
     // A small instance on the CPU, where the "fused" path is the candle-ops code itself.
     let (cu, heads, kv_heads): (&[u32], usize, usize) = match (device.is_cuda(), rows) {
         (true, Rows::Packed) => (&[0, 1000, 1637, 2048], 16, 8),
         (true, Rows::One) => (&[0, 2048], 16, 8),
         (true, Rows::Four) => (&[0, 2048, 4096, 6144, 8192], 16, 8),
+        (true, Rows::OneMha) => (&[0, 2048], 32, 32),
         (false, _) => (&[0, 37, 100, 130], 4, 2),
     };
     let case = Case::new(device, cu, heads, kv_heads, d)?;
     let cpu = case.to_cpu_f32()?;
     let cu = &case.cu_seqlens;
-    let fused = || -> anyhow::Result<Vec<Tensor>> {
+    let fused_once = || -> anyhow::Result<Vec<Tensor>> {
         let (q, k, v) = (&case.q, &case.k, &case.v);
         let (out, lse) = crate::model::layers::attention::attention_forward(q, k, v, cu)?;
         if !with_backward {
@@ -545,6 +655,7 @@ fn check(
         )?;
         Ok(vec![out, lse, dq, dk, dv])
     };
+    let fused = || -> anyhow::Result<Vec<Tensor>> { with_backward_keys(keys, fused_once) };
     let ops = |c: &Case| -> anyhow::Result<Vec<Tensor>> {
         let (out, lse) = attention_forward_ops(&c.q, &c.k, &c.v, &c.cu_seqlens)?;
         if !with_backward {
@@ -568,19 +679,24 @@ fn check(
         kernel_us,
         candle_us,
         what: format!(
-            "{}{} (errors / max |ref|)",
+            "{}{}{} (errors / max |ref|)",
             case.what(),
-            if with_backward { ", fwd+bwd" } else { ", fwd" }
+            if with_backward { ", fwd+bwd" } else { ", fwd" },
+            match keys {
+                0 => String::new(),
+                k => format!(", {k}-key backward"),
+            }
         ),
         worst: None,
     })
 }
 
 /// Forward alone and forward + backward: head dims 128 and 64 on the packed rows, and the
-/// benchmark's rows at d 128: batch 1 (about one wave: set by how evenly the CTAs share the work)
-/// and batch 4 (throughput over several waves).
+/// benchmark's rows at d 128: batch 1 (about one wave: set by how evenly the CTAs share the work),
+/// batch 4 (throughput over several waves) and Llama-2-7B's 32 heads at batch 1. Each backward
+/// also runs with each CTA width forced, so that both kernels are checked and timed.
 pub fn self_checks() -> Vec<KernelCheck> {
-    let cases: [(&'static str, usize, bool, Rows); 8] = [
+    let cases: [(&'static str, usize, bool, Rows); 9] = [
         ("flash_attn_fwd_d128", 128, false, Rows::Packed),
         ("flash_attn_fwd_bwd_d128", 128, true, Rows::Packed),
         ("flash_attn_fwd_d64", 64, false, Rows::Packed),
@@ -589,13 +705,31 @@ pub fn self_checks() -> Vec<KernelCheck> {
         ("flash_attn_fwd_bwd_d128_batch1", 128, true, Rows::One),
         ("flash_attn_fwd_d128_batch4", 128, false, Rows::Four),
         ("flash_attn_fwd_bwd_d128_batch4", 128, true, Rows::Four),
+        (
+            "flash_attn_fwd_bwd_d128_batch1_h32",
+            128,
+            true,
+            Rows::OneMha,
+        ),
     ];
-    cases
-        .into_iter()
-        .map(|(name, d, with_backward, rows)| {
-            KernelCheck::new(name, move |dev| check(dev, d, with_backward, rows))
-        })
-        .collect()
+    let mut checks = vec![];
+    for (name, d, with_backward, rows) in cases {
+        let widths: &[usize] = if with_backward {
+            &[0, BLOCK, WIDE_KEYS]
+        } else {
+            &[0]
+        };
+        for &keys in widths {
+            let name = match keys {
+                0 => name.to_string(),
+                k => format!("{name}_keys{k}"),
+            };
+            checks.push(KernelCheck::new(name, move |dev| {
+                check(dev, d, with_backward, rows, keys)
+            }));
+        }
+    }
+    checks
 }
 
 #[cfg(test)]
@@ -625,6 +759,28 @@ mod tests {
         );
         // Fewer resident slots for the wide kernel count against it.
         assert_eq!(forward_rows(&[0, 2048], 32, slots, slots / 2), BLOCK);
+    }
+
+    #[test]
+    fn backward_steps_count_the_query_blocks_each_key_block_sees() {
+        // One sample of 2048, 8 KV heads x 2: 64-key block r sees query blocks r..32, a
+        // 128-key block r the blocks 2r..32 (steps over twice the keys).
+        assert_eq!(backward_steps(&[0, 2048], BLOCK, 8, 2, 1), (16 * 528, 64));
+        assert_eq!(
+            backward_steps(&[0, 2048], WIDE_KEYS, 8, 2, 1),
+            (16 * 272, 64)
+        );
+        // Split in two, each CTA walks one head of its group.
+        assert_eq!(
+            backward_steps(&[0, 2048], WIDE_KEYS, 8, 2, 2),
+            (16 * 272, 32)
+        );
+        // A sample shorter than a wide block: one CTA that sees both query blocks.
+        assert_eq!(backward_steps(&[0, 100], WIDE_KEYS, 1, 1, 1), (2, 2));
+        // Packed samples add up.
+        let (a, _) = backward_steps(&[0, 1000], BLOCK, 2, 1, 1);
+        let (b, _) = backward_steps(&[0, 637], BLOCK, 2, 1, 1);
+        assert_eq!(backward_steps(&[0, 1000, 1637], BLOCK, 2, 1, 1).0, a + b);
     }
 
     #[test]

@@ -116,17 +116,17 @@ type CheckFn = Box<dyn Fn(&Device) -> Result<CheckOutcome> + Send + Sync>;
 /// One named check: runs the kernel on random inputs of realistic shapes on the given device,
 /// compares with the CPU reference and times both paths.
 pub struct KernelCheck {
-    pub name: &'static str,
+    pub name: std::borrow::Cow<'static, str>,
     pub run: CheckFn,
 }
 
 impl KernelCheck {
     pub fn new(
-        name: &'static str,
+        name: impl Into<std::borrow::Cow<'static, str>>,
         run: impl Fn(&Device) -> Result<CheckOutcome> + Send + Sync + 'static,
     ) -> KernelCheck {
         KernelCheck {
-            name,
+            name: name.into(),
             run: Box::new(run),
         }
     }

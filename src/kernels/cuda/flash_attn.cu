@@ -117,11 +117,11 @@ __device__ __forceinline__ void load_b_t(uint32_t b[4], const bf16* s, int ld, i
 // Copies rows `row0..row0+ROWS` of head `head` of a [n, num_heads, D] tensor (rows relative to
 // the sample starting at token `seq_start` of length `seq_len`) into shared memory with row stride
 // `ld`; rows past the sample are zero-filled.
-template <int D, int ROWS = BLOCK>
+template <int D, int ROWS = BLOCK, int THREADS = NUM_THREADS>
 __device__ __forceinline__ void load_tile(bf16* s, int ld, const bf16* g, int seq_start, int seq_len,
                                           int row0, int num_heads, int head) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NUM_THREADS) {
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
         int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         bool valid = row0 + r < seq_len;
         const bf16* src =
@@ -511,14 +511,14 @@ __device__ void flash_bwd_delta(const bf16* __restrict__ out, const bf16* __rest
 // Starts the copies of query block `m_block` of query head `head` for the backward: its Q and dO
 // tiles and its lse and delta (threads 0..BLOCK-1, one row each, zero-filled past the sample; the
 // consumer turns lse to log2 units, +inf past the sample, once the copies have landed).
-template <int D>
+template <int D, int THREADS>
 __device__ __forceinline__ void load_query_block(bf16* sQ, bf16* sdO, float* sLse, float* sDelta,
                                                  const bf16* q, const bf16* dout,
                                                  const float* lse, const float* delta,
                                                  int seq_start, int seq_len, int m_block, int head,
                                                  int n_tokens, int heads) {
-    load_tile<D>(sQ, D + 8, q, seq_start, seq_len, m_block * BLOCK, heads, head);
-    load_tile<D>(sdO, D + 8, dout, seq_start, seq_len, m_block * BLOCK, heads, head);
+    load_tile<D, BLOCK, THREADS>(sQ, D + 8, q, seq_start, seq_len, m_block * BLOCK, heads, head);
+    load_tile<D, BLOCK, THREADS>(sdO, D + 8, dout, seq_start, seq_len, m_block * BLOCK, heads, head);
     if (threadIdx.x < BLOCK) {
         const int row = m_block * BLOCK + threadIdx.x;
         const bool valid = row < seq_len;
@@ -528,22 +528,29 @@ __device__ __forceinline__ void load_query_block(bf16* sQ, bf16* sdO, float* sLs
     }
 }
 
-// Backward main pass. A CTA holds one 64-key block of K and V and walks, for the query heads of
-// its share of a GQA group, over the query blocks at or after the diagonal; warp w owns keys
-// 16w..16w+15 and accumulates their dK and dV in registers. Key block r sees every query block
-// from r on, so block 0 is the heaviest (rank 0, see `work_item`). The grid's "heads" are
-// kv_heads x splits: with splits > 1 (a grid of about one wave, where the CTAs that walk a whole
-// group would set the kernel's time) each CTA takes group / splits query heads and writes its
-// partial dK and dV to its own slice `split` of dk / dv ([splits, n, kv_heads, D]), which
-// `flash_sum_splits` then adds up. Per query block (all in transposed form, rows = keys):
+// Backward main pass. A CTA of WARPS warps holds one block of KEYS = 16·WARPS keys of K and V
+// and walks, for the query heads of its share of a GQA group, over the 64-row query blocks that
+// see any of its keys; warp w owns keys 16w..16w+15 and accumulates their dK and dV in
+// registers. Key block r sees every query block from the one holding its first key on, so block
+// 0 is the heaviest (rank 0, see `work_item`). The grid's "heads" are kv_heads x splits: with
+// splits > 1 (a grid of about one wave, where the CTAs that walk a whole group would set the
+// kernel's time) each CTA takes group / splits query heads and writes its partial dK and dV to
+// its own slice `split` of dk / dv ([splits, n, kv_heads, D]), which `flash_sum_splits` then
+// adds up. Per query block (all in transposed form, rows = keys):
 //   Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ·scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)·scale,
-//   dK += dSᵀ Q, then dSᵀ goes through shared memory so that warp w computes dQ rows 16w.. as
-//   dS K and adds them into the f32 dq_accum with atomics. The next query block's Q, dO, lse and
-//   delta are copied in while the dQ part runs (the one stretch that reads none of them): on an
-//   H100 that took the d64 backward from 167 to 142 µs and the d128 one at batch 1 x 2048 from 380
-//   to 371 µs (fwd+bwd, kernel-check): the loads were not what bounds the d128 kernel.
-// Dynamic shared memory: K, V, Q, dO tiles [64][D+8], dSᵀ [64][72] bf16, lse and delta [64] f32.
-template <int D>
+//   dK += dSᵀ Q, then dSᵀ goes through shared memory so that the warps compute dQ = dS K over
+//   the block's keys (warp w: rows 16(w%4).., of D all with 4 warps, half w/4 with 8) and add
+//   it into the f32 dq_accum with atomics. Those atomics bound the kernel (the float2 form took
+//   a quarter off it), and there is one per query row and dim for each key block that the row
+//   sees: 128-key CTAs (WARPS 8) issue half as many as 64-key ones, and load each query block
+//   half as often, for half the CTAs. A warp whose keys all come after the block's last query
+//   skips the block's matmuls, and the dQ product stops at the last key that any query sees.
+//   The next query block's Q, dO, lse and delta are copied in while the dQ part runs (the one
+//   stretch that reads none of them): on an H100 that took the d64 backward from 167 to 142 µs
+//   and the d128 one at batch 1 x 2048 from 380 to 371 µs (fwd+bwd, kernel-check).
+// Dynamic shared memory: K, V tiles [KEYS][D+8], Q, dO tiles [64][D+8], dSᵀ [KEYS][72] bf16,
+// lse and delta [64] f32.
+template <int D, int WARPS>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta,
@@ -551,17 +558,21 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           bf16* __restrict__ dv, const uint32_t* __restrict__ cu_seqlens,
                           int samples, int splits, int n_tokens, int heads, int kv_heads,
                           float scale) {
+    static_assert(WARPS == 4 || WARPS == 8, "dQ splits its rows and dims over 4 or 8 warps");
+    constexpr int THREADS = 32 * WARPS;
+    constexpr int KEYS = 16 * WARPS;  // key rows per CTA
     constexpr int LD = D + 8;
     constexpr int LDS = BLOCK + 8;
     constexpr int KSTEPS = D / 16;
     constexpr int DTILES = D / 8;
+    constexpr int DQ_HALVES = 8 / WARPS;  // halves of D a warp's dQ rows take: 2 or 1
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* sK = reinterpret_cast<bf16*>(smem_raw);
-    bf16* sV = sK + BLOCK * LD;
-    bf16* sQ = sV + BLOCK * LD;
+    bf16* sV = sK + KEYS * LD;
+    bf16* sQ = sV + KEYS * LD;
     bf16* sdO = sQ + BLOCK * LD;
-    bf16* sdS = sdO + BLOCK * LD;                            // [key][query]
-    float* sLse = reinterpret_cast<float*>(sdS + BLOCK * LDS);  // lse · log2(e)
+    bf16* sdS = sdO + BLOCK * LD;                              // [key][query]
+    float* sLse = reinterpret_cast<float*>(sdS + KEYS * LDS);  // lse · log2(e)
     float* sDelta = sLse + BLOCK;
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -570,23 +581,24 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     const int kv_head = w.head / splits, split = w.head % splits;
     const int seq_start = cu_seqlens[w.sample];
     const int seq_len = cu_seqlens[w.sample + 1] - seq_start;
-    const int n_block = w.rank;
-    if (n_block * BLOCK >= seq_len) return;
+    const int key0 = w.rank * KEYS;  // the CTA's first key, in the sample
+    if (key0 >= seq_len) return;
     const int group = heads / kv_heads;
     const int members = group / splits;  // query heads of this CTA's share of the group
     dk += (size_t)split * n_tokens * kv_heads * D;
     dv += (size_t)split * n_tokens * kv_heads * D;
+    const int first_m_block = key0 / BLOCK;  // the first query block that sees a key here
     const int m_blocks = (seq_len + BLOCK - 1) / BLOCK;
     const float scale_log2 = scale * LOG2E;
 
     // The walk: for each query head of this CTA's share of the group, its query blocks from the
     // diagonal on.
     const int head_end = kv_head * group + (split + 1) * members;
-    int head = kv_head * group + split * members, m_block = n_block;
-    load_tile<D>(sK, LD, k, seq_start, seq_len, n_block * BLOCK, kv_heads, kv_head);
-    load_tile<D>(sV, LD, v, seq_start, seq_len, n_block * BLOCK, kv_heads, kv_head);
-    load_query_block<D>(sQ, sdO, sLse, sDelta, q, dout, lse, delta, seq_start, seq_len, m_block,
-                        head, n_tokens, heads);
+    int head = kv_head * group + split * members, m_block = first_m_block;
+    load_tile<D, KEYS, THREADS>(sK, LD, k, seq_start, seq_len, key0, kv_heads, kv_head);
+    load_tile<D, KEYS, THREADS>(sV, LD, v, seq_start, seq_len, key0, kv_heads, kv_head);
+    load_query_block<D, THREADS>(sQ, sdO, sLse, sDelta, q, dout, lse, delta, seq_start, seq_len,
+                                 m_block, head, n_tokens, heads);
     cp_async_commit();
 
     float dk_acc[DTILES][4], dv_acc[DTILES][4];  // [16 keys, D] each
@@ -608,87 +620,99 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         }
         __syncthreads();
 
-        // Sᵀ = K Qᵀ: [16 keys, 64 queries]
-        float p[8][4];
+        // Keys from `seen` on (relative to key0) come after every query of the block: their
+        // warps skip it, and dQ stops there. Below `KEYS`, query and key ranges overlap and
+        // keys after their query are hidden. Key offsets of the block's queries: q_off.
+        const int q_off = m_block * BLOCK - key0;  // >= 1 - BLOCK
+        const int seen = min(KEYS, q_off + BLOCK);
+        const bool active = warp * 16 < seen;  // warp-uniform
+        if (active) {
+            // Sᵀ = K Qᵀ: [16 keys, 64 queries]
+            float p[8][4];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) p[i][0] = p[i][1] = p[i][2] = p[i][3] = 0.f;
+            for (int i = 0; i < 8; ++i) p[i][0] = p[i][1] = p[i][2] = p[i][3] = 0.f;
 #pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {
-            uint32_t a[4];
-            load_a(a, sKw + ks * 16, LD, lane);
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                uint32_t a[4];
+                load_a(a, sKw + ks * 16, LD, lane);
 #pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                uint32_t b[4];
-                load_b(b, sQ + np * 16 * LD + ks * 16, LD, lane);
-                mma16816(p[2 * np], a, b[0], b[1]);
-                mma16816(p[2 * np + 1], a, b[2], b[3]);
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t b[4];
+                    load_b(b, sQ + np * 16 * LD + ks * 16, LD, lane);
+                    mma16816(p[2 * np], a, b[0], b[1]);
+                    mma16816(p[2 * np + 1], a, b[2], b[3]);
+                }
             }
+            // Pᵀ = exp(Sᵀ·scale − lse), zero where the key comes after the query.
+            const bool diagonal = q_off < KEYS;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int key = warp * 16 + g + (e / 2) * 8;
+                    int qcol = nt * 8 + 2 * t + (e % 2);
+                    float val = fast_exp2(p[nt][e] * scale_log2 - sLse[qcol]);
+                    p[nt][e] = (diagonal && key > q_off + qcol) ? 0.f : val;
+                }
+            // dV += Pᵀ dO: k runs over the 64 queries.
+            mma_packed<D>(dv_acc, p, sdO, LD, lane);
+            // dPᵀ = V dOᵀ: [16 keys, 64 queries]
+            float ds[8][4];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                uint32_t a[4];
+                load_a(a, sVw + ks * 16, LD, lane);
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t b[4];
+                    load_b(b, sdO + np * 16 * LD + ks * 16, LD, lane);
+                    mma16816(ds[2 * np], a, b[0], b[1]);
+                    mma16816(ds[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+            // dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale, also stored to shared memory for dQ.
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qcol = nt * 8 + 2 * t + (e % 2);
+                    ds[nt][e] = p[nt][e] * (ds[nt][e] - sDelta[qcol]) * scale;
+                }
+                int key = warp * 16 + g;
+                *reinterpret_cast<uint32_t*>(sdS + key * LDS + nt * 8 + 2 * t) =
+                    pack_bf16(ds[nt][0], ds[nt][1]);
+                *reinterpret_cast<uint32_t*>(sdS + (key + 8) * LDS + nt * 8 + 2 * t) =
+                    pack_bf16(ds[nt][2], ds[nt][3]);
+            }
+            // dK += dSᵀ Q: k runs over the 64 queries.
+            mma_packed<D>(dk_acc, ds, sQ, LD, lane);
         }
-        // Pᵀ = exp(Sᵀ·scale − lse), zero where the key comes after the query.
-        const bool diagonal = m_block == n_block;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int key = warp * 16 + g + (e / 2) * 8;
-                int qcol = nt * 8 + 2 * t + (e % 2);
-                float val = fast_exp2(p[nt][e] * scale_log2 - sLse[qcol]);
-                p[nt][e] = (diagonal && key > qcol) ? 0.f : val;
-            }
-        // dV += Pᵀ dO: k runs over the 64 queries.
-        mma_packed<D>(dv_acc, p, sdO, LD, lane);
-        // dPᵀ = V dOᵀ: [16 keys, 64 queries]
-        float ds[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {
-            uint32_t a[4];
-            load_a(a, sVw + ks * 16, LD, lane);
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                uint32_t b[4];
-                load_b(b, sdO + np * 16 * LD + ks * 16, LD, lane);
-                mma16816(ds[2 * np], a, b[0], b[1]);
-                mma16816(ds[2 * np + 1], a, b[2], b[3]);
-            }
-        }
-        // dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale, also stored to shared memory for dQ.
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int qcol = nt * 8 + 2 * t + (e % 2);
-                ds[nt][e] = p[nt][e] * (ds[nt][e] - sDelta[qcol]) * scale;
-            }
-            int key = warp * 16 + g;
-            *reinterpret_cast<uint32_t*>(sdS + key * LDS + nt * 8 + 2 * t) =
-                pack_bf16(ds[nt][0], ds[nt][1]);
-            *reinterpret_cast<uint32_t*>(sdS + (key + 8) * LDS + nt * 8 + 2 * t) =
-                pack_bf16(ds[nt][2], ds[nt][3]);
-        }
-        // dK += dSᵀ Q: k runs over the 64 queries.
-        mma_packed<D>(dk_acc, ds, sQ, LD, lane);
         // dSᵀ complete, and every warp is done with Q, dO, lse and delta: the next step's
         // copies into them overlap this step's dQ.
         __syncthreads();
         const bool head_done = m_block + 1 == m_blocks;
-        const int next_m_block = head_done ? n_block : m_block + 1;
+        const int next_m_block = head_done ? first_m_block : m_block + 1;
         if (!head_done || head + 1 < head_end)
-            load_query_block<D>(sQ, sdO, sLse, sDelta, q, dout, lse, delta, seq_start, seq_len,
-                                next_m_block, head + head_done, n_tokens, heads);
+            load_query_block<D, THREADS>(sQ, sdO, sLse, sDelta, q, dout, lse, delta, seq_start,
+                                         seq_len, next_m_block, head + head_done, n_tokens, heads);
         cp_async_commit();
-        // dQ rows 16w..16w+15 = dS K over this block's 64 keys, in two halves of D to keep
-        // the register count down.
+        // dQ rows 16(w%4).. = dS K over the keys up to `seen` (in 16-key steps), D in halves
+        // to keep the register count down.
+        const int key_steps = (seen + 15) / 16;
+        const int rows0 = (warp % 4) * 16;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
+        for (int hh = 0; hh < DQ_HALVES; ++hh) {
+            const int half = WARPS == 8 ? warp / 4 : hh;
             float dq[DTILES / 2][4];
 #pragma unroll
             for (int i = 0; i < DTILES / 2; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
+            for (int kk = 0; kk < KEYS / 16; ++kk) {
+                if (kk >= key_steps) break;
                 uint32_t a[4];
-                load_a_t(a, sdS + kk * 16 * LDS + warp * 16, LDS, lane);
+                load_a_t(a, sdS + kk * 16 * LDS + rows0, LDS, lane);
 #pragma unroll
                 for (int dp = 0; dp < D / 32; ++dp) {
                     uint32_t b[4];
@@ -699,7 +723,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                int row = m_block * BLOCK + warp * 16 + g + r * 8;
+                int row = m_block * BLOCK + rows0 + g + r * 8;
                 if (row >= seq_len) continue;
                 float* dst = dq_accum + ((size_t)(seq_start + row) * heads + head) * D +
                              half * (D / 2) + 2 * t;
@@ -716,7 +740,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        int row = n_block * BLOCK + warp * 16 + g + r * 8;
+        int row = key0 + warp * 16 + g + r * 8;
         if (row >= seq_len) continue;
         size_t base = ((size_t)(seq_start + row) * kv_heads + kv_head) * D + 2 * t;
 #pragma unroll
@@ -788,8 +812,16 @@ __device__ void sum_splits(const bf16* __restrict__ dk_parts, const bf16* __rest
                        const float* lse, const float* delta, float* dq_accum, bf16* dk,         \
                        bf16* dv, const uint32_t* cu_seqlens, int samples, int splits,           \
                        int n_tokens, int heads, int kv_heads, float scale) {                    \
-        flash_bwd<D>(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens, samples, splits,  \
-                     n_tokens, heads, kv_heads, scale);                                         \
+        flash_bwd<D, 4>(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens, samples,       \
+                        splits, n_tokens, heads, kv_heads, scale);                              \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(2 * NUM_THREADS)                               \
+        flash_bwd_keys128_d##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,   \
+                               const float* lse, const float* delta, float* dq_accum, bf16* dk, \
+                               bf16* dv, const uint32_t* cu_seqlens, int samples, int splits,   \
+                               int n_tokens, int heads, int kv_heads, float scale) {            \
+        flash_bwd<D, 8>(q, k, v, dout, lse, delta, dq_accum, dk, dv, cu_seqlens, samples,       \
+                        splits, n_tokens, heads, kv_heads, scale);                              \
     }
 
 FLASH_ENTRY_POINTS(64)
