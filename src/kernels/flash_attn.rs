@@ -116,9 +116,16 @@ pub fn with_backward_keys<R>(keys: usize, f: impl FnOnce() -> R) -> R {
 
 /// Key rows per CTA of the backward's wide kernel (8 warps; `flash_bwd_keys128`).
 const WIDE_KEYS: usize = 128;
-/// Time of a wide backward step (64 queries over 128 keys) against a 64-key one, from
-/// kernel-check on an H100 (see [`backward_keys`]).
-const WIDE_KEY_STEP_TIME: f64 = 1.6;
+/// Time of a backward step (64 queries over a CTA's keys) in a grid's bulk, where every SM holds
+/// as many CTAs as fit, and alone (the heaviest CTAs' tail), for the 64-key and the
+/// [`WIDE_KEYS`] kernel, in units of a 64-key step in the bulk. From kernel-check on an H100 at
+/// d 128, the backward's µs being fwd+bwd less fwd: batch 4 x 2048 (bulk-bound: 128 narrow steps
+/// per slot in 1,004 µs, 131.9 wide ones in 959) gives the wide bulk step; the packed samples
+/// [1000, 637, 411] (both grids bound by their heaviest CTA, 32 steps: 227 µs narrow, 244 wide)
+/// give the lone steps. A wide step does twice a narrow one's work with twice the warps and
+/// half the dQ atomics and query-block loads.
+const NARROW_STEP: (f64, f64) = (1.0, 0.91);
+const WIDE_STEP: (f64, f64) = (0.93, 0.97);
 
 /// The work of a backward grid of `keys`-key CTAs over `cu_seqlens` with `kv_heads` x `splits`
 /// CTAs per key block, each walking `group / splits` query heads: (64-query steps of all CTAs,
@@ -146,9 +153,10 @@ fn backward_steps(
 
 /// Keys per backward CTA (64 or [`WIDE_KEYS`]) for `cu_seqlens`, `kv_heads` and GQA `group`,
 /// given each kernel's resident CTA slots: the one whose grid should finish first, by the larger
-/// of its steps per slot and its heaviest CTA's, a wide step costing [`WIDE_KEY_STEP_TIME`]
-/// narrow ones. Each takes its own [`backward_splits`]. Wide CTAs issue half the dQ atomics and
-/// query-block loads, for half the CTAs: at batch 1 the heaviest ones may set the time.
+/// of its steps per slot at its bulk step time and its heaviest CTA's steps at its lone step time
+/// ([`NARROW_STEP`], [`WIDE_STEP`]). Each takes its own [`backward_splits`]. Full-length samples
+/// (batch 1 and 4 x 2048) are bulk-bound and take wide CTAs; short packed samples are bound by
+/// their heaviest CTA, which the 64-key kernel runs faster alone.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launcher's, and the tests'
 fn backward_keys(
     cu_seqlens: &[u32],
@@ -157,16 +165,16 @@ fn backward_keys(
     slots_narrow: usize,
     slots_wide: usize,
 ) -> usize {
-    let time = |keys: usize, slots: usize, step_time: f64| {
+    let time = |keys: usize, slots: usize, (bulk, lone): (f64, f64)| {
         let blocks: usize = cu_seqlens
             .windows(2)
             .map(|w| ((w[1] - w[0]) as usize).div_ceil(keys))
             .sum();
         let splits = backward_splits(kv_heads * blocks, group, slots);
         let (steps, heaviest) = backward_steps(cu_seqlens, keys, kv_heads, group, splits);
-        (steps as f64 / slots.max(1) as f64).max(heaviest as f64) * step_time
+        (steps as f64 / slots.max(1) as f64 * bulk).max(heaviest as f64 * lone)
     };
-    if time(WIDE_KEYS, slots_wide, WIDE_KEY_STEP_TIME) < time(BLOCK, slots_narrow, 1.0) {
+    if time(WIDE_KEYS, slots_wide, WIDE_STEP) < time(BLOCK, slots_narrow, NARROW_STEP) {
         WIDE_KEYS
     } else {
         BLOCK
@@ -443,9 +451,10 @@ mod launch {
         // SAFETY: matches flash_bwd_delta_d{d}; rows past n * heads return early.
         unsafe { b.launch(cfg) }.map_err(|e| err(e.into()))?;
 
-        let mut dq_accum = kc::alloc_zeros::<f32>(&dev, n * heads * d).map_err(err)?; // [n, heads, d]
-                                                                                      // The two kernels: 64 keys a CTA of 4 warps, 128 of 8. Shared: K, V [keys][d+8] bf16,
-                                                                                      // Q, dO [64][d+8] bf16, dSᵀ [keys][72] bf16, lse and delta [64] f32.
+        // [n, heads, d]
+        let mut dq_accum = kc::alloc_zeros::<f32>(&dev, n * heads * d).map_err(err)?;
+        // The two kernels: 64 keys a CTA of 4 warps, 128 of 8. Shared: K, V [keys][d+8] bf16,
+        // Q, dO [64][d+8] bf16, dSᵀ [keys][72] bf16, lse and delta [64] f32.
         let kernel = |keys: usize| -> Result<_> {
             let name = if keys == WIDE_KEYS {
                 format!("flash_bwd_keys128_d{d}")
@@ -759,6 +768,26 @@ mod tests {
         );
         // Fewer resident slots for the wide kernel count against it.
         assert_eq!(forward_rows(&[0, 2048], 32, slots, slots / 2), BLOCK);
+    }
+
+    #[test]
+    fn the_backward_takes_wide_ctas_only_where_its_bulk_sets_the_time() {
+        // An H100 at d 128 or 64: 2 narrow CTAs (4 warps, <= 255 registers) per SM, 1 wide.
+        let (narrow, wide) = (264, 132);
+        // kernel-check's packed samples [1000, 637, 411]: both grids wait on their heaviest
+        // CTA, which the 64-key kernel runs faster (227 µs against 244).
+        assert_eq!(
+            backward_keys(&[0, 1000, 1637, 2048], 8, 2, narrow, wide),
+            BLOCK
+        );
+        // Full-length samples are bulk-bound: batch 1 and 4 x 2048 with InternLM2's 8 KV heads
+        // of 2 (287 against 274 µs, 1,004 against 959), Llama-2-7B's 32 heads.
+        assert_eq!(backward_keys(&[0, 2048], 8, 2, narrow, wide), WIDE_KEYS);
+        let batch4 = [0, 2048, 4096, 6144, 8192];
+        assert_eq!(backward_keys(&batch4, 8, 2, narrow, wide), WIDE_KEYS);
+        assert_eq!(backward_keys(&[0, 2048], 32, 1, narrow, wide), WIDE_KEYS);
+        // Fewer resident slots for the wide kernel count against it.
+        assert_eq!(backward_keys(&batch4, 8, 2, narrow, wide / 2), BLOCK);
     }
 
     #[test]
