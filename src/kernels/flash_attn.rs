@@ -124,8 +124,30 @@ const WIDE_KEYS: usize = 128;
 /// [1000, 637, 411] (both grids bound by their heaviest CTA, 32 steps: 227 µs narrow, 244 wide)
 /// give the lone steps. A wide step does twice a narrow one's work with twice the warps and
 /// half the dQ atomics and query-block loads.
-const NARROW_STEP: (f64, f64) = (1.0, 0.91);
-const WIDE_STEP: (f64, f64) = (0.93, 0.97);
+const NARROW_STEP: StepTimes = StepTimes {
+    bulk: 1.0,
+    lone: 0.91,
+};
+/// The [`WIDE_KEYS`] kernel's step times (see [`NARROW_STEP`]).
+const WIDE_STEP: StepTimes = StepTimes {
+    bulk: 0.93,
+    lone: 0.97,
+};
+
+/// A backward kernel's step time in a grid's bulk and for a CTA alone (see [`NARROW_STEP`]).
+struct StepTimes {
+    bulk: f64,
+    lone: f64,
+}
+
+/// `keys`-row blocks over all samples: the backward's CTAs of one KV head that do work.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the launcher's, and the tests'
+fn blocks_with_work(cu_seqlens: &[u32], keys: usize) -> usize {
+    cu_seqlens
+        .windows(2)
+        .map(|w| ((w[1] - w[0]) as usize).div_ceil(keys))
+        .sum()
+}
 
 /// The work of a backward grid of `keys`-key CTAs over `cu_seqlens` with `kv_heads` x `splits`
 /// CTAs per key block, each walking `group / splits` query heads: (64-query steps of all CTAs,
@@ -165,14 +187,10 @@ fn backward_keys(
     slots_narrow: usize,
     slots_wide: usize,
 ) -> usize {
-    let time = |keys: usize, slots: usize, (bulk, lone): (f64, f64)| {
-        let blocks: usize = cu_seqlens
-            .windows(2)
-            .map(|w| ((w[1] - w[0]) as usize).div_ceil(keys))
-            .sum();
-        let splits = backward_splits(kv_heads * blocks, group, slots);
+    let time = |keys: usize, slots: usize, step: StepTimes| {
+        let splits = backward_splits(kv_heads * blocks_with_work(cu_seqlens, keys), group, slots);
         let (steps, heaviest) = backward_steps(cu_seqlens, keys, kv_heads, group, splits);
-        (steps as f64 / slots.max(1) as f64 * bulk).max(heaviest as f64 * lone)
+        (steps as f64 / slots.max(1) as f64 * step.bulk).max(heaviest as f64 * step.lone)
     };
     if time(WIDE_KEYS, slots_wide, WIDE_STEP) < time(BLOCK, slots_narrow, NARROW_STEP) {
         WIDE_KEYS
@@ -289,15 +307,6 @@ mod launch {
             block_dim: (threads, 1, 1),
             shared_mem_bytes,
         }
-    }
-
-    /// `keys`-row blocks over all samples: the backward's CTAs of one KV head that do work.
-    fn blocks_with_work(cu_seqlens: &[u32], keys: usize) -> usize {
-        cu_seqlens
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .map(|len| len.div_ceil(keys))
-            .sum()
     }
 
     /// Resident CTA slots of `func` (CTAs of `threads`) on the device: CTAs per SM times SMs.
@@ -479,7 +488,7 @@ mod launch {
             forced => forced,
         };
         let (func, threads, smem, slots) = if keys == WIDE_KEYS { wide } else { narrow };
-        let kv_ctas = kv_heads * blocks_with_work(cu_seqlens, keys);
+        let kv_ctas = kv_heads * super::blocks_with_work(cu_seqlens, keys);
         let splits = super::backward_splits(kv_ctas, group, slots);
         // dK and dV: [splits, n, kv_heads, d], one partial per share of each GQA group.
         let kv_len = n * kv_heads * d;
